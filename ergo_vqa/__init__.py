@@ -1,0 +1,1 @@
+"""ERGO command line, embedded demo and offline model building."""

@@ -1,0 +1,144 @@
+"""Small Qwen2.5-VL-architecture models built offline: tokenizer, processor and random-weight model.
+
+No hub access is needed: the byte-level BPE tokenizer is trained on ERGO's own prompt text, the chat template is
+Qwen2.5-VL's, and the model is built from a config. Used by the embedded demo, the tests and the benchmarks;
+the folders it writes load through the same ``from_pretrained`` paths as a Hub checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
+
+from modeling_ergo import ErgoConfig, ErgoForConditionalGeneration
+from processing_ergo import ErgoProcessor
+from processing_ergo.prompts_ergo import STAGE1_TEMPLATE, STAGE2_TEMPLATES, SYSTEM_PROMPT
+
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+"""Qwen2.5-VL-Instruct's chat template, verbatim."""
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+_PRETOKENIZE = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_CORPUS = [
+    SYSTEM_PROMPT, STAGE1_TEMPLATE, *STAGE2_TEMPLATES.values(),
+    "<think> The target is small. </think> <zoom>[120, 48, 360, 212]</zoom>",
+    "<think> I can read it now. </think> <answer>A</answer> <answer>(B)</answer>",
+    "What is the color of the woman's bag?\n(A) red\n(B) black\n(C) white\n(D) blue",
+    "Answer with the option's letter from the given choices directly. 0123456789",
+]
+
+
+def build_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
+    """A small byte-level BPE with Qwen2's pre-tokenizer and special tokens; deterministic."""
+    bpe = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in model["merges"]]
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", errors="replace", model_max_length=32768,
+        extra_special_tokens={
+            "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+        },
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in SPECIAL_TOKENS]})
+    tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_processor(tokenizer: Qwen2Tokenizer | None = None, **settings) -> ErgoProcessor:
+    """``ErgoProcessor`` over the offline tokenizer and Qwen2.5-VL's stock image-processor settings."""
+    tokenizer = tokenizer or build_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
+    return ErgoProcessor(image_processor, tokenizer, chat_template=QWEN2_5_VL_CHAT_TEMPLATE, **settings)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes of a Qwen2.5-VL-architecture model; ``TINY`` tests the plumbing in milliseconds."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vision_depth: int = 2
+    vision_hidden: int = 32
+    vision_intermediate: int = 64
+    vision_heads: int = 2
+
+    @property
+    def mrope_section(self) -> list[int]:
+        """M-RoPE split of head_dim/2 over (temporal, height, width), in Qwen2.5-VL's 2:3:3 proportions."""
+        half = self.hidden_size // self.heads // 2
+        temporal = half // 4
+        height = (half - temporal) // 2
+        return [temporal, height, half - temporal - height]
+
+
+TINY = ModelShape()
+
+
+def build_model(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY, seed: int = 0) -> ErgoForConditionalGeneration:
+    """A random-weight ERGO model whose special-token ids match ``tokenizer``."""
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    special = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=32768, max_window_layers=shape.layers,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": shape.mrope_section},
+        **special,
+    )
+    vision_config = dict(
+        depth=shape.vision_depth, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
+        num_heads=shape.vision_heads, out_hidden_size=shape.hidden_size, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, window_size=112, fullatt_block_indexes=[shape.vision_depth - 1],
+    )
+    config = ErgoConfig(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], **special,
+    )
+    torch.manual_seed(seed)
+    model = ErgoForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.do_sample = False
+    return model

@@ -1,0 +1,68 @@
+"""The model card of an ERGO Hub folder."""
+
+from __future__ import annotations
+
+from huggingface_hub import ModelCard, ModelCardData
+
+CARD_TEMPLATE = """---
+{card_data}
+---
+
+# ERGO: two-stage high-resolution visual question answering on Qwen2.5-VL
+
+This folder is a Qwen2.5-VL checkpoint with ERGO's remote code (arXiv 2509.21991). With
+`trust_remote_code=True`, `generate()` first reasons over the image downsampled to **{coarse_budget} vision
+tokens**, emits a region `<zoom>[x1, y1, x2, y2]</zoom>`, then answers from that region cropped out of the
+original image at native resolution, in the same conversation.
+
+## Usage
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+model = AutoModelForImageTextToText.from_pretrained(REPO, trust_remote_code=True, dtype="auto", device_map="auto")
+processor = AutoProcessor.from_pretrained(REPO, trust_remote_code=True)
+messages = [{{"role": "user", "content": [{{"type": "image", "image": "photo.jpg"}},
+            {{"type": "text", "text": "What is the color of the bag?\\n(A) red\\n(B) black"}}]}}]
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True, return_tensors="pt").to(model.device)
+out = model.generate(**inputs, max_new_tokens=512)
+print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
+
+pipe = pipeline("image-text-to-text", model=REPO, trust_remote_code=True)
+```
+
+Command line (from the ERGO repository): `ergo infer --model REPO --image photo.jpg --question "..."`.
+
+Engines that serve Qwen2.5-VL natively (vLLM, SGLang) load this folder as the plain Qwen2.5-VL it is
+(`architectures` names the stock class); the two-stage loop then runs client-side.
+
+## Limitations
+
+The two stages always use exactly one zoom. When stage 1 gives no usable region the processor's fallback
+policy applies (default: the whole image at the crop budget) and the output reports it.
+
+## Citation
+
+```bibtex
+@inproceedings{{lee2026ergo,
+  title     = {{ERGO: Efficient High-Resolution Visual Understanding for Vision-Language Models}},
+  author    = {{Lee, Jewon and Shin, Wooksu and Yang, Seungmin and Song, Ki-Ung and Lim, DongUk and Kim, Jaeyeon
+               and Kim, Tae-Ho and Kim, Bo-Kyeong}},
+  booktitle = {{International Conference on Learning Representations (ICLR)}},
+  year      = {{2026}}
+}}
+```
+"""
+
+
+def build_model_card(base_model: str | None, coarse_budget: int) -> ModelCard:
+    """A model card with metadata (pipeline tag, library, base model) and usage for an ERGO folder."""
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license="apache-2.0",
+        tags=["ergo", "qwen2_5_vl", "high-resolution", "visual-question-answering", "custom_code"],
+        base_model=base_model if base_model and "/" in base_model and not base_model.startswith(("/", ".")) else None,
+    )
+    return ModelCard(CARD_TEMPLATE.format(card_data=data.to_yaml(), coarse_budget=coarse_budget))

@@ -1,0 +1,47 @@
+"""``ErgoConfig``: a Qwen2.5-VL config plus the settings of ERGO's two-stage generation.
+
+``model_type`` stays ``"qwen2_5_vl"`` on purpose: engines that know Qwen2.5-VL natively (vLLM, SGLang, TGI)
+pick the architecture from ``model_type``/``architectures`` and serve an ERGO folder as the plain Qwen2.5-VL it
+is, while ``trust_remote_code`` loaders follow ``auto_map`` to these classes.
+
+Prompt and geometry settings (budgets, stage-2 template, fallback policy) act before the model sees anything,
+so they live on ``ErgoProcessor`` (``processor_config.json``); this config holds what ``generate`` decides.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import Qwen2_5_VLConfig
+
+
+@strict
+class ErgoConfig(Qwen2_5_VLConfig):
+    r"""
+    stage1_generation_kwargs (`dict`, *optional*):
+        Defaults for stage 1's ``generate`` arguments (e.g. ``{"max_new_tokens": 1024}``); call-time arguments win.
+    stage2_generation_kwargs (`dict`, *optional*):
+        The same for stage 2.
+    """
+
+    stage1_generation_kwargs: dict | None = None
+    stage2_generation_kwargs: dict | None = None
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # Engines that serve Qwen2.5-VL natively pick their implementation by `architectures`; transformers'
+        # trust_remote_code loaders follow `auto_map` to the ERGO classes instead.
+        output["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+        output["auto_map"] = dict(AUTO_MAP)
+        return output
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_ergo.ErgoConfig",
+    "AutoModel": "modeling_ergo.ErgoForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_ergo.ErgoForConditionalGeneration",
+}
+
+ErgoConfig.register_for_auto_class()
+
+
+__all__ = ["ErgoConfig", "AUTO_MAP"]

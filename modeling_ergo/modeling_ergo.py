@@ -1,0 +1,240 @@
+"""``ErgoForConditionalGeneration``: Qwen2.5-VL whose ``generate`` runs ERGO's two stages.
+
+Given inputs from ``ErgoProcessor`` (they carry an ``ergo_context``), ``generate``:
+
+1. generates stage 1 on the coarse image (reasoning and a ``<zoom>[x1, y1, x2, y2]</zoom>`` region);
+2. asks the processor to map the region to the original image and crop it at native resolution (or to apply
+   the fallback policy);
+3. generates stage 2 as a continuation of the same conversation: the stage-1 prompt and answer token for token,
+   then a user turn with the crop and the stage-2 prompt;
+4. returns the caller's ``input_ids`` followed by the stage-2 answer, so the usual slicing and the pipeline's
+   prompt stripping yield the answer.
+
+Any other inputs (a trainer's rollout, a multi-image chat) get plain Qwen2.5-VL generation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.utils import ModelOutput
+
+from .configuration_ergo import ErgoConfig
+
+# Hub Qwen2.5-VL checkpoints store `model.layers.*` / `visual.*`; transformers renames them on load, but only for
+# classes it registered itself. Without this, a subclass silently loads random weights.
+register_checkpoint_conversion_mapping(
+    "ErgoForConditionalGeneration",
+    get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration"),
+    overwrite=True,
+)
+
+
+@dataclass
+class ErgoGenerateOutput(ModelOutput):
+    """``generate(..., return_dict_in_generate=True)`` on ERGO inputs. Lists hold one entry per sample.
+
+    Args:
+        sequences: the caller's ``input_ids`` followed by the final answer's tokens (right-padded).
+        stage1_texts: stage 1's decoded output (reasoning and zoom request).
+        regions: the region in original-image pixels ``(x1, y1, x2, y2)``, or None when a fallback was taken.
+        crop_sizes: ``(width, height)`` of the image stage 2 saw, or None when stage 2 was skipped.
+        vision_tokens: ``{"stage1", "stage2", "total", "full_resolution"}`` LLM vision tokens; the last is what
+            one pass over the whole image at 16384 tokens (the paper's baseline) would cost.
+        fallbacks: None when the region was used, else ``"no_region"`` or ``"degenerate_box"``.
+        fallback_policy: the policy applied to those samples (``resize``, ``reference`` or ``coarse``).
+        timings: seconds per step, ``{"stage1", "zoom", "stage2", "total"}``; the batch is generated together,
+            so every sample of a batch reports the batch's figures.
+    """
+
+    sequences: torch.LongTensor | None = None
+    stage1_texts: list[str] | None = None
+    regions: list[tuple[int, int, int, int] | None] | None = None
+    crop_sizes: list[tuple[int, int] | None] | None = None
+    vision_tokens: list[dict[str, int]] | None = None
+    fallbacks: list[str | None] | None = None
+    fallback_policy: str | None = None
+    timings: list[dict[str, float]] | None = None
+
+
+class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    config_class = ErgoConfig
+
+    def generate(
+        self,
+        *args,
+        ergo_context=None,
+        stage1_generate_kwargs: dict | None = None,
+        stage2_generate_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """Two-stage ERGO generation for ``ErgoProcessor`` inputs, plain Qwen2.5-VL generation otherwise.
+
+        Standard generation arguments apply to both stages; ``stage1_generate_kwargs`` / ``stage2_generate_kwargs``
+        override them per stage (over ``config.stage{1,2}_generation_kwargs`` defaults).
+        """
+        if ergo_context is None:
+            return super().generate(*args, **kwargs)
+        if args:
+            raise TypeError("pass ERGO inputs as keyword arguments: model.generate(**inputs)")
+        return self._generate_two_stage(ergo_context, stage1_generate_kwargs, stage2_generate_kwargs, **kwargs)
+
+    def _stage_kwargs(self, shared: dict, config_defaults: dict | None, overrides: dict | None) -> dict:
+        merged = {**(config_defaults or {}), **shared, **(overrides or {})}
+        if merged.get("num_return_sequences", 1) != 1:
+            raise ValueError("ERGO generates one answer per request; num_return_sequences must be 1")
+        merged["return_dict_in_generate"] = False
+        return merged
+
+    @torch.no_grad()
+    def _generate_two_stage(self, context, stage1_overrides, stage2_overrides, **kwargs) -> torch.LongTensor | ErgoGenerateOutput:
+        return_dict = kwargs.pop("return_dict_in_generate", False)
+        input_ids = kwargs.pop("input_ids")
+        attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        vision = {key: kwargs.pop(key) for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
+        if kwargs.get("generation_config") is None:
+            kwargs.pop("generation_config", None)  # passing it with other arguments is deprecated; leave it out
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        stage1_kwargs = self._stage_kwargs(kwargs, self.config.stage1_generation_kwargs, stage1_overrides)
+        stage2_kwargs = self._stage_kwargs(kwargs, self.config.stage2_generation_kwargs, stage2_overrides)
+        processor = context.processor
+        stop_ids = _stop_token_ids(generation_config, processor)
+        pad_id = _pad_token_id(generation_config, processor)
+
+        started = time.perf_counter()
+        stage1 = super().generate(
+            input_ids=input_ids, attention_mask=attention_mask, **vision, **stage1_kwargs
+        )
+        stage1_completions = [_until_stop(row, stop_ids) for row in stage1[:, input_ids.shape[1]:]]
+        stage1_texts = processor.batch_decode(stage1_completions, skip_special_tokens=True)
+        stage1_done = time.perf_counter()
+
+        decisions = processor.plan_stage2(context, stage1_texts)
+        rows = [index for index, decision in enumerate(decisions) if decision.image is not None]
+        stage2_inputs = self._stage2_inputs(
+            context, decisions, rows, input_ids, attention_mask, vision, stage1_completions, pad_id
+        )
+        zoom_done = time.perf_counter()
+
+        answers = [stage1[index, input_ids.shape[1]:] for index in range(len(decisions))]
+        if rows:
+            stage2 = super().generate(**stage2_inputs, **stage2_kwargs)
+            for row, index in enumerate(rows):
+                answers[index] = stage2[row, stage2_inputs["input_ids"].shape[1]:]
+        finished = time.perf_counter()
+
+        sequences = torch.cat([input_ids, _right_pad(answers, pad_id, input_ids.device)], dim=1)
+        if not return_dict:
+            return sequences
+        timings = {
+            "stage1": stage1_done - started,
+            "zoom": zoom_done - stage1_done,
+            "stage2": finished - zoom_done,
+            "total": finished - started,
+        }
+        stage1_tokens = (vision["image_grid_thw"].prod(dim=-1) // processor.image_processor.merge_size**2).tolist()
+        tokens = []
+        for index, (sample, decision) in enumerate(zip(context.samples, decisions)):
+            second = processor.second_image_tokens(decision)
+            tokens.append({
+                "stage1": stage1_tokens[index],
+                "stage2": second,
+                "total": stage1_tokens[index] + second,
+                "full_resolution": processor.full_resolution_tokens(sample.image),
+            })
+        return ErgoGenerateOutput(
+            sequences=sequences,
+            stage1_texts=stage1_texts,
+            regions=[decision.region for decision in decisions],
+            crop_sizes=[decision.image.size if decision.image is not None else None for decision in decisions],
+            vision_tokens=tokens,
+            fallbacks=[decision.fallback for decision in decisions],
+            fallback_policy=context.fallback,
+            timings=[dict(timings) for _ in decisions],
+        )
+
+    def _stage2_inputs(self, context, decisions, rows, input_ids, attention_mask, vision, completions, pad_id) -> dict:
+        """Left-padded stage-2 batch for the samples in ``rows``: each sample's stage-1 prompt and answer as they
+        were, the end-of-turn token, then the new user turn with the second image."""
+        processor = context.processor
+        end_of_turn = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+        per_image = vision["image_grid_thw"].prod(dim=-1).tolist()
+        image_starts = [sum(per_image[:index]) for index in range(len(per_image))]
+        sequences, token_types, pixels, grids = [], [], [], []
+        for index in rows:
+            keep = attention_mask[index].bool()
+            suffix = processor.stage2_suffix(
+                decisions[index], context.samples[index].stage2_question, context.stage2_template
+            )
+            answer = torch.cat([completions[index], completions[index].new_tensor([end_of_turn])])
+            device = input_ids.device
+            sequences.append(torch.cat([input_ids[index][keep], answer, suffix["input_ids"][0].to(device)]))
+            token_types.append(torch.cat([
+                vision["mm_token_type_ids"][index][keep],
+                torch.zeros_like(answer),
+                suffix["mm_token_type_ids"][0].to(device),
+            ]))
+            start = image_starts[index]
+            pixels += [vision["pixel_values"][start:start + per_image[index]], suffix["pixel_values"]]
+            grids += [vision["image_grid_thw"][index:index + 1], suffix["image_grid_thw"].to(device)]
+        if not rows:
+            return {}
+        width = max(len(sequence) for sequence in sequences)
+        ids = torch.full((len(rows), width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        mask = torch.zeros_like(ids)
+        types = torch.zeros_like(ids)
+        for row, (sequence, token_type) in enumerate(zip(sequences, token_types)):
+            ids[row, width - len(sequence):] = sequence
+            mask[row, width - len(sequence):] = 1
+            types[row, width - len(sequence):] = token_type
+        pixel_values = vision["pixel_values"]
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "mm_token_type_ids": types,
+            "pixel_values": torch.cat([p.to(pixel_values.device, pixel_values.dtype) for p in pixels]),
+            "image_grid_thw": torch.cat(grids),
+        }
+
+
+def _stop_token_ids(generation_config: GenerationConfig, processor) -> set[int]:
+    eos = generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    ids.add(processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token))
+    if generation_config.pad_token_id is not None:
+        ids.add(generation_config.pad_token_id)
+    return ids
+
+
+def _until_stop(tokens: torch.Tensor, stop_ids: set[int]) -> torch.Tensor:
+    """The generated tokens before the first end-of-sequence or padding token."""
+    for position, token in enumerate(tokens.tolist()):
+        if token in stop_ids:
+            return tokens[:position]
+    return tokens
+
+
+def _pad_token_id(generation_config: GenerationConfig, processor) -> int:
+    for candidate in (generation_config.pad_token_id, processor.tokenizer.pad_token_id):
+        if candidate is not None:
+            return candidate
+    return processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+
+
+def _right_pad(rows: list[torch.Tensor], pad_id: int, device) -> torch.Tensor:
+    width = max((len(row) for row in rows), default=0)
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = row
+    return out
+
+
+ErgoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = ["ErgoForConditionalGeneration", "ErgoGenerateOutput"]

@@ -1,0 +1,142 @@
+"""ERGO geometry: pixel budgets, the coarse resize, zoom-box parsing, mapping to the original image, cropping.
+
+Everything here follows the reference implementation (nota-github/ERGO, ``src/ergo/utils.py``) rule for rule,
+because the released ERGO weights were trained and evaluated with exactly these coordinate frames:
+
+* sizes are rounded to multiples of 28 with Python's ``round`` (not ``floor``), so an image may land slightly
+  over its budget;
+* the model's box is in the coarse image's pixels; it is scaled to the original per axis, clamped, truncated;
+* the crop keeps native resolution and is only resized to a multiple of 28 (LANCZOS), down when over budget.
+
+Deliberate departures, each only where the reference would crash:
+
+* ``smart_resize`` never returns a side of 0 (the reference's over-budget branch can, for very flat images);
+* a box that is empty after clamping, or whose crop would exceed Qwen2.5-VL's 200:1 aspect limit, is
+  reported as degenerate (``None``) instead of raising inside PIL or the image processor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from PIL import Image
+
+IMAGE_FACTOR = 28
+"""Pixels per vision-token side: Qwen2.5-VL's 14-px patches merged 2x2."""
+PIXELS_PER_TOKEN = IMAGE_FACTOR * IMAGE_FACTOR
+MIN_PIXELS = 4 * PIXELS_PER_TOKEN
+"""The reference's lower bound: at least 4 vision tokens."""
+MAX_ASPECT_RATIO = 200
+"""Qwen2.5-VL's image processor refuses images flatter than this."""
+
+Box = tuple[int, int, int, int]
+
+_ZOOM_BLOCK = re.compile(r"<zoom>(.*?)</zoom>", re.DOTALL)
+_WHOLE_BOX = re.compile(r"^\s*\[\d+,\s*\d+,\s*\d+,\s*\d+\]\s*$")
+_ANY_BOX = re.compile(r"\[\d+,\s*\d+,\s*\d+,\s*\d+\]")
+
+
+def budget_to_pixels(tokens: int) -> int:
+    """A vision-token budget as a pixel count (one token per 28x28 px)."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 4:
+        raise ValueError(f"a vision-token budget must be an integer >= 4, got {tokens!r}")
+    return tokens * PIXELS_PER_TOKEN
+
+
+def vision_tokens(width: int, height: int) -> int:
+    """LLM vision tokens Qwen2.5-VL spends on an image already sized to multiples of 28."""
+    return (width // IMAGE_FACTOR) * (height // IMAGE_FACTOR)
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = IMAGE_FACTOR,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = 1280 * PIXELS_PER_TOKEN,
+) -> tuple[int, int]:
+    """ERGO's round-based ``smart_resize``: (height, width) as multiples of ``factor`` near the pixel budget.
+
+    Unlike Qwen's own version it rounds (not floors) when shrinking and has no aspect-ratio check, which is what
+    the reference does and what fixes the coarse frame the released model predicts boxes in.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"cannot resize an empty image ({width}x{height})")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        # max(factor, ...): departure from the reference, which returns 0 here for very flat images.
+        h_bar = max(factor, round(height / beta / factor) * factor)
+        w_bar = max(factor, round(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def within_aspect_limit(width: int, height: int) -> bool:
+    """Whether Qwen2.5-VL's image processor accepts an image of this size."""
+    return max(width, height) / min(width, height) <= MAX_ASPECT_RATIO
+
+
+def resize_to_budget(
+    image: Image.Image, max_pixels: int, min_pixels: int = MIN_PIXELS, resample: int = Image.Resampling.BICUBIC
+) -> Image.Image:
+    """The image resized to ERGO's ``smart_resize`` size (BICUBIC: the reference's coarse view)."""
+    height, width = smart_resize(image.height, image.width, IMAGE_FACTOR, min_pixels, max_pixels)
+    return image.resize((width, height), resample)
+
+
+def parse_zoom_box(text: str) -> Box | None:
+    """The box of the first ``<zoom>[x1, y1, x2, y2]</zoom>`` block, or None (reference rules).
+
+    Only non-negative integers count; floats, negatives, JSON objects, a space before a comma and two or more
+    boxes in the block all give None. Box order (x1 < x2) is not checked here; see ``map_box_to_original``.
+    """
+    if not isinstance(text, str):
+        return None
+    block = _ZOOM_BLOCK.search(text)
+    if block is None:
+        return None
+    content = block.group(1)
+    if _WHOLE_BOX.match(content):
+        candidates = [content]
+    else:
+        candidates = _ANY_BOX.findall(content)
+        if len(candidates) != 1:
+            return None
+    numbers = [int(value) for value in candidates[0].strip().strip("[]").split(",")]
+    return numbers[0], numbers[1], numbers[2], numbers[3]
+
+
+def map_box_to_original(
+    box: Box, scale_x: float, scale_y: float, width: int, height: int
+) -> Box | None:
+    """A coarse-frame box in original pixels: scaled per axis, clamped to the image, truncated.
+
+    Returns None for a degenerate box (empty or inverted once clamped), which the reference does not guard.
+    """
+    x1, y1, x2, y2 = box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y
+    x1, x2 = (int(min(max(x, 0), width)) for x in (x1, x2))
+    y1, y2 = (int(min(max(y, 0), height)) for y in (y1, y2))
+    if x2 <= x1 or y2 <= y1:
+        return None
+    return x1, y1, x2, y2
+
+
+def crop_size(region: Box, max_pixels: int, min_pixels: int = MIN_PIXELS) -> tuple[int, int] | None:
+    """(width, height) the crop of ``region`` is resized to, or None when Qwen2.5-VL could not take it."""
+    region_w, region_h = region[2] - region[0], region[3] - region[1]
+    # The reference passes (w, h) into an (h, w) function; harmless since smart_resize is symmetric.
+    new_w, new_h = smart_resize(region_w, region_h, IMAGE_FACTOR, min_pixels, max_pixels)
+    if not within_aspect_limit(new_w, new_h):
+        return None
+    return new_w, new_h
+
+
+def crop_region(image: Image.Image, region: Box, size: tuple[int, int]) -> Image.Image:
+    """The region cut from the full-resolution image at native scale, resized (LANCZOS) to ``size``."""
+    return image.crop(region).resize(size, Image.Resampling.LANCZOS)

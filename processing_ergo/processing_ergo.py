@@ -1,0 +1,330 @@
+"""``ErgoProcessor``: Qwen2.5-VL's processor plus ERGO's two-stage input building.
+
+Stage 1 (``apply_chat_template`` / ``prepare``): the image is downsampled to the coarse budget and the question
+stem is wrapped in ERGO's system prompt and stage-1 template. The returned ``BatchFeature`` carries an
+``ergo_context`` (the full-resolution images and settings) that ``ErgoForConditionalGeneration.generate`` uses.
+
+Stage 2 (``plan_stage2`` / ``stage2_suffix``): the model's stage-1 text is parsed into a region, mapped to the
+original image and cropped; the crop and the stage-2 prompt become the next user turn of the same conversation.
+
+Works without torchvision: image-only (no video processor), PIL image backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+from transformers import Qwen2_5_VLProcessor
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .geometry_ergo import (
+    MIN_PIXELS,
+    MAX_ASPECT_RATIO,
+    Box,
+    budget_to_pixels,
+    crop_region,
+    crop_size,
+    map_box_to_original,
+    parse_zoom_box,
+    resize_to_budget,
+    smart_resize,
+    vision_tokens,
+    within_aspect_limit,
+)
+from .images_ergo import ErgoImageError, load_image
+from .prompts_ergo import SYSTEM_PROMPT, stage1_prompt, stage2_prompt, stage_questions
+
+FALLBACK_POLICIES = ("resize", "reference", "coarse")
+"""What stage 2 sees when stage 1 gives no usable region:
+``resize``: the whole image at the crop budget (bounded cost; default);
+``reference``: the unresized original, as the reference implementation does (the image processor's own
+max_pixels then applies, up to 16384 tokens for stock Qwen2.5-VL);
+``coarse``: no stage 2; the stage-1 text is the answer."""
+
+FULL_RESOLUTION_BUDGET = 16384
+"""Vision tokens of the paper's full-resolution baseline (Qwen2.5-VL's stock max_pixels)."""
+
+
+@dataclass
+class ErgoSample:
+    """One request: the full-resolution image, its coarse view and the stage-2 question."""
+
+    image: Image.Image
+    coarse_size: tuple[int, int]
+    stage2_question: str
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Original over coarse, per axis: how a coarse-frame box maps to the original."""
+        return self.image.width / self.coarse_size[0], self.image.height / self.coarse_size[1]
+
+
+@dataclass
+class ErgoContext:
+    """What ``generate`` needs beyond the stage-1 tensors. Built by ``ErgoProcessor.prepare``."""
+
+    processor: "ErgoProcessor" = field(repr=False)
+    samples: list[ErgoSample]
+    crop_max_pixels: int
+    fallback: str
+    stage2_template: str
+
+
+@dataclass
+class ZoomDecision:
+    """What stage 1 led to for one sample: the region (original pixels) and the second image, or why not."""
+
+    region: Box | None
+    image: Image.Image | None
+    fallback: str | None = None
+    """None when the region was used; else ``no_region`` (nothing parsable) or ``degenerate_box``."""
+    processor_size: dict = field(default_factory=dict)
+    """``size`` for the image processor so that the already-sized second image is not resized again."""
+
+
+class ErgoProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor (image-only) that also formats ERGO's prompts and builds both stages' inputs.
+
+    Args:
+        coarse_budget: vision tokens of the stage-1 (coarse) image; the paper uses 1280 and 640.
+        crop_budget: vision tokens the stage-2 crop may use at most; ``None`` means equal to ``coarse_budget``.
+        stage2_template: ``"reference"`` (the published evaluation's string, typo included) or ``"fixed"``.
+        fallback: one of ``FALLBACK_POLICIES``.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        coarse_budget: int = 1280,
+        crop_budget: int | None = None,
+        stage2_template: str = "reference",
+        fallback: str = "resize",
+        **kwargs,
+    ):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        self.coarse_budget, self.crop_budget = coarse_budget, crop_budget
+        self.stage2_template, self.fallback = stage2_template, fallback
+        self._check_settings(coarse_budget, crop_budget, stage2_template, fallback)
+        # Skip Qwen2_5_VLProcessor.__init__: it insists on a video processor, which needs torchvision.
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @staticmethod
+    def _check_settings(coarse_budget, crop_budget, stage2_template, fallback) -> None:
+        budget_to_pixels(coarse_budget)
+        if crop_budget is not None:
+            budget_to_pixels(crop_budget)
+        stage2_prompt("", stage2_template)
+        if fallback not in FALLBACK_POLICIES:
+            raise ValueError(f"fallback must be one of {FALLBACK_POLICIES}, got {fallback!r}")
+
+    # ------------------------------------------------------------------ stage 1
+
+    def prepare(
+        self,
+        images: list,
+        questions: list[str],
+        options: list[list[str] | None] | None = None,
+        postfixes: list[str] | None = None,
+        coarse_budget: int | None = None,
+        crop_budget: int | None = None,
+        stage2_template: str | None = None,
+        fallback: str | None = None,
+    ) -> BatchFeature:
+        """Stage-1 inputs for a batch of (image, question) pairs, left-padded, with an ``ergo_context``.
+
+        Per call, any processor setting can be overridden; ``budget``-style arguments are vision tokens.
+        ``options[i]`` (optional) lists answer options for question i; see ``prompts_ergo.stage_questions``.
+        """
+        if isinstance(questions, str) or not isinstance(images, (list, tuple)):
+            raise TypeError("prepare() takes a list of images and a list of questions")
+        if len(images) != len(questions) or not images:
+            raise ValueError(f"got {len(images)} images for {len(questions)} questions; need one each, at least one")
+        options = options or [None] * len(images)
+        postfixes = postfixes or [""] * len(images)
+        coarse_budget = coarse_budget or self.coarse_budget
+        crop_budget = crop_budget or self.crop_budget or coarse_budget
+        stage2_template = stage2_template or self.stage2_template
+        fallback = fallback or self.fallback
+        self._check_settings(coarse_budget, crop_budget, stage2_template, fallback)
+        coarse_pixels, crop_pixels = budget_to_pixels(coarse_budget), budget_to_pixels(crop_budget)
+
+        samples, coarse_images, texts = [], [], []
+        for index, (source, question) in enumerate(zip(images, questions)):
+            image = load_image(source, name=f"sample {index}")
+            try:
+                stem, full_question = stage_questions(question, options[index], postfixes[index])
+            except ValueError as error:
+                raise ValueError(f"sample {index}: {error}") from None
+            for pixels in (coarse_pixels, crop_pixels):
+                height, width = smart_resize(image.height, image.width, max_pixels=pixels)
+                if not within_aspect_limit(width, height):
+                    raise ErgoImageError(
+                        f"sample {index}: a {image.width}x{image.height} image becomes {width}x{height} at the "
+                        f"budget, flatter than Qwen2.5-VL's {MAX_ASPECT_RATIO}:1 limit; pad or split it first"
+                    )
+            coarse = resize_to_budget(image, coarse_pixels)
+            samples.append(ErgoSample(image=image, coarse_size=coarse.size, stage2_question=full_question))
+            coarse_images.append(coarse)
+            texts.append(self._render(self.stage1_messages(stem)))
+
+        inputs = self._encode(texts, coarse_images)
+        inputs["ergo_context"] = ErgoContext(self, samples, crop_pixels, fallback, stage2_template)
+        return inputs
+
+    @staticmethod
+    def stage1_messages(question_stem: str) -> list[dict]:
+        """The stage-1 conversation: ERGO's system prompt, then the coarse image before the templated stem."""
+        return [
+            {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": stage1_prompt(question_stem)}]},
+        ]
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return super().apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def _encode(self, texts: list[str], images: list[Image.Image]) -> BatchFeature:
+        """Tokenise prompts whose images are already 28-aligned and in budget, so the processor keeps their size."""
+        largest = max(image.width * image.height for image in images)
+        return self(
+            text=texts,
+            images=images,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+            images_kwargs={"size": {"shortest_edge": MIN_PIXELS, "longest_edge": max(largest, MIN_PIXELS)}},
+        )
+
+    def apply_chat_template(self, conversation, chat_template=None, ergo: bool | None = None, **kwargs):
+        """Qwen2.5-VL's ``apply_chat_template``, except that an ERGO request becomes ERGO's stage-1 input.
+
+        An ERGO request is a conversation with one user message holding exactly one image and its text, with no
+        system or assistant message; the text is the question (answer options may follow on their own lines).
+        Tokenised with ``return_dict=True``, it yields ``prepare``'s output. Anything else is processed exactly
+        like Qwen2.5-VL, and ``generate`` then runs plain single-pass generation. ``ergo=True`` insists on ERGO
+        (ValueError when the conversation does not qualify), ``ergo=False`` turns it off.
+        """
+        conversations = conversation if _is_batch(conversation) else [conversation]
+        requests = [_ergo_request(messages) for messages in conversations]
+        wants_tensors = kwargs.get("tokenize", False) and kwargs.get("return_dict", False)
+        eligible = all(request is not None for request in requests)
+        if ergo and not eligible:
+            raise ValueError(
+                "ERGO needs conversations with a single user message holding one image and the question text"
+            )
+        if ergo is False or not eligible or not wants_tensors or chat_template is not None:
+            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        if kwargs.get("return_tensors", "pt") != "pt":
+            raise ValueError("ERGO inputs are PyTorch tensors; use return_tensors='pt'")
+        settings = {key: kwargs[key] for key in ("coarse_budget", "crop_budget", "stage2_template", "fallback") if key in kwargs}
+        images, questions = zip(*requests)
+        return self.prepare(list(images), list(questions), **settings)
+
+    # ------------------------------------------------------------------ stage 2
+
+    def plan_stage2(self, context: ErgoContext, stage1_texts: list[str]) -> list[ZoomDecision]:
+        """Per sample: the region the stage-1 text asks for, mapped to the original and cropped, or a fallback."""
+        return [self._decide(sample, text, context) for sample, text in zip(context.samples, stage1_texts)]
+
+    def _decide(self, sample: ErgoSample, stage1_text: str, context: ErgoContext) -> ZoomDecision:
+        box = parse_zoom_box(stage1_text)
+        if box is not None:
+            region = map_box_to_original(box, *sample.scale, sample.image.width, sample.image.height)
+            size = crop_size(region, context.crop_max_pixels) if region is not None else None
+            if size is not None:
+                crop = crop_region(sample.image, region, size)
+                return ZoomDecision(region, crop, None, _keep_size(crop))
+        reason = "no_region" if box is None else "degenerate_box"
+        if context.fallback == "coarse":
+            return ZoomDecision(None, None, reason)
+        if context.fallback == "reference":
+            return ZoomDecision(None, sample.image, reason, dict(self.image_processor.size))
+        whole = resize_to_budget(sample.image, context.crop_max_pixels, resample=Image.Resampling.LANCZOS)
+        return ZoomDecision(None, whole, reason, _keep_size(whole))
+
+    def stage2_suffix(self, decision: ZoomDecision, stage2_question: str, stage2_template: str) -> BatchFeature:
+        """Tokens that follow the stage-1 answer's end-of-turn token: the new user turn (second image, stage-2
+        prompt) and the assistant header; plus that image's pixel values."""
+        turn = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": stage2_prompt(stage2_question, stage2_template)}]}
+        ]
+        text = self._render(_SENTINEL_TURN + turn)
+        suffix = text.split(_SENTINEL, 1)[1]
+        end_of_turn = self.tokenizer.eos_token or "<|im_end|>"
+        if not suffix.startswith(end_of_turn):
+            raise ValueError(f"the chat template does not end an assistant turn with {end_of_turn!r}")
+        return self(
+            text=[suffix[len(end_of_turn):]],
+            images=[decision.image],
+            return_tensors="pt",
+            images_kwargs={"size": decision.processor_size},
+        )
+
+    # ------------------------------------------------------------------ accounting
+
+    def image_tokens(self, width: int, height: int, max_pixels: int) -> int:
+        """Vision tokens the image processor spends on a width x height image under ``max_pixels``."""
+        size = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
+        patches = self.image_processor.get_number_of_image_patches(height, width, {"size": size})
+        return patches // self.image_processor.merge_size**2
+
+    def full_resolution_tokens(self, image: Image.Image) -> int:
+        """Vision tokens of the paper's baseline: one pass over the whole image at 16384 tokens."""
+        return self.image_tokens(image.width, image.height, budget_to_pixels(FULL_RESOLUTION_BUDGET))
+
+    def second_image_tokens(self, decision: ZoomDecision) -> int:
+        """Vision tokens of stage 2's image (0 when stage 2 is skipped)."""
+        if decision.image is None:
+            return 0
+        if decision.processor_size["longest_edge"] >= decision.image.width * decision.image.height:
+            return vision_tokens(*decision.image.size)
+        return self.image_tokens(*decision.image.size, decision.processor_size["longest_edge"])
+
+
+_SENTINEL = "\x00ERGO_STAGE1_ANSWER\x00"
+_SENTINEL_TURN = [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}]
+
+
+def _keep_size(image: Image.Image) -> dict:
+    return {"shortest_edge": MIN_PIXELS, "longest_edge": max(image.width * image.height, MIN_PIXELS)}
+
+
+def _is_batch(conversation) -> bool:
+    return isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], (list, tuple))
+
+
+def _image_source(block: dict):
+    if block.get("type") not in ("image", "image_url"):
+        return None
+    for key in ("image", "url", "path", "image_url"):
+        source = block.get(key)
+        if isinstance(source, dict):
+            source = source.get("url")
+        if source is not None:
+            return source
+    return None
+
+
+def _ergo_request(messages) -> tuple[object, str] | None:
+    """(image, question) when ``messages`` is a single user turn with one image and text; else None."""
+    if not isinstance(messages, (list, tuple)) or len(messages) != 1 or messages[0].get("role") != "user":
+        return None
+    content = messages[0].get("content")
+    if not isinstance(content, list):
+        return None
+    images = [source for source in map(_image_source, content) if source is not None]
+    texts = [block.get("text", "") for block in content if block.get("type") == "text"]
+    if len(images) != 1 or not texts:
+        return None
+    return images[0], "\n".join(texts)
+
+
+ErgoProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["ErgoProcessor", "ErgoContext", "ErgoSample", "ZoomDecision", "FALLBACK_POLICIES"]
