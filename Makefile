@@ -1,0 +1,22 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both set up .venv first (once).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test
+
+setup: $(VENV)/.installed
+
+# torch first: on CPU machines pip resolves torch==2.13.0 to the local CPU wheel; never pull torchvision.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[train,test]"
+	touch $@
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/ergo demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

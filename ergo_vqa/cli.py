@@ -1,0 +1,80 @@
+"""``ergo``: the command line. ``ergo infer`` answers one question; ``ergo demo`` runs the offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from processing_ergo.geometry_ergo import budget_to_pixels
+from processing_ergo.images_ergo import ErgoImageError, load_image
+
+
+def _budget(text: str) -> int:
+    try:
+        value = int(text)
+        budget_to_pixels(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be an integer number of vision tokens >= 4, got {text!r}")
+    return value
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from .inference import answer, draw_region, load, summary
+
+    if not args.question.strip():
+        raise ValueError("the question is empty")
+    image = load_image(args.image, name=args.image)
+    if not Path(args.model).exists() and args.model.count("/") != 1:
+        raise FileNotFoundError(f"model not found: {args.model} (a local folder or a Hub id like org/name)")
+    model, processor = load(args.model, device=args.device)
+    result = answer(model, processor, image, args.question, budget=args.budget, max_new_tokens=args.max_new_tokens)
+    print(result.to_json() if args.json else summary(result))
+    if args.viz:
+        draw_region(image, result.region, args.viz)
+        if not args.json:
+            print(f"picture:       {args.viz}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    print(run(args.out, budget=args.budget, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ergo", description="ERGO two-stage high-resolution VQA on Qwen2.5-VL")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    infer = commands.add_parser("infer", help="answer one question about one image")
+    infer.add_argument("--model", required=True, help="ERGO or Qwen2.5-VL folder, or Hub id")
+    infer.add_argument("--image", required=True, help="image file")
+    infer.add_argument("--question", required=True, help="question; answer options may follow on their own lines")
+    infer.add_argument("--budget", type=_budget, default=None, help="vision tokens for the coarse view and the crop")
+    infer.add_argument("--max-new-tokens", type=int, default=1024, help="per stage (default 1024, as the reference)")
+    infer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    infer.add_argument("--viz", metavar="OUT.png", help="write the image with the region drawn")
+    infer.add_argument("--json", action="store_true", help="print the result as JSON")
+    infer.set_defaults(run=_infer)
+
+    demo = commands.add_parser("demo", help="offline demo on a generated image with a locally built model")
+    demo.add_argument("--out", default="ergo-demo", help="folder for the model and pictures (default ergo-demo)")
+    demo.add_argument("--budget", type=_budget, default=640, help="vision tokens (default 640)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ErgoImageError, ValueError, FileNotFoundError, OSError) as error:
+        print(f"ergo: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Loading an ERGO or stock Qwen2.5-VL folder and answering one question, as the CLI and the demo do."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from modeling_ergo import ErgoForConditionalGeneration
+from processing_ergo import ErgoProcessor
+from processing_ergo.prompts_ergo import extract_answer
+
+
+@dataclass
+class ErgoResult:
+    """One answered request, in plain types (JSON-ready)."""
+
+    answer: str | None
+    final_text: str
+    stage1_text: str
+    region: list[int] | None
+    fallback: str | None
+    second_image_size: list[int] | None
+    vision_tokens: dict[str, int]
+    seconds: dict[str, float]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def load(model_id: str, device: str = "auto", dtype: str = "auto", **processor_settings):
+    """(model, processor) from an ERGO folder (through ``trust_remote_code``, like any Hub user) or from a stock
+    Qwen2.5-VL folder (through the installed ERGO classes, which read it as is)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                   "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
+    if "AutoModelForImageTextToText" in (getattr(config, "auto_map", None) or {}):
+        model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=torch_dtype)
+        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True, **processor_settings)
+    else:
+        model = ErgoForConditionalGeneration.from_pretrained(model_id, dtype=torch_dtype)
+        processor = ErgoProcessor.from_pretrained(model_id, **processor_settings)
+    return model.to(device).eval(), processor
+
+
+def answer(model, processor, image, question: str, budget: int | None = None, max_new_tokens: int = 1024,
+           stage1_generate_kwargs: dict | None = None) -> ErgoResult:
+    """Run ERGO on one (image, question); ``budget`` (vision tokens) sets both the coarse and the crop budget."""
+    inputs = processor.prepare([image], [question], coarse_budget=budget, crop_budget=budget).to(model.device)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                         stage1_generate_kwargs=stage1_generate_kwargs)
+    final_text = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    return ErgoResult(
+        answer=extract_answer(final_text),
+        final_text=final_text,
+        stage1_text=out.stage1_texts[0],
+        region=list(out.regions[0]) if out.regions[0] else None,
+        fallback=out.fallbacks[0],
+        second_image_size=list(out.crop_sizes[0]) if out.crop_sizes[0] else None,
+        vision_tokens=out.vision_tokens[0],
+        seconds={key: round(value, 4) for key, value in out.timings[0].items()},
+    )
+
+
+def draw_region(image: Image.Image, region, path: str | Path) -> Path:
+    """Save ``image`` with ``region`` outlined (nothing drawn when there is no region)."""
+    canvas = image.convert("RGB").copy()
+    if region:
+        width = max(3, min(canvas.size) // 200)
+        ImageDraw.Draw(canvas).rectangle(region, outline=(255, 0, 0), width=width)
+    canvas.save(path)
+    return Path(path)
+
+
+def summary(result: ErgoResult) -> str:
+    """Human-readable report of one result."""
+    tokens = result.vision_tokens
+    share = tokens["total"] / tokens["full_resolution"] if tokens["full_resolution"] else float("nan")
+    region = result.region if result.region else f"none ({result.fallback})"
+    return "\n".join([
+        f"answer:        {result.answer if result.answer is not None else result.final_text!r}",
+        f"region:        {region}",
+        f"second image:  {result.second_image_size}",
+        f"vision tokens: stage 1 {tokens['stage1']} + stage 2 {tokens['stage2']} = {tokens['total']}"
+        f"  vs {tokens['full_resolution']} for one full-resolution pass ({share:.0%})",
+        "seconds:       " + ", ".join(f"{key} {value:.3f}" for key, value in result.seconds.items()),
+        f"stage 1 said:  {result.stage1_text!r}",
+    ])
