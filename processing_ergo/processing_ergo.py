@@ -30,7 +30,6 @@ from .geometry_ergo import (
     parse_zoom_box,
     resize_to_budget,
     smart_resize,
-    vision_tokens,
     within_aspect_limit,
 )
 from .images_ergo import ErgoImageError, load_image
@@ -282,8 +281,6 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         """Vision tokens of stage 2's image (0 when stage 2 is skipped)."""
         if decision.image is None:
             return 0
-        if decision.processor_size["longest_edge"] >= decision.image.width * decision.image.height:
-            return vision_tokens(*decision.image.size)
         return self.image_tokens(*decision.image.size, decision.processor_size["longest_edge"])
 
 

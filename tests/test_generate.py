@@ -1,0 +1,135 @@
+"""Two-stage generate() on a tiny random-weight Qwen2.5-VL: scripted stage-1 text drives the crop."""
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from conftest import noise_image
+from ergo_vqa.scripted import scripted_stage1, zoom_text
+from processing_ergo.geometry_ergo import (
+    budget_to_pixels,
+    crop_size,
+    map_box_to_original,
+    resize_to_budget,
+    smart_resize,
+    vision_tokens,
+)
+from processing_ergo.prompts_ergo import SYSTEM_PROMPT, stage1_prompt, stage2_prompt
+
+QUESTION = "Which letter is on the sign?\n(A) E\n(B) F"
+
+
+def stage2_prefills(model):
+    """Record the input_ids of every forward pass that holds two images (stage 2's prefill)."""
+    seen = []
+    vision_start = model.config.vision_start_token_id
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and int((ids[0] == vision_start).sum()) == 2:
+            seen.append(ids[0][ids[0] != model.generation_config.pad_token_id].tolist())
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def run(model, processor, images, texts, questions=None, **kwargs):
+    inputs = processor.prepare(images, questions or [QUESTION] * len(images), **kwargs)
+    out = model.generate(**inputs, max_new_tokens=6, return_dict_in_generate=True,
+                         stage1_generate_kwargs=scripted_stage1(processor, texts))
+    return inputs, out
+
+
+def test_scripted_region_is_mapped_cropped_and_continued_in_the_same_conversation(model, processor):
+    image = noise_image(1400, 900)
+    coarse_h, coarse_w = smart_resize(900, 1400, max_pixels=budget_to_pixels(64))
+    box = (10, 8, 60, 40)
+    seen, handle = stage2_prefills(model)
+    try:
+        inputs, out = run(model, processor, [image], [zoom_text(box)])
+    finally:
+        handle.remove()
+    region = map_box_to_original(box, 1400 / coarse_w, 900 / coarse_h, 1400, 900)
+    size = crop_size(region, budget_to_pixels(64))
+    assert out.regions == [region] and out.crop_sizes == [size] and out.fallbacks == [None]
+    assert out.stage1_texts == [zoom_text(box)]
+    coarse_tokens = vision_tokens(coarse_w, coarse_h)
+    assert out.vision_tokens[0] == {"stage1": coarse_tokens, "stage2": vision_tokens(*size),
+                                    "total": coarse_tokens + vision_tokens(*size),
+                                    "full_resolution": processor.full_resolution_tokens(image)}
+    # Stage 2's prompt is the reference's two-turn conversation, token for token.
+    tokenizer = processor.tokenizer
+    expected = (
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+        + "<|image_pad|>" * coarse_tokens + "<|vision_end|>" + stage1_prompt("Which letter is on the sign?")
+        + "<|im_end|>\n<|im_start|>assistant\n" + zoom_text(box) + "<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+        + "<|image_pad|>" * vision_tokens(*size) + "<|vision_end|>" + stage2_prompt(QUESTION)
+        + "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert seen == [tokenizer(expected, add_special_tokens=False)["input_ids"]]
+    # The returned sequences are the caller's prompt followed by the stage-2 answer.
+    assert torch.equal(out.sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert set(out.timings[0]) == {"stage1", "zoom", "stage2", "total"}
+
+
+def test_plain_tensor_output_matches_the_dict_output(model, processor):
+    image = noise_image(800, 600, 3)
+    inputs, out = run(model, processor, [image], [zoom_text((5, 5, 30, 30))])
+    again = model.generate(**inputs, max_new_tokens=6, stage1_generate_kwargs=scripted_stage1(processor, [zoom_text((5, 5, 30, 30))]))
+    assert torch.equal(again, out.sequences)
+
+
+def test_greedy_batch_equals_one_by_one(model, processor):
+    images = [noise_image(1400, 900, 1), noise_image(500, 1700, 2), noise_image(640, 480, 3)]
+    texts = [zoom_text((10, 8, 60, 40)), "<think>no idea</think>", zoom_text((30, 30, 10, 10))]
+    questions = [QUESTION, "What is shown?", "Is it red?\n(A) yes\n(B) no"]
+    inputs, batch = run(model, processor, images, texts, questions)
+    prompt = inputs["input_ids"].shape[1]
+    for index in range(3):
+        single_inputs, single = run(model, processor, [images[index]], [texts[index]], [questions[index]])
+        single_answer = single.sequences[0, single_inputs["input_ids"].shape[1]:]
+        batch_answer = batch.sequences[index, prompt: prompt + len(single_answer)]
+        assert torch.equal(batch_answer, single_answer)
+        assert (batch.regions[index], batch.fallbacks[index], batch.crop_sizes[index]) == (
+            single.regions[0], single.fallbacks[0], single.crop_sizes[0])
+    assert batch.fallbacks == [None, "no_region", "degenerate_box"]
+
+
+@pytest.mark.parametrize("text, reason", [("<think>hmm</think>", "no_region"),
+                                          (zoom_text((40, 40, 20, 20)), "degenerate_box"),
+                                          ("<zoom>[1.5, 2, 30, 40]</zoom>", "no_region")])
+def test_fallback_policies(model, processor, text, reason):
+    image = noise_image(1500, 1000, 4)
+    _, resized = run(model, processor, [image], [text], fallback="resize")
+    whole = resize_to_budget(image, budget_to_pixels(64))
+    assert resized.fallbacks == [reason] and resized.regions == [None] and resized.crop_sizes == [whole.size]
+    assert resized.vision_tokens[0]["stage2"] == vision_tokens(*whole.size)
+
+    _, reference = run(model, processor, [image], [text], fallback="reference")
+    assert reference.crop_sizes == [(1500, 1000)]  # the unresized original, as the reference sends it
+    assert reference.vision_tokens[0]["stage2"] == processor.full_resolution_tokens(image)
+
+    inputs, coarse = run(model, processor, [image], [text], fallback="coarse")
+    assert coarse.vision_tokens[0]["stage2"] == 0 and coarse.crop_sizes == [None]
+    answer = processor.batch_decode(coarse.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer == [text]  # no stage 2: the stage-1 text is the answer
+
+
+def test_stage_overrides_apply_per_stage(model, processor):
+    image = noise_image(700, 500, 5)
+    inputs = processor.prepare([image], [QUESTION])
+    stage1 = scripted_stage1(processor, [zoom_text((1, 1, 20, 20))])
+    out = model.generate(**inputs, max_new_tokens=9, stage1_generate_kwargs=stage1,
+                         stage2_generate_kwargs={"max_new_tokens": 2, "min_new_tokens": 2},
+                         return_dict_in_generate=True)
+    assert out.sequences.shape[1] - inputs["input_ids"].shape[1] == 2
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.generate(**inputs, num_return_sequences=2, num_beams=2)
+
+
+def test_inputs_without_ergo_context_get_plain_qwen_generation(model, processor, tiny_folder):
+    stock = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>Describe."], images=[noise_image(224, 168)],
+                       return_tensors="pt")
+    ours = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    theirs = stock.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, theirs)
