@@ -81,14 +81,14 @@ def draw_region(image: Image.Image, region, path: str | Path) -> Path:
 def summary(result: ErgoResult) -> str:
     """Human-readable report of one result."""
     tokens = result.vision_tokens
-    share = tokens["total"] / tokens["full_resolution"] if tokens["full_resolution"] else float("nan")
+    full = tokens["full_resolution"]
+    baseline = f"{full} for one full-resolution pass ({tokens['total'] / full:.0%})" if full else "no full-resolution pass possible"
     region = result.region if result.region else f"none ({result.fallback})"
     return "\n".join([
         f"answer:        {result.answer if result.answer is not None else result.final_text!r}",
         f"region:        {region}",
         f"second image:  {result.second_image_size}",
-        f"vision tokens: stage 1 {tokens['stage1']} + stage 2 {tokens['stage2']} = {tokens['total']}"
-        f"  vs {tokens['full_resolution']} for one full-resolution pass ({share:.0%})",
+        f"vision tokens: stage 1 {tokens['stage1']} + stage 2 {tokens['stage2']} = {tokens['total']}  vs {baseline}",
         "seconds:       " + ", ".join(f"{key} {value:.3f}" for key, value in result.seconds.items()),
         f"stage 1 said:  {result.stage1_text!r}",
     ])

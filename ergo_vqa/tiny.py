@@ -115,8 +115,8 @@ class ModelShape:
 TINY = ModelShape()
 
 
-def build_model(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY, seed: int = 0) -> ErgoForConditionalGeneration:
-    """A random-weight ERGO model whose special-token ids match ``tokenizer``."""
+def config_kwargs(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY) -> dict:
+    """Qwen2.5-VL config arguments for ``shape`` whose special-token ids match ``tokenizer``."""
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     special = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     text_config = dict(
@@ -131,14 +131,18 @@ def build_model(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY, seed: int =
         num_heads=shape.vision_heads, out_hidden_size=shape.hidden_size, patch_size=14, spatial_merge_size=2,
         temporal_patch_size=2, window_size=112, fullatt_block_indexes=[shape.vision_depth - 1],
     )
-    config = ErgoConfig(
+    return dict(
         text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], **special,
     )
+
+
+def build_model(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY, seed: int = 0) -> ErgoForConditionalGeneration:
+    """A random-weight ERGO model whose special-token ids match ``tokenizer``; greedy by default."""
     torch.manual_seed(seed)
-    model = ErgoForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model = ErgoForConditionalGeneration(ErgoConfig(**config_kwargs(tokenizer, shape))).eval()
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     model.generation_config.do_sample = False
     return model

@@ -44,7 +44,8 @@ class ErgoGenerateOutput(ModelOutput):
         regions: the region in original-image pixels ``(x1, y1, x2, y2)``, or None when a fallback was taken.
         crop_sizes: ``(width, height)`` of the image stage 2 saw, or None when stage 2 was skipped.
         vision_tokens: ``{"stage1", "stage2", "total", "full_resolution"}`` LLM vision tokens; the last is what
-            one pass over the whole image at 16384 tokens (the paper's baseline) would cost.
+            one pass over the whole image at 16384 tokens (the paper's baseline) would cost (None when that
+            baseline cannot take the image: flatter than 200:1).
         fallbacks: None when the region was used, else ``"no_region"`` or ``"degenerate_box"``.
         fallback_policy: the policy applied to those samples (``resize``, ``reference`` or ``coarse``).
         timings: seconds per step, ``{"stage1", "zoom", "stage2", "total"}``; the batch is generated together,

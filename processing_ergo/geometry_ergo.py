@@ -10,7 +10,8 @@ because the released ERGO weights were trained and evaluated with exactly these 
 
 Deliberate departures, each only where the reference would crash:
 
-* ``smart_resize`` never returns a side of 0 (the reference's over-budget branch can, for very flat images);
+* ``smart_resize`` never returns a side of 0 (the reference's over-budget branch can, for very flat images):
+  such images get one token row and as many columns as the budget allows;
 * a box that is empty after clamping, or whose crop would exceed Qwen2.5-VL's 200:1 aspect limit, is
   reported as degenerate (``None``) instead of raising inside PIL or the image processor.
 """
@@ -67,9 +68,13 @@ def smart_resize(
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        # max(factor, ...): departure from the reference, which returns 0 here for very flat images.
-        h_bar = max(factor, round(height / beta / factor) * factor)
-        w_bar = max(factor, round(width / beta / factor) * factor)
+        h_bar = round(height / beta / factor) * factor
+        w_bar = round(width / beta / factor) * factor
+        if min(h_bar, w_bar) < factor:
+            # Departure: the reference returns a 0 side here (very flat images). Keep one token row and as many
+            # columns as the budget allows instead.
+            longest = min(round(max(height, width) / factor) * factor, max(factor, max_pixels // factor // factor * factor))
+            h_bar, w_bar = (longest, factor) if height >= width else (factor, longest)
     elif h_bar * w_bar < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h_bar = math.ceil(height * beta / factor) * factor

@@ -39,7 +39,8 @@ FALLBACK_POLICIES = ("resize", "reference", "coarse")
 """What stage 2 sees when stage 1 gives no usable region:
 ``resize``: the whole image at the crop budget (bounded cost; default);
 ``reference``: the unresized original, as the reference implementation does (the image processor's own
-max_pixels then applies, up to 16384 tokens for stock Qwen2.5-VL);
+max_pixels then applies, up to 16384 tokens for stock Qwen2.5-VL; images flatter than 200:1, which that
+processor refuses, get ``resize`` instead);
 ``coarse``: no stage 2; the stage-1 text is the answer."""
 
 FULL_RESOLUTION_BUDGET = 16384
@@ -242,7 +243,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         reason = "no_region" if box is None else "degenerate_box"
         if context.fallback == "coarse":
             return ZoomDecision(None, None, reason)
-        if context.fallback == "reference":
+        if context.fallback == "reference" and within_aspect_limit(*sample.image.size):
             return ZoomDecision(None, sample.image, reason, dict(self.image_processor.size))
         whole = resize_to_budget(sample.image, context.crop_max_pixels, resample=Image.Resampling.LANCZOS)
         return ZoomDecision(None, whole, reason, _keep_size(whole))
@@ -273,8 +274,11 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         patches = self.image_processor.get_number_of_image_patches(height, width, {"size": size})
         return patches // self.image_processor.merge_size**2
 
-    def full_resolution_tokens(self, image: Image.Image) -> int:
-        """Vision tokens of the paper's baseline: one pass over the whole image at 16384 tokens."""
+    def full_resolution_tokens(self, image: Image.Image) -> int | None:
+        """Vision tokens of the paper's baseline: one pass over the whole image at 16384 tokens (None when
+        Qwen2.5-VL's processor cannot take the image unresized: flatter than 200:1)."""
+        if not within_aspect_limit(*image.size):
+            return None
         return self.image_tokens(image.width, image.height, budget_to_pixels(FULL_RESOLUTION_BUDGET))
 
     def second_image_tokens(self, decision: ZoomDecision) -> int:

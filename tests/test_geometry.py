@@ -66,7 +66,8 @@ def test_smart_resize_properties_on_random_sizes():
 
 def test_smart_resize_never_returns_zero_where_the_reference_would():
     # The reference's over-budget branch rounds 100 / 7.47 / 28 down to 0 here.
-    assert smart_resize(100, 7000, max_pixels=budget_to_pixels(16))[0] == 28
+    assert smart_resize(100, 7000, max_pixels=budget_to_pixels(16)) == (28, 16 * 28)
+    assert smart_resize(2000, 1, max_pixels=budget_to_pixels(64)) == (64 * 28, 28)
 
 
 def test_smart_resize_rejects_empty_sizes():

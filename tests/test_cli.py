@@ -1,0 +1,73 @@
+"""``ergo infer`` / ``ergo demo`` as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import noise_image
+from ergo_vqa.cli import main
+
+
+def test_infer_prints_answer_region_tokens_and_timings(tiny_folder, tmp_path, capsys):
+    image_path = tmp_path / "photo.png"
+    noise_image(1200, 800).save(image_path)
+    viz = tmp_path / "viz.png"
+    code = main(["infer", "--model", str(tiny_folder), "--image", str(image_path), "--question",
+                 "What is it?\n(A) x\n(B) y", "--budget", "64", "--max-new-tokens", "4", "--viz", str(viz)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for label in ("answer:", "region:", "vision tokens: stage 1", "for one full-resolution pass", "seconds:"):
+        assert label in printed
+    assert Image.open(viz).size == (1200, 800)
+
+
+def test_infer_json(tiny_folder, tmp_path, capsys):
+    image_path = tmp_path / "photo.jpg"
+    noise_image(640, 480).save(image_path)
+    assert main(["infer", "--model", str(tiny_folder), "--image", str(image_path), "--question", "Why?",
+                 "--budget", "16", "--max-new-tokens", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["vision_tokens"]["stage1"] <= 16 + 2
+    assert set(result) >= {"answer", "region", "fallback", "vision_tokens", "seconds", "stage1_text"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "MISSING", "--question", "q"], "not found"),
+        (["--image", "CORRUPT", "--question", "q"], "cannot read image"),
+        (["--image", "GOOD", "--question", "  "], "question is empty"),
+    ],
+)
+def test_infer_errors_are_clear(tiny_folder, tmp_path, capsys, args, message):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG broken")
+    noise_image(50, 50).save(tmp_path / "good.png")
+    paths = {"MISSING": str(tmp_path / "missing.png"), "CORRUPT": str(tmp_path / "corrupt.png"),
+             "GOOD": str(tmp_path / "good.png")}
+    args = [paths.get(arg, arg) for arg in args]
+    assert main(["infer", "--model", str(tiny_folder), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_with_usage(tmp_path):
+    for args in (["infer", "--model", "m", "--image", "i", "--question", "q", "--budget", "3"],
+                 ["infer", "--model", "m", "--image", "i", "--question", "q", "--budget", "lots"], ["infer"]):
+        done = subprocess.run([sys.executable, "-m", "ergo_vqa.cli", *args], capture_output=True, text=True)
+        assert done.returncode == 2 and "usage: ergo" in done.stderr
+
+
+def test_missing_model_is_reported(tmp_path, capsys):
+    noise_image(50, 50).save(tmp_path / "good.png")
+    assert main(["infer", "--model", str(tmp_path / "nope"), "--image", str(tmp_path / "good.png"),
+                 "--question", "q"]) == 2
+    assert "model not found" in capsys.readouterr().err
+
+
+def test_demo_runs_offline_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--budget", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "random weights" in printed and "region:" in printed and "none (" not in printed
+    assert (tmp_path / "demo" / "scene.png").is_file()
