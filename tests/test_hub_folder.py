@@ -152,3 +152,16 @@ def test_convert_checkpoint_refuses_what_it_cannot_load_safely(stock_checkpoint,
         convert_checkpoint(other, tmp_path / "out2")
     with pytest.raises(FileNotFoundError):
         convert_checkpoint(tmp_path / "missing", tmp_path / "out3")
+
+
+def test_hub_card_command(stock_checkpoint, tmp_path, capsys):
+    from hub_card.__main__ import main
+
+    folder, _ = stock_checkpoint
+    assert main([str(folder), str(tmp_path / "cli"), "--coarse-budget", "640", "--fallback", "coarse"]) == 0
+    processor = ErgoProcessor.from_pretrained(tmp_path / "cli")
+    assert (processor.coarse_budget, processor.fallback) == (640, "coarse")
+    card = (tmp_path / "cli" / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "640 vision" in card
+    assert main([str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert "config.json" in capsys.readouterr().err
