@@ -10,7 +10,7 @@ import base64
 import io
 import os
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 
 class ErgoImageError(ValueError):
@@ -47,15 +47,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16/32-bit grayscale: stretch to 8 bits instead of clipping everything above 255 to white.
-        image = ImageOps.autocontrast(image.convert("F").convert("L")) if image.mode == "F" else _scale_to_8bit(image)
+        image = _stretch_to_8bit(image)
     return image.convert("RGB")
 
 
-def _scale_to_8bit(image: Image.Image) -> Image.Image:
-    low, high = image.convert("I").getextrema()
-    span = max(high - low, 1)
-    return image.convert("I").point(lambda value: (value - low) * 255 / span).convert("L")
+def _stretch_to_8bit(image: Image.Image) -> Image.Image:
+    """16/32-bit or float grayscale mapped onto 0..255 by its own range, instead of clipping above 255."""
+    values = image.convert("F")
+    low, high = values.getextrema()
+    span = (high - low) or 1.0
+    return values.point(lambda value: (value - low) * 255.0 / span).convert("L")
 
 
 def load_image(source, name: str = "image") -> Image.Image:
