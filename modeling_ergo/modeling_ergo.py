@@ -82,6 +82,8 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             return super().generate(*args, **kwargs)
         if args:
             raise TypeError("pass ERGO inputs as keyword arguments: model.generate(**inputs)")
+        if isinstance(ergo_context, (list, tuple)):  # requests batched by a collator, e.g. pipeline(batch_size=N)
+            ergo_context = type(ergo_context[0]).merge(list(ergo_context))
         return self._generate_two_stage(ergo_context, stage1_generate_kwargs, stage2_generate_kwargs, **kwargs)
 
     def _stage_kwargs(self, shared: dict, config_defaults: dict | None, overrides: dict | None) -> dict:
@@ -99,6 +101,7 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vision = {key: kwargs.pop(key) for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
+        caller_input_ids = input_ids
         if kwargs.get("generation_config") is None:
             kwargs.pop("generation_config", None)  # passing it with other arguments is deprecated; leave it out
         generation_config = kwargs.get("generation_config") or self.generation_config
@@ -107,6 +110,10 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         processor = context.processor
         stop_ids = _stop_token_ids(generation_config, processor)
         pad_id = _pad_token_id(generation_config, processor)
+        # Generation needs left padding; collators may have padded on the right.
+        input_ids, attention_mask, vision["mm_token_type_ids"] = _left_align(
+            [input_ids, attention_mask, vision["mm_token_type_ids"]], attention_mask, [pad_id, 0, 0]
+        )
 
         started = time.perf_counter()
         stage1 = super().generate(
@@ -130,7 +137,7 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 answers[index] = stage2[row, stage2_inputs["input_ids"].shape[1]:]
         finished = time.perf_counter()
 
-        sequences = torch.cat([input_ids, _right_pad(answers, pad_id, input_ids.device)], dim=1)
+        sequences = torch.cat([caller_input_ids, _right_pad(answers, pad_id, input_ids.device)], dim=1)
         if not return_dict:
             return sequences
         timings = {
@@ -226,6 +233,21 @@ def _pad_token_id(generation_config: GenerationConfig, processor) -> int:
         if candidate is not None:
             return candidate
     return processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+
+
+def _left_align(tensors: list[torch.Tensor], attention_mask: torch.Tensor, fills: list[int]) -> list[torch.Tensor]:
+    """``tensors`` (batch x length, aligned with ``attention_mask``) with every row's real tokens moved right."""
+    if bool(attention_mask[:, -1].all()):
+        return tensors
+    keep = attention_mask.bool()
+    lengths = keep.sum(dim=1).tolist()
+    aligned = []
+    for tensor, fill in zip(tensors, fills):
+        out = torch.full_like(tensor, fill)
+        for row, length in enumerate(lengths):
+            out[row, tensor.shape[1] - length:] = tensor[row][keep[row]]
+        aligned.append(out)
+    return aligned
 
 
 def _right_pad(rows: list[torch.Tensor], pad_id: int, device) -> torch.Tensor:

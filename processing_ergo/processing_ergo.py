@@ -71,6 +71,16 @@ class ErgoContext:
     fallback: str
     stage2_template: str
 
+    @classmethod
+    def merge(cls, contexts: list["ErgoContext"]) -> "ErgoContext":
+        """One context for requests prepared separately and batched later (as ``pipeline(batch_size=N)`` does)."""
+        first = contexts[0]
+        settings = {(c.crop_max_pixels, c.fallback, c.stage2_template) for c in contexts}
+        if len(settings) > 1:
+            raise ValueError("cannot batch ERGO requests prepared with different crop budgets, fallbacks or templates")
+        samples = [sample for context in contexts for sample in context.samples]
+        return cls(first.processor, samples, first.crop_max_pixels, first.fallback, first.stage2_template)
+
 
 @dataclass
 class ZoomDecision:

@@ -133,3 +133,27 @@ def test_inputs_without_ergo_context_get_plain_qwen_generation(model, processor,
     ours = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     theirs = stock.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert torch.equal(ours, theirs)
+
+
+def test_right_padded_and_separately_prepared_requests_batch_like_one_by_one(model, processor):
+    """What pipeline(batch_size=N) hands over: per-request contexts and the tokenizer's (right) padding."""
+    images, questions = [noise_image(900, 500, 8), noise_image(400, 700, 9)], ["Why?", "What is shown here, then?"]
+    parts = [processor.prepare([image], [question]) for image, question in zip(images, questions)]
+    width = max(part["input_ids"].shape[1] for part in parts)
+    pad = model.generation_config.pad_token_id
+
+    def right_pad(key, fill):
+        return torch.cat([torch.nn.functional.pad(part[key], (0, width - part[key].shape[1]), value=fill) for part in parts])
+
+    batch = {
+        "input_ids": right_pad("input_ids", pad), "attention_mask": right_pad("attention_mask", 0),
+        "mm_token_type_ids": right_pad("mm_token_type_ids", 0),
+        "pixel_values": torch.cat([part["pixel_values"] for part in parts]),
+        "image_grid_thw": torch.cat([part["image_grid_thw"] for part in parts]),
+        "ergo_context": [part["ergo_context"] for part in parts],
+    }
+    out = model.generate(**batch, max_new_tokens=5)
+    assert torch.equal(out[:, :width], batch["input_ids"])
+    for index, part in enumerate(parts):
+        single = model.generate(**part, max_new_tokens=5)[0, part["input_ids"].shape[1]:]
+        assert torch.equal(out[index, width: width + len(single)], single)

@@ -47,6 +47,11 @@ FRESH_PROCESS_CHECK = textwrap.dedent('''
     answer = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
     pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
     piped = pipe(text=messages, max_new_tokens=6, return_full_text=False)[0]["generated_text"]
+    tall = Image.frombytes("RGB", (300, 800), rng.randbytes(300 * 800 * 3))
+    other = [{"role": "user", "content": [{"type": "image", "image": tall}, {"type": "text", "text": "Why?"}]}]
+    alone = pipe(text=other, max_new_tokens=6, return_full_text=False)[0]["generated_text"]
+    batched = pipe(text=[messages, other], max_new_tokens=6, return_full_text=False, batch_size=2)
+    report["pipeline_batch_equal"] = [item[0]["generated_text"] for item in batched] == [piped, alone]
     report.update(model=type(model).__module__, processor=type(processor).__module__, answer=answer, piped=piped,
                   fallbacks=out.fallbacks, stage1=out.vision_tokens[0]["stage1"],
                   leaked=sorted(m for m in sys.modules if m.split(".")[0] in {"modeling_ergo", "processing_ergo"}))
@@ -68,6 +73,7 @@ def test_folder_loads_in_a_fresh_process_without_the_project(tiny_folder, tmp_pa
     assert report["auto_model"] == "ErgoForConditionalGeneration"
     assert report["fallbacks"] == ["no_region"] and report["stage1"] > 0
     assert report["piped"] == report["answer"]  # the pipeline gives the same two-stage answer
+    assert report["pipeline_batch_equal"]
     assert report["leaked"] == []
 
 
