@@ -54,11 +54,11 @@ def write_card(folder: str | Path, base_model: str | None, processor: ErgoProces
 
 
 def save_hub_folder(model, processor: ErgoProcessor, folder: str | Path, base_model: str | None = None) -> Path:
-    """Save a model and processor as a complete ERGO Hub folder, model card included."""
+    """Save a model and processor as a complete ERGO Hub folder: their own ``save_pretrained`` already writes the
+    weights, configs, remote code and ``auto_map``; this adds the model card."""
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    copy_remote_code(folder)
     write_card(folder, base_model, processor)
     return folder
 
