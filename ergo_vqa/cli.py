@@ -8,6 +8,7 @@ from pathlib import Path
 
 from processing_ergo.geometry_ergo import budget_to_pixels
 from processing_ergo.images_ergo import ErgoImageError, load_image
+from processing_ergo.prompts_ergo import stage_questions
 
 
 def _budget(text: str) -> int:
@@ -22,8 +23,7 @@ def _budget(text: str) -> int:
 def _infer(args: argparse.Namespace) -> int:
     from .inference import answer, draw_region, load, summary
 
-    if not args.question.strip():
-        raise ValueError("the question is empty")
+    stage_questions(args.question)  # fail on an empty question before loading a model
     image = load_image(args.image, name=args.image)
     if not Path(args.model).exists() and args.model.count("/") != 1:
         raise FileNotFoundError(f"model not found: {args.model} (a local folder or a Hub id like org/name)")

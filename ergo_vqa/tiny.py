@@ -141,8 +141,9 @@ def config_kwargs(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY) -> dict:
 def build_model(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY, seed: int = 0) -> ErgoForConditionalGeneration:
     """A random-weight ERGO model whose special-token ids match ``tokenizer``; greedy by default."""
     torch.manual_seed(seed)
-    model = ErgoForConditionalGeneration(ErgoConfig(**config_kwargs(tokenizer, shape))).eval()
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = ErgoConfig(**config_kwargs(tokenizer, shape))
+    model = ErgoForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.do_sample = False
     return model

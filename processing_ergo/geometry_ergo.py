@@ -73,7 +73,8 @@ def smart_resize(
         if min(h_bar, w_bar) < factor:
             # Departure: the reference returns a 0 side here (very flat images). Keep one token row and as many
             # columns as the budget allows instead.
-            longest = min(round(max(height, width) / factor) * factor, max(factor, max_pixels // factor // factor * factor))
+            budget_side = max(factor, max_pixels // factor // factor * factor)
+            longest = min(round(max(height, width) / factor) * factor, budget_side)
             h_bar, w_bar = (longest, factor) if height >= width else (factor, longest)
     elif h_bar * w_bar < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
