@@ -114,6 +114,10 @@ class ModelShape:
 
 TINY = ModelShape()
 
+RANDOM_WEIGHT_STD = 0.2
+"""Init std of the random weights. Qwen's 0.02 leaves a tiny model's next token nearly independent of the
+context; at 0.2 it depends on every position, image and cached key, so equality tests can actually fail."""
+
 
 def config_kwargs(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY) -> dict:
     """Qwen2.5-VL config arguments for ``shape`` whose special-token ids match ``tokenizer``."""
@@ -122,7 +126,7 @@ def config_kwargs(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY) -> dict:
     text_config = dict(
         vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=32768, max_window_layers=shape.layers,
+        max_position_embeddings=32768, max_window_layers=shape.layers, initializer_range=RANDOM_WEIGHT_STD,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": shape.mrope_section},
         **special,
     )
@@ -130,6 +134,7 @@ def config_kwargs(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY) -> dict:
         depth=shape.vision_depth, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
         num_heads=shape.vision_heads, out_hidden_size=shape.hidden_size, patch_size=14, spatial_merge_size=2,
         temporal_patch_size=2, window_size=112, fullatt_block_indexes=[shape.vision_depth - 1],
+        initializer_range=RANDOM_WEIGHT_STD,
     )
     return dict(
         text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],

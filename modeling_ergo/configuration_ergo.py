@@ -21,10 +21,19 @@ class ErgoConfig(Qwen2_5_VLConfig):
         Defaults for stage 1's ``generate`` arguments (e.g. ``{"max_new_tokens": 1024}``); call-time arguments win.
     stage2_generation_kwargs (`dict`, *optional*):
         The same for stage 2.
+    reuse_stage1_cache (`bool`, *optional*, defaults to `True`):
+        Stage 2 continues from stage 1's KV cache, so its prefill is only the new turn (crop and stage-2 prompt).
+        ``False`` re-encodes the whole conversation for stage 2, as the reference transformers path does; the
+        greedy outputs are the same.
+    skip_answered_stage2 (`bool`, *optional*, defaults to `False`):
+        Early exit: when stage 1 already gives an ``<answer>`` and no region, that is the answer and stage 2 is
+        skipped. Off by default because the reference always runs stage 2 (a fallback image) in that case.
     """
 
     stage1_generation_kwargs: dict | None = None
     stage2_generation_kwargs: dict | None = None
+    reuse_stage1_cache: bool = True
+    skip_answered_stage2: bool = False
 
     def to_dict(self) -> dict:
         output = super().to_dict()

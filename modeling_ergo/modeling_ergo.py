@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import DynamicCache, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.utils import ModelOutput
 
@@ -46,8 +46,11 @@ class ErgoGenerateOutput(ModelOutput):
         vision_tokens: ``{"stage1", "stage2", "total", "full_resolution"}`` LLM vision tokens; the last is what
             one pass over the whole image at 16384 tokens (the paper's baseline) would cost (None when that
             baseline cannot take the image: flatter than 200:1).
-        fallbacks: None when the region was used, else ``"no_region"`` or ``"degenerate_box"``.
+        fallbacks: None when the region was used, else ``"no_region"``, ``"degenerate_box"`` or ``"answered"`` (early
+            exit: stage 1 answered without a region and ``config.skip_answered_stage2`` is on).
         fallback_policy: the policy applied to those samples (``resize``, ``reference`` or ``coarse``).
+        stage2_prefill_tokens: tokens stage 2's prefill processed for the sample (0 when skipped): the whole
+            conversation when re-prefilling, only the new turn when continuing from stage 1's cache.
         timings: seconds per step, ``{"stage1", "zoom", "stage2", "total"}``; the batch is generated together,
             so every sample of a batch reports the batch's figures.
     """
@@ -59,6 +62,7 @@ class ErgoGenerateOutput(ModelOutput):
     vision_tokens: list[dict[str, int]] | None = None
     fallbacks: list[str | None] | None = None
     fallback_policy: str | None = None
+    stage2_prefill_tokens: list[int] | None = None
     timings: list[dict[str, float]] | None = None
 
 
@@ -90,7 +94,7 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         merged = {**(config_defaults or {}), **shared, **(overrides or {})}
         if merged.get("num_return_sequences", 1) != 1:
             raise ValueError("ERGO generates one answer per request; num_return_sequences must be 1")
-        merged["return_dict_in_generate"] = False
+        merged["return_dict_in_generate"] = True
         return merged
 
     @torch.no_grad()
@@ -114,25 +118,41 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         input_ids, attention_mask, vision["mm_token_type_ids"] = _left_align(
             [input_ids, attention_mask, vision["mm_token_type_ids"]], attention_mask, [pad_id, 0, 0]
         )
+        prompt_length = input_ids.shape[1]
 
         started = time.perf_counter()
         stage1 = super().generate(
             input_ids=input_ids, attention_mask=attention_mask, **vision, **stage1_kwargs
         )
-        stage1_completions = [_until_stop(row, stop_ids) for row in stage1[:, input_ids.shape[1]:]]
+        stage1_completions = [_until_stop(row, stop_ids) for row in stage1.sequences[:, prompt_length:]]
         stage1_texts = processor.batch_decode(stage1_completions, skip_special_tokens=True)
         stage1_done = time.perf_counter()
 
-        decisions = processor.plan_stage2(context, stage1_texts)
+        decisions = processor.plan_stage2(context, stage1_texts, skip_answered=self.config.skip_answered_stage2)
         rows = [index for index, decision in enumerate(decisions) if decision.image is not None]
-        stage2_inputs = self._stage2_inputs(
-            context, decisions, rows, input_ids, attention_mask, vision, stage1_completions, pad_id
-        )
+        turns = [
+            processor.stage2_turn(
+                decisions[index], context.samples[index].stage2_question, context.stage2_template
+            ).to(input_ids.device)
+            for index in rows
+        ]
+        cache = stage1.past_key_values if self.config.reuse_stage1_cache else None
+        if not rows:
+            stage2_inputs = {}
+        elif isinstance(cache, DynamicCache):
+            stage2_inputs = self._stage2_continuation(
+                turns, rows, stage1.sequences, attention_mask, vision, stage1_completions, cache, pad_id
+            )
+        else:
+            stage2_inputs = self._stage2_prefill(
+                turns, rows, input_ids, attention_mask, vision, stage1_completions, pad_id
+            )
         zoom_done = time.perf_counter()
 
-        answers = [stage1[index, input_ids.shape[1]:] for index in range(len(decisions))]
+        answers = [stage1.sequences[index, prompt_length:] for index in range(len(decisions))]
+        prefill_tokens = stage2_inputs.pop("prefill_tokens", [0] * len(rows))
         if rows:
-            stage2 = super().generate(**stage2_inputs, **stage2_kwargs)
+            stage2 = super().generate(**stage2_inputs, **stage2_kwargs).sequences
             for row, index in enumerate(rows):
                 answers[index] = stage2[row, stage2_inputs["input_ids"].shape[1]:]
         finished = time.perf_counter()
@@ -165,42 +185,25 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             fallbacks=[decision.fallback for decision in decisions],
             fallback_policy=context.fallback,
             timings=[dict(timings) for _ in decisions],
+            stage2_prefill_tokens=_scatter(prefill_tokens, rows, len(decisions)),
         )
 
-    def _stage2_inputs(self, context, decisions, rows, input_ids, attention_mask, vision, completions, pad_id) -> dict:
-        """Left-padded stage-2 batch for the samples in ``rows``: each sample's stage-1 prompt and answer as they
-        were, the end-of-turn token, then the new user turn with the second image."""
-        processor = context.processor
-        end_of_turn = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
-        per_image = vision["image_grid_thw"].prod(dim=-1).tolist()
-        image_starts = [sum(per_image[:index]) for index in range(len(per_image))]
+    def _stage2_prefill(self, turns, rows, input_ids, attention_mask, vision, completions, pad_id) -> dict:
+        """Stage 2 from scratch, for the samples in ``rows``: each sample's stage-1 prompt and answer as they were,
+        then its new turn (end of the stage-1 turn, user turn with the second image, assistant header)."""
         sequences, token_types, pixels, grids = [], [], [], []
-        for index in rows:
+        for turn, index in zip(turns, rows):
             keep = attention_mask[index].bool()
-            suffix = processor.stage2_suffix(
-                decisions[index], context.samples[index].stage2_question, context.stage2_template
-            )
-            answer = torch.cat([completions[index], completions[index].new_tensor([end_of_turn])])
-            device = input_ids.device
-            sequences.append(torch.cat([input_ids[index][keep], answer, suffix["input_ids"][0].to(device)]))
+            sequences.append(torch.cat([input_ids[index][keep], completions[index], turn["input_ids"][0]]))
             token_types.append(torch.cat([
                 vision["mm_token_type_ids"][index][keep],
-                torch.zeros_like(answer),
-                suffix["mm_token_type_ids"][0].to(device),
+                torch.zeros_like(completions[index]),
+                turn["mm_token_type_ids"][0],
             ]))
-            start = image_starts[index]
-            pixels += [vision["pixel_values"][start:start + per_image[index]], suffix["pixel_values"]]
-            grids += [vision["image_grid_thw"][index:index + 1], suffix["image_grid_thw"].to(device)]
-        if not rows:
-            return {}
-        width = max(len(sequence) for sequence in sequences)
-        ids = torch.full((len(rows), width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
-        mask = torch.zeros_like(ids)
-        types = torch.zeros_like(ids)
-        for row, (sequence, token_type) in enumerate(zip(sequences, token_types)):
-            ids[row, width - len(sequence):] = sequence
-            mask[row, width - len(sequence):] = 1
-            types[row, width - len(sequence):] = token_type
+            pixels += [_image_pixels(vision, index), turn["pixel_values"]]
+            grids += [vision["image_grid_thw"][index:index + 1], turn["image_grid_thw"]]
+        ids, mask = _left_pad(sequences, pad_id)
+        types, _ = _left_pad(token_types, 0)
         pixel_values = vision["pixel_values"]
         return {
             "input_ids": ids,
@@ -208,6 +211,45 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             "mm_token_type_ids": types,
             "pixel_values": torch.cat([p.to(pixel_values.device, pixel_values.dtype) for p in pixels]),
             "image_grid_thw": torch.cat(grids),
+            "prefill_tokens": [len(sequence) for sequence in sequences],
+        }
+
+    def _stage2_continuation(self, turns, rows, stage1_sequences, prompt_mask, vision, completions, cache, pad_id) -> dict:
+        """Stage 2 as a continuation of stage 1's KV cache: only the new turn is prefilled.
+
+        The history is stage 1's own batch (prompt, generated tokens), with everything from each sample's stop token
+        on masked out, so cached positions are reused as they are; the new turns follow, left-padded to a common
+        width. M-RoPE positions are computed by transformers over the whole sequence (``image_grid_thw`` lists both
+        images of every row); only the crop goes through the vision encoder.
+        """
+        device = stage1_sequences.device
+        generated = stage1_sequences.shape[1] - prompt_mask.shape[1]
+        answered = torch.zeros(len(completions), generated, dtype=prompt_mask.dtype, device=device)
+        for index, completion in enumerate(completions):
+            answered[index, : len(completion)] = 1
+        history_mask = torch.cat([prompt_mask, answered], dim=1)[rows]
+        history_types = torch.cat([vision["mm_token_type_ids"], torch.zeros_like(answered)], dim=1)[rows]
+        turn_ids, turn_mask = _left_pad([turn["input_ids"][0] for turn in turns], pad_id)
+        turn_types, _ = _left_pad([turn["mm_token_type_ids"][0] for turn in turns], 0)
+        if len(rows) != len(completions):
+            cache.batch_select_indices(torch.tensor(rows, device=device))
+        grids = []
+        for turn, index in zip(turns, rows):
+            grids += [vision["image_grid_thw"][index:index + 1], turn["image_grid_thw"]]
+        crops = self.model.get_image_features(
+            torch.cat([turn["pixel_values"] for turn in turns]),
+            torch.cat([turn["image_grid_thw"] for turn in turns]),
+            return_dict=True,
+        )
+        return {
+            "input_ids": torch.cat([stage1_sequences[rows], turn_ids], dim=1),
+            "attention_mask": torch.cat([history_mask, turn_mask], dim=1),
+            "mm_token_type_ids": torch.cat([history_types, turn_types], dim=1),
+            "image_grid_thw": torch.cat(grids),
+            "mm_encoder_outputs": {"image": crops},
+            "past_key_values": cache,
+            # each row's new turn, plus its last stage-1 token, which generation never fed back
+            "prefill_tokens": [len(turn["input_ids"][0]) + 1 for turn in turns],
         }
 
 
@@ -248,6 +290,31 @@ def _left_align(tensors: list[torch.Tensor], attention_mask: torch.Tensor, fills
             out[row, tensor.shape[1] - length:] = tensor[row][keep[row]]
         aligned.append(out)
     return aligned
+
+
+def _left_pad(rows: list[torch.Tensor], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` stacked with padding on the left, and the matching attention mask."""
+    width = max(len(row) for row in rows)
+    out = rows[0].new_full((len(rows), width), fill)
+    mask = torch.zeros_like(out)
+    for index, row in enumerate(rows):
+        out[index, width - len(row):] = row
+        mask[index, width - len(row):] = 1
+    return out, mask
+
+
+def _image_pixels(vision: dict, index: int) -> torch.Tensor:
+    """The pixel-value rows of the batch's ``index``-th image (one image per sample)."""
+    per_image = vision["image_grid_thw"].prod(dim=-1).tolist()
+    start = sum(per_image[:index])
+    return vision["pixel_values"][start:start + per_image[index]]
+
+
+def _scatter(values: list[int], rows: list[int], size: int) -> list[int]:
+    out = [0] * size
+    for value, index in zip(values, rows):
+        out[index] = value
+    return out
 
 
 def _right_pad(rows: list[torch.Tensor], pad_id: int, device) -> torch.Tensor:

@@ -4,7 +4,7 @@ Stage 1 (``apply_chat_template`` / ``prepare``): the image is downsampled to the
 stem is wrapped in ERGO's system prompt and stage-1 template. The returned ``BatchFeature`` carries an
 ``ergo_context`` (the full-resolution images and settings) that ``ErgoForConditionalGeneration.generate`` uses.
 
-Stage 2 (``plan_stage2`` / ``stage2_suffix``): the model's stage-1 text is parsed into a region, mapped to the
+Stage 2 (``plan_stage2`` / ``stage2_turn``): the model's stage-1 text is parsed into a region, mapped to the
 original image and cropped; the crop and the stage-2 prompt become the next user turn of the same conversation.
 
 Works without torchvision: image-only (no video processor), PIL image backend.
@@ -33,7 +33,7 @@ from .geometry_ergo import (
     within_aspect_limit,
 )
 from .images_ergo import ErgoImageError, load_image
-from .prompts_ergo import SYSTEM_PROMPT, stage1_prompt, stage2_prompt, stage_questions
+from .prompts_ergo import SYSTEM_PROMPT, extract_answer, stage1_prompt, stage2_prompt, stage_questions
 
 FALLBACK_POLICIES = ("resize", "reference", "coarse")
 """What stage 2 sees when stage 1 gives no usable region:
@@ -89,7 +89,8 @@ class ZoomDecision:
     region: Box | None
     image: Image.Image | None
     fallback: str | None = None
-    """None when the region was used; else ``no_region`` (nothing parsable) or ``degenerate_box``."""
+    """None when the region was used; else ``no_region`` (nothing parsable), ``degenerate_box``, or ``answered``
+    (stage 1 already answered without a region and early exit is on: no stage 2)."""
     processor_size: dict = field(default_factory=dict)
     """``size`` for the image processor so that the already-sized second image is not resized again."""
 
@@ -238,11 +239,16 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
 
     # ------------------------------------------------------------------ stage 2
 
-    def plan_stage2(self, context: ErgoContext, stage1_texts: list[str]) -> list[ZoomDecision]:
-        """Per sample: the region the stage-1 text asks for, mapped to the original and cropped, or a fallback."""
-        return [self._decide(sample, text, context) for sample, text in zip(context.samples, stage1_texts)]
+    def plan_stage2(
+        self, context: ErgoContext, stage1_texts: list[str], skip_answered: bool = False
+    ) -> list[ZoomDecision]:
+        """Per sample: the region the stage-1 text asks for, mapped to the original and cropped, or a fallback.
 
-    def _decide(self, sample: ErgoSample, stage1_text: str, context: ErgoContext) -> ZoomDecision:
+        With ``skip_answered``, a stage-1 text that gives an ``<answer>`` and no region ends there (early exit).
+        """
+        return [self._decide(sample, text, context, skip_answered) for sample, text in zip(context.samples, stage1_texts)]
+
+    def _decide(self, sample: ErgoSample, stage1_text: str, context: ErgoContext, skip_answered: bool) -> ZoomDecision:
         box = parse_zoom_box(stage1_text)
         if box is not None:
             region = map_box_to_original(box, *sample.scale, sample.image.width, sample.image.height)
@@ -250,6 +256,8 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
             if size is not None:
                 crop = crop_region(sample.image, region, size)
                 return ZoomDecision(region, crop, None, _keep_size(crop))
+        if skip_answered and box is None and extract_answer(stage1_text) is not None:
+            return ZoomDecision(None, None, "answered")
         reason = "no_region" if box is None else "degenerate_box"
         if context.fallback == "coarse":
             return ZoomDecision(None, None, reason)
@@ -258,19 +266,19 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         whole = resize_to_budget(sample.image, context.crop_max_pixels, resample=Image.Resampling.LANCZOS)
         return ZoomDecision(None, whole, reason, _keep_size(whole))
 
-    def stage2_suffix(self, decision: ZoomDecision, stage2_question: str, stage2_template: str) -> BatchFeature:
-        """Tokens that follow the stage-1 answer's end-of-turn token: the new user turn (second image, stage-2
-        prompt) and the assistant header; plus that image's pixel values."""
+    def stage2_turn(self, decision: ZoomDecision, stage2_question: str, stage2_template: str) -> BatchFeature:
+        """Tokens that follow stage 1's generated text: the end of that assistant turn, the new user turn (second
+        image, stage-2 prompt) and the assistant header; plus that image's pixel values."""
         turn = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": stage2_prompt(stage2_question, stage2_template)}]}
         ]
         text = self._render(_SENTINEL_TURN + turn)
-        suffix = text.split(_SENTINEL, 1)[1]
+        following = text.split(_SENTINEL, 1)[1]
         end_of_turn = self.tokenizer.eos_token or "<|im_end|>"
-        if not suffix.startswith(end_of_turn):
+        if not following.startswith(end_of_turn):
             raise ValueError(f"the chat template does not end an assistant turn with {end_of_turn!r}")
         return self(
-            text=[suffix[len(end_of_turn):]],
+            text=[following],
             images=[decision.image],
             return_tensors="pt",
             images_kwargs={"size": decision.processor_size},

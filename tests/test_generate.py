@@ -19,17 +19,34 @@ from processing_ergo.prompts_ergo import SYSTEM_PROMPT, stage1_prompt, stage2_pr
 QUESTION = "Which letter is on the sign?\n(A) E\n(B) F"
 
 
-def stage2_prefills(model):
-    """Record the input_ids of every forward pass that holds two images (stage 2's prefill)."""
+def image_prefills(model):
+    """Record every forward pass that feeds image tokens: (the attended input ids, how many tokens were cached)."""
     seen = []
     vision_start = model.config.vision_start_token_id
 
     def hook(module, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if ids is not None and int((ids[0] == vision_start).sum()) == 2:
-            seen.append(ids[0][ids[0] != model.generation_config.pad_token_id].tolist())
+        ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
+        if ids is not None and bool((ids[0] == vision_start).any()):
+            mask = kwargs.get("attention_mask")  # generate drops it when nothing is padded
+            attended = mask[0, -ids.shape[1]:].bool() if mask is not None else torch.ones_like(ids[0], dtype=torch.bool)
+            seen.append((ids[0][attended].tolist(), cache.get_seq_length() if cache is not None else 0))
 
     return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.fixture(params=[True, False], ids=["reuse_cache", "re_prefill"])
+def cache_mode(request, model):
+    """Runs the test with stage 2 continuing stage 1's KV cache, then with stage 2 re-prefilled."""
+    model.config.reuse_stage1_cache = request.param
+    yield request.param
+    model.config.reuse_stage1_cache = True
+
+
+@pytest.fixture
+def early_exit(model):
+    model.config.skip_answered_stage2 = True
+    yield
+    model.config.skip_answered_stage2 = False
 
 
 def run(model, processor, images, texts, questions=None, **kwargs):
@@ -39,11 +56,11 @@ def run(model, processor, images, texts, questions=None, **kwargs):
     return inputs, out
 
 
-def test_scripted_region_is_mapped_cropped_and_continued_in_the_same_conversation(model, processor):
+def test_scripted_region_is_mapped_cropped_and_continued_in_the_same_conversation(model, processor, cache_mode):
     image = noise_image(1400, 900)
     coarse_h, coarse_w = smart_resize(900, 1400, max_pixels=budget_to_pixels(64))
     box = (10, 8, 60, 40)
-    seen, handle = stage2_prefills(model)
+    seen, handle = image_prefills(model)
     try:
         inputs, out = run(model, processor, [image], [zoom_text(box)])
     finally:
@@ -65,7 +82,17 @@ def test_scripted_region_is_mapped_cropped_and_continued_in_the_same_conversatio
         + "<|image_pad|>" * vision_tokens(*size) + "<|vision_end|>" + stage2_prompt(QUESTION)
         + "<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert seen == [tokenizer(expected, add_special_tokens=False)["input_ids"]]
+    conversation = tokenizer(expected, add_special_tokens=False)["input_ids"]
+    new_turn = tokenizer(expected[expected.index(zoom_text(box)) + len(zoom_text(box)):], add_special_tokens=False)
+    prompt, stage2 = inputs["input_ids"].shape[1], seen[-1]
+    if cache_mode:  # only the new turn is prefilled; the cache holds the prompt and stage 1's tokens
+        assert stage2[0] == new_turn["input_ids"] and stage2[1] == len(conversation) - len(new_turn["input_ids"])
+        assert out.stage2_prefill_tokens == [len(new_turn["input_ids"]) + 1]  # + stage 1's last, masked stop token
+    else:
+        assert stage2 == (conversation, 0)
+        assert out.stage2_prefill_tokens == [len(conversation)]
+    assert len(seen) == 2 and seen[0] == (inputs["input_ids"][0].tolist(), 0) and prompt < len(conversation)
+
     # The returned sequences are the caller's prompt followed by the stage-2 answer.
     assert torch.equal(out.sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
     assert set(out.timings[0]) == {"stage1", "zoom", "stage2", "total"}
@@ -92,6 +119,51 @@ def test_greedy_batch_equals_one_by_one(model, processor):
         assert (batch.regions[index], batch.fallbacks[index], batch.crop_sizes[index]) == (
             single.regions[0], single.fallbacks[0], single.crop_sizes[0])
     assert batch.fallbacks == [None, "no_region", "degenerate_box"]
+
+
+@pytest.mark.parametrize("fallback", ["resize", "coarse"])
+def test_cache_reuse_answers_exactly_as_re_prefill(model, processor, fallback):
+    """Greedy fp32: continuing stage 1's cache and re-encoding the whole conversation give the same tokens, for a
+    padded batch mixing a region, no region, a degenerate box and a stage 1 cut off by max_new_tokens."""
+    images = [noise_image(1400, 900, 11), noise_image(500, 1700, 12), noise_image(640, 480, 13), noise_image(900, 900, 14)]
+    texts = [zoom_text((10, 8, 60, 40)), "<think>no idea</think>", zoom_text((30, 30, 10, 10)),
+             zoom_text((0, 0, 30, 30), thought="a much longer look at the whole scene first, then the region")]
+    questions = [QUESTION, "What is shown?", "Is it red?\n(A) yes\n(B) no", "Where is the small cup standing?"]
+    inputs = processor.prepare(images, questions, fallback=fallback)
+    stage1 = scripted_stage1(processor, texts)
+    stage1["max_new_tokens"] -= 1  # the longest text ends without a stop token
+    outputs = {}
+    for reuse in (True, False):
+        model.config.reuse_stage1_cache = reuse
+        outputs[reuse] = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, return_dict_in_generate=True,
+                                        stage1_generate_kwargs=dict(stage1))
+    model.config.reuse_stage1_cache = True
+    assert torch.equal(outputs[True].sequences, outputs[False].sequences)
+    assert outputs[True].fallbacks == [None, "no_region", "degenerate_box", None]
+    stage2_rows = [index for index, size in enumerate(outputs[True].crop_sizes) if size is not None]
+    assert stage2_rows == ([0, 1, 2, 3] if fallback == "resize" else [0, 3])
+    for index in stage2_rows:
+        assert 0 < outputs[True].stage2_prefill_tokens[index] < outputs[False].stage2_prefill_tokens[index] / 2
+
+
+def test_early_exit_answers_from_stage1_when_it_gives_an_answer_and_no_region(model, processor, early_exit):
+    images = [noise_image(800, 600, 15), noise_image(700, 900, 16), noise_image(600, 600, 17)]
+    texts = ["<think>easy</think> <answer>B</answer>", zoom_text((5, 5, 40, 40)), "<think>no idea</think>"]
+    seen, handle = image_prefills(model)
+    try:
+        inputs, out = run(model, processor, images, texts)
+    finally:
+        handle.remove()
+    assert out.fallbacks == ["answered", None, "no_region"]
+    assert out.crop_sizes[0] is None and out.vision_tokens[0]["stage2"] == 0 and out.stage2_prefill_tokens[0] == 0
+    answer = processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer == texts[0]
+    assert len(seen) == 2 and all(crop is not None for crop in out.crop_sizes[1:])  # one batched stage 2 for the rest
+
+
+def test_early_exit_is_off_by_default(model, processor):
+    _, out = run(model, processor, [noise_image(800, 600, 15)], ["<think>easy</think> <answer>B</answer>"])
+    assert out.fallbacks == ["no_region"] and out.crop_sizes[0] is not None
 
 
 @pytest.mark.parametrize("text, reason", [("<think>hmm</think>", "no_region"),
