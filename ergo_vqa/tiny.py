@@ -102,6 +102,11 @@ class ModelShape:
     vision_hidden: int = 32
     vision_intermediate: int = 64
     vision_heads: int = 2
+    full_attention_blocks: tuple[int, ...] | None = None
+    """Vision blocks with full (not windowed) attention; None: the last one."""
+    vocab_size: int | None = None
+    """Embedding rows; None: the tokenizer's size. Real shapes keep the real vocabulary so the LM head costs what
+    it does in the real model, even though the offline tokenizer only uses its first few hundred ids."""
 
     @property
     def mrope_section(self) -> list[int]:
@@ -124,7 +129,7 @@ def config_kwargs(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY) -> dict:
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     special = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     text_config = dict(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        vocab_size=shape.vocab_size or len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
         max_position_embeddings=32768, max_window_layers=shape.layers, initializer_range=RANDOM_WEIGHT_STD,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": shape.mrope_section},
@@ -133,7 +138,8 @@ def config_kwargs(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY) -> dict:
     vision_config = dict(
         depth=shape.vision_depth, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
         num_heads=shape.vision_heads, out_hidden_size=shape.hidden_size, patch_size=14, spatial_merge_size=2,
-        temporal_patch_size=2, window_size=112, fullatt_block_indexes=[shape.vision_depth - 1],
+        temporal_patch_size=2, window_size=112,
+        fullatt_block_indexes=list(shape.full_attention_blocks or [shape.vision_depth - 1]),
         initializer_range=RANDOM_WEIGHT_STD,
     )
     return dict(
@@ -143,11 +149,21 @@ def config_kwargs(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY) -> dict:
     )
 
 
-def build_model(tokenizer: Qwen2Tokenizer, shape: ModelShape = TINY, seed: int = 0) -> ErgoForConditionalGeneration:
-    """A random-weight ERGO model whose special-token ids match ``tokenizer``; greedy by default."""
+def build_model(
+    tokenizer: Qwen2Tokenizer,
+    shape: ModelShape = TINY,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> ErgoForConditionalGeneration:
+    """A random-weight ERGO model whose special-token ids match ``tokenizer``; greedy by default.
+
+    The weights are created on ``device`` in ``dtype`` (a 7B shape never has to fit in host memory in fp32).
+    """
     torch.manual_seed(seed)
     config = ErgoConfig(**config_kwargs(tokenizer, shape))
-    model = ErgoForConditionalGeneration(config).eval()
+    with torch.device(device):
+        model = ErgoForConditionalGeneration._from_config(config, dtype=dtype).eval()
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.do_sample = False
