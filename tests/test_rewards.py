@@ -1,0 +1,132 @@
+"""ERGO's reward callables on crafted rollouts, malformed ones included, and the training data checks."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from datasets import Dataset
+
+from conftest import noise_image
+from training.data import DataError, load_training_data, to_grpo_rows
+from training.rewards import accuracy_reward, format_reward, make_box_reward, make_region_reward
+
+GOOD_STAGE1 = "<think> the sign is small </think> <zoom>[10, 10, 50, 40]</zoom>"
+GOOD_ANSWER = "<think> I can read it </think> <answer>B</answer>"
+
+
+def completions(count: int) -> list:
+    return [[{"role": "assistant", "content": "..."}] for _ in range(count)]
+
+
+@pytest.mark.parametrize("text, answer, options, expected", [
+    ("<think>x</think> <answer>B</answer>", "B", ["(A) a", "(B) b"], 1.0),
+    ("<answer>(b)</answer>", "B", ["(A) a", "(B) b"], 1.0),      # the reference keeps letters only, any case
+    ("<answer>B. a dog</answer>", "B", ["(A) a", "(B) b"], 0.0),  # "Badog" is not "B", as in the reference
+    ("B", "B", ["(A) a", "(B) b"], 1.0),                          # no <answer>: the letters of the whole text
+    ("<answer></answer>", "B", ["(A) a", "(B) b"], 0.0),
+    ("<answer>The Red car.</answer>", "red car", [], 1.0),        # free text: normalised exact match
+    ("<answer>red</answer>", "red car", [], 0.0),
+    ("", "red car", [], 0.0),
+    (None, "B", ["(A) a"], 0.0),
+])
+def test_accuracy(text, answer, options, expected):
+    assert accuracy_reward(completions(1), answer=[answer], options=[options], answer_text=[text]) == [expected]
+
+
+@pytest.mark.parametrize("stage1, answer, region, expected", [
+    (GOOD_STAGE1, GOOD_ANSWER, (1, 1, 5, 5), 1.0),
+    (GOOD_STAGE1, "<answer>B</answer>", (1, 1, 5, 5), 0.0),                  # turn 2 without <think>
+    ("<zoom>[1, 1, 5, 5]</zoom>", GOOD_ANSWER, (1, 1, 5, 5), 0.0),           # turn 1 without <think>
+    (GOOD_STAGE1, GOOD_ANSWER, None, 0.0),                                   # no usable region
+    (GOOD_STAGE1 + " and more", GOOD_ANSWER, (1, 1, 5, 5), 0.0),             # trailing text
+    ("<think> a </think> <answer>B</answer>", "<think> a </think> <answer>B</answer>", None, 0.0),  # never zoomed
+    (None, None, None, 0.0),
+])
+def test_format(stage1, answer, region, expected):
+    assert format_reward(completions(1), stage1_text=[stage1], answer_text=[answer], region=[region]) == [expected]
+
+
+def test_box_reward_is_a_step_at_gamma():
+    image = noise_image(100, 100)
+    box = make_box_reward(0.6)
+    regions = [(0, 0, 60, 100), (0, 0, 61, 100), (0, 0, 10, 10), None, (50, 50, 40, 40)]
+    assert box(completions(5), image=[image] * 5, region=regions) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert make_box_reward(0.005)(completions(1), image=[image], region=[(0, 0, 10, 10)]) == [0.0]
+
+
+class FixedReplies:
+    """A reward model that answers from a table keyed by crop width, and fails on one width."""
+
+    def __init__(self, replies: dict):
+        self.replies, self.questions = replies, []
+
+    def answer(self, images, questions):
+        self.questions += questions
+        return [self.replies.get(image.width) for image in images]
+
+
+def test_region_reward_asks_about_the_crop_only_and_counts_failures():
+    model = FixedReplies({40: "<answer>B</answer>", 50: "A", 60: None})
+    metrics = {}
+    crops = [noise_image(40, 30), noise_image(50, 30), noise_image(60, 30), None]
+    region = make_region_reward(model)
+    scores = region(completions(4), crop=crops, stage2_question=["q0", "q1", "q2", "q3"], answer=["B"] * 4,
+                    options=[["(A) x", "(B) y"]] * 4, region=[(0, 0, 4, 3)] * 3 + [None],
+                    log_metric=lambda name, value: metrics.__setitem__(name, value))
+    assert scores == [1.0, 0.0, 0.0, 0.0]
+    assert model.questions == ["q0", "q1", "q2"]  # the rollout without a crop is not asked
+    assert metrics == {"region_reward/rm_failures": 1.0, "region_reward/rm_calls": 3.0}
+    assert region.__name__ == "region_reward"
+
+
+def test_training_data_from_jsonl_with_relative_paths(tmp_path):
+    noise_image(300, 200).save(tmp_path / "a.png")
+    noise_image(200, 300, 1).convert("L").save(tmp_path / "b.png")
+    lines = [{"image": "a.png", "question": "What?", "options": ["(A) x", "(B) y"], "answer": "A"},
+             {"image": "b.png", "question": "Which color?", "options": [], "answer": "red"}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    dataset = to_grpo_rows(load_training_data(str(tmp_path / "data.jsonl")))
+    assert dataset[0]["image"].size == (300, 200) and dataset[1]["image"].size == (200, 300)
+    assert dataset[0]["prompt"][1]["content"].count("What?") == 1
+    assert dataset[0]["stage2_question"] == (
+        "What?\n(A) x\n(B) y\nAnswer with the option's letter from the given choices directly.")
+    assert dataset[1]["stage2_question"] == "Which color?"
+
+
+def test_training_data_from_parquet_bytes_and_a_saved_folder(tmp_path):
+    buffer = io.BytesIO()
+    noise_image(120, 90).save(buffer, format="PNG")
+    table = Dataset.from_list([{"image": {"bytes": buffer.getvalue(), "path": None}, "question": "Q?",
+                                "options": ["(A) 1"], "answer": "A"}])
+    table.to_parquet(str(tmp_path / "data.parquet"))
+    assert to_grpo_rows(load_training_data(str(tmp_path / "data.parquet")))[0]["image"].size == (120, 90)
+    table.save_to_disk(str(tmp_path / "saved"))
+    assert load_training_data(str(tmp_path / "saved")).num_rows == 1
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"image": "garbage.png"}, "row 1: image: cannot read image"),
+    ({"image": "missing.png"}, "row 1: image: image file not found"),
+    ({"question": "  "}, "row 1: the question is empty"),
+    ({"answer": ""}, "row 1: answer must be a non-empty string"),
+])
+def test_bad_rows_are_reported_with_their_index(tmp_path, row, message):
+    noise_image(64, 64).save(tmp_path / "good.png")
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    good = {"image": str(tmp_path / "good.png"), "question": "Fine?", "options": [], "answer": "yes"}
+    bad = {**good, **row}
+    if "image" in row:
+        bad["image"] = str(tmp_path / row["image"])
+    with pytest.raises(DataError, match=message):
+        to_grpo_rows(Dataset.from_list([good, bad]))
+
+
+def test_missing_columns_and_unknown_files_are_refused(tmp_path):
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "a.png", "question": "Q?"}))
+    with pytest.raises(DataError, match=r"missing column\(s\) \['options', 'answer'\]"):
+        load_training_data(str(tmp_path / "data.jsonl"))
+    (tmp_path / "data.csv").write_text("image,question\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_training_data(str(tmp_path / "data.csv"))

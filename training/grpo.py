@@ -1,0 +1,111 @@
+"""Train ERGO with GRPO and the TCE reward, then write (and optionally push) an ERGO Hub folder.
+
+    python -m training.grpo --config training/recipes/ergo-qwen2.5-vl-7b.yaml
+    accelerate launch --config_file training/accelerate/zero3.yaml -m training.grpo \
+        --config training/recipes/ergo-qwen2.5-vl-7b.yaml
+
+Every field of ``ErgoScriptArguments``, ``ErgoGRPOConfig`` (TRL's ``GRPOConfig`` plus ERGO's rollout settings) and
+TRL's ``ModelConfig`` is a command-line flag and a YAML key; flags win over the recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from hub_card import push_folder, save_hub_folder
+from modeling_ergo import ErgoForConditionalGeneration
+from processing_ergo import ErgoProcessor
+
+from .data import MULTIPLE_CHOICE_POSTFIX, load_training_data, to_grpo_rows
+from .reward_model import EndpointRewardModel, LocalRewardModel
+from .rewards import BOX_AREA_THRESHOLD, accuracy_reward, format_reward, make_box_reward, make_region_reward
+from .rollout import ErgoGRPOConfig, ErgoGRPOTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ErgoScriptArguments:
+    dataset: str = field(metadata={"help": "Hub id, save_to_disk folder, or .jsonl/.parquet file (see training/data.py)."})
+    dataset_split: str = field(default="train")
+    multiple_choice_postfix: str = field(default=MULTIPLE_CHOICE_POSTFIX)
+    reward_model: str | None = field(default=None, metadata={"help": "Local RM: a Qwen2.5-VL folder or Hub id."})
+    reward_model_endpoint: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible base URL of a served RM, e.g. http://rm:8000/v1."})
+    reward_model_name: str = field(default="Qwen/Qwen2.5-VL-72B-Instruct", metadata={"help": "Model name at the endpoint."})
+    reward_model_device: str | None = field(default=None)
+    reward_model_batch_size: int = field(default=8)
+    region_weight: float = field(default=1.0, metadata={"help": "α in r_TCE = α·r_region + β·r_box."})
+    box_weight: float = field(default=0.5, metadata={"help": "β in r_TCE."})
+    box_threshold: float = field(default=BOX_AREA_THRESHOLD, metadata={"help": "γ: largest region share earning r_box."})
+    accuracy_weight: float = field(default=1.0)
+    format_weight: float = field(default=1.0)
+    export_dir: str | None = field(default=None, metadata={"help": "ERGO Hub folder to write (default: <output_dir>/ergo)."})
+
+
+def build_trainer(script: ErgoScriptArguments, args: ErgoGRPOConfig, model_args: ModelConfig) -> ErgoGRPOTrainer:
+    """Dataset, processor, policy, rewards and trainer from the three argument groups."""
+    processor = ErgoProcessor.from_pretrained(model_args.model_name_or_path, coarse_budget=args.coarse_budget,
+                                              crop_budget=args.crop_budget, padding_side="left")
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    model = ErgoForConditionalGeneration.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation)
+    dataset = to_grpo_rows(load_training_data(script.dataset, script.dataset_split), script.multiple_choice_postfix)
+
+    reward_funcs = [accuracy_reward, format_reward, make_box_reward(script.box_threshold)]
+    args.reward_weights = [script.accuracy_weight, script.format_weight, script.box_weight]
+    reward_model = _reward_model(script)
+    if reward_model is not None:
+        reward_funcs.append(make_region_reward(reward_model))
+        args.reward_weights.append(script.region_weight)
+    else:
+        logger.warning("no reward model given: r_region is left out of the reward")
+    return ErgoGRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+                           processing_class=processor, peft_config=get_peft_config(model_args))
+
+
+def export(checkpoint: str | Path, base_model: str, processor: ErgoProcessor, folder: Path) -> Path:
+    """The trained policy as an ERGO Hub folder, read back from what ``trainer.save_model`` wrote (which gathers
+    ZeRO-3 shards); LoRA adapters are merged into the base weights."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "adapter_config.json").is_file():
+        base = ErgoForConditionalGeneration.from_pretrained(base_model, dtype="auto")
+        model = PeftModel.from_pretrained(base, checkpoint).merge_and_unload()
+    else:
+        model = ErgoForConditionalGeneration.from_pretrained(checkpoint, dtype="auto")
+    save_hub_folder(model, processor, folder, base_model=base_model)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = TrlParser((ErgoScriptArguments, ErgoGRPOConfig, ModelConfig))
+    script, args, model_args = parser.parse_args_and_config(args=argv)
+    push, args.push_to_hub = args.push_to_hub, False  # the Hub gets the ERGO folder below, not raw checkpoints
+    trainer = build_trainer(script, args, model_args)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)  # for LoRA: the adapter, loadable with peft
+    folder = Path(script.export_dir or Path(args.output_dir) / "ergo")
+    if trainer.accelerator.is_main_process:
+        export(args.output_dir, model_args.model_name_or_path, trainer.processing_class, folder)
+        if push:
+            push_folder(folder, args.hub_model_id or Path(args.output_dir).name, private=args.hub_private_repo)
+    return folder
+
+
+def _reward_model(script: ErgoScriptArguments):
+    if script.reward_model_endpoint:
+        return EndpointRewardModel(script.reward_model_endpoint, script.reward_model_name)
+    if script.reward_model:
+        return LocalRewardModel(script.reward_model, device=script.reward_model_device,
+                                batch_size=script.reward_model_batch_size)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The frozen reward model behind r_region: it answers a question from an image (the crop) alone.
+
+Two backends with one method, ``answer(images, questions) -> list[str | None]`` (None: that request failed):
+``LocalRewardModel`` (any Qwen2.5-VL folder or Hub id, loaded once, frozen, batched) and
+``EndpointRewardModel`` (an OpenAI-compatible chat endpoint, e.g. ``vllm serve Qwen/Qwen2.5-VL-72B-Instruct``).
+Failures are returned as None and counted by the reward; they never stop training.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from processing_ergo import ErgoProcessor
+
+logger = logging.getLogger(__name__)
+
+
+class LocalRewardModel:
+    """A Qwen2.5-VL model in this process: greedy, no gradients, ``batch_size`` crops per ``generate``."""
+
+    def __init__(self, name_or_path: str, device: str | torch.device | None = None, dtype: str = "auto",
+                 max_new_tokens: int = 64, batch_size: int = 8):
+        self.processor = ErgoProcessor.from_pretrained(name_or_path, padding_side="left")
+        self.model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).eval()
+        if device is not None:
+            self.model.to(device)
+        self.model.requires_grad_(False)
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.failures = 0
+
+    @torch.no_grad()
+    def answer(self, images: list[Image.Image], questions: list[str]) -> list[str | None]:
+        replies: list[str | None] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            try:
+                replies += self._answer(images[chunk], questions[chunk])
+            except Exception as error:  # a failed batch scores 0; training goes on
+                logger.warning("reward model failed on %d requests: %s", len(images[chunk]), error)
+                self.failures += len(images[chunk])
+                replies += [None] * len(images[chunk])
+        return replies
+
+    def _answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        texts = [
+            self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                ergo=False, tokenize=False, add_generation_prompt=True,
+            )
+            for question in questions
+        ]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class EndpointRewardModel:
+    """An OpenAI-compatible ``/chat/completions`` endpoint; ``concurrency`` requests in flight."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
+                 retries: int = 2, concurrency: int = 16, max_tokens: int = 64):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key = model, os.environ.get(api_key_env, "EMPTY")
+        self.timeout, self.retries, self.concurrency, self.max_tokens = timeout, retries, concurrency, max_tokens
+        self.failures = 0
+
+    def answer(self, images: list[Image.Image], questions: list[str]) -> list[str | None]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            replies = list(pool.map(self._ask, images, questions))
+        self.failures += sum(reply is None for reply in replies)
+        return replies
+
+    def _ask(self, image: Image.Image, question: str) -> str | None:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        body = json.dumps({
+            "model": self.model,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0.0,
+        }).encode()
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"}
+        for attempt in range(self.retries + 1):
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())["choices"][0]["message"]["content"]
+            except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, ValueError) as error:
+                if attempt == self.retries:
+                    logger.warning("reward endpoint failed after %d attempts: %s", attempt + 1, error)
+        return None

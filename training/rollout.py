@@ -1,0 +1,182 @@
+"""ERGO's two-stage rollout inside TRL's GRPOTrainer, built with the code inference uses.
+
+Per sample: the policy sees the coarse view (ERGO's resize of the dataset's full-resolution ``image``) and the
+stage-1 prompt and writes its region; ``ErgoProcessor.plan_stage2`` maps and crops it exactly as
+``ErgoForConditionalGeneration.generate`` does; ``ErgoProcessor.stage2_turn`` closes the turn and appends the
+crop with the stage-2 prompt; the policy answers. The completion TRL trains on is
+``stage-1 tokens + injected turn + stage-2 tokens`` with the injected turn masked out of the loss
+(``tool_mask``), and the loss forward gets both images per sample, each at its own size.
+
+Why a subclass and not TRL's tool loop or ``rollout_func`` (trl 1.16, pinned): ``rollout_func`` cannot add the
+crop to the loss forward, and the tool loop needs a tool-call format, drops the second turn silently when the
+length budget runs out, and has no per-stage limits. This overrides two methods (``_generate_and_score_completions``
+to see the batch's rows, ``_generate`` to run the stages) and reuses TRL's own single-turn generator for both.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig, GRPOTrainer
+
+from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
+from processing_ergo.images_ergo import load_image
+from processing_ergo.processing_ergo import ErgoContext, ErgoSample
+
+
+@dataclass
+class ErgoGRPOConfig(GRPOConfig):
+    """GRPOConfig plus ERGO's rollout settings. ``max_completion_length`` bounds stage 1."""
+
+    coarse_budget: int = field(default=640, metadata={"help": "Vision tokens of the coarse view (paper: 640, 1280)."})
+    crop_budget: int | None = field(default=None, metadata={"help": "Most vision tokens of the crop (default: coarse)."})
+    stage2_max_completion_length: int = field(default=256, metadata={"help": "Most tokens of the stage-2 answer."})
+
+
+def _routes_images_per_sample():
+    """Never called. A non-empty ``tools`` list makes TRL build the loss forward's pixel values from every image of
+    every sample (each at its own size) and its ``mm_token_type_ids`` from the full sequence."""
+
+
+class ErgoGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose rollouts are ERGO's two stages. Dataset rows: ``training.data.to_grpo_rows``.
+
+    Reward functions receive, besides the dataset columns: ``stage1_text``, ``answer_text`` (stage 2's answer, or
+    stage 1's text when stage 2 was skipped), ``region`` (original pixels or None), ``crop`` (the second image or
+    None) and ``fallback``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if any(kwargs.get(name) for name in ("tools", "environment_factory", "rollout_func")):
+            raise ValueError("ErgoGRPOTrainer runs its own two-stage rollout; tools, environment_factory and "
+                             "rollout_func cannot be combined with it")
+        args_ = kwargs.get("args") or (args[2] if len(args) > 2 else None)
+        if not isinstance(args_, ErgoGRPOConfig):
+            raise TypeError("ErgoGRPOTrainer needs an ErgoGRPOConfig as args")
+        processor = kwargs.get("processing_class")
+        if processor is not None:
+            # Sampling a vision placeholder would break the image-token accounting of the loss forward.
+            vision_ids = processor.tokenizer.convert_tokens_to_ids(
+                ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"])
+            generation_kwargs = dict(args_.generation_kwargs or {})
+            generation_kwargs["suppress_tokens"] = sorted(set(generation_kwargs.get("suppress_tokens", [])) | set(vision_ids))
+            args_.generation_kwargs = generation_kwargs
+        super().__init__(*args, **kwargs)
+        self.tools = [_routes_images_per_sample]
+
+    def _generate_and_score_completions(self, inputs):
+        self._batch_rows = inputs  # `_generate` only gets the prompts; stage 2 needs the full image and question
+        return super()._generate_and_score_completions(inputs)
+
+    def _generate(self, prompts: list):
+        processor, tokenizer, args = self.processing_class, self._tokenizer, self.args
+        mode = "train" if self.model.training else "eval"
+        originals = [load_image(row["image"], name="training image") for row in self._batch_rows]
+        coarse_views = [resize_to_budget(image, budget_to_pixels(args.coarse_budget)) for image in originals]
+        prompts = [_with_image(prompt, view) for prompt, view in zip(prompts, coarse_views)]
+
+        started = time.perf_counter()
+        tools, self.tools = self.tools, []  # stage 1 is TRL's plain single-turn generation
+        try:
+            prompt_ids, stage1_ids, _, _, logprobs, extra_fields, images, _ = super()._generate(prompts)
+        finally:
+            self.tools = tools
+        stage1_done = time.perf_counter()
+
+        stop_ids = set(self.eos_token_ids) | {tokenizer.pad_token_id}
+        stage1_tokens = [_until_stop(ids, stop_ids) for ids in stage1_ids]
+        stage1_texts = tokenizer.batch_decode(stage1_tokens, skip_special_tokens=True)
+        samples = [ErgoSample(image, view.size, row["stage2_question"])
+                   for image, view, row in zip(originals, coarse_views, self._batch_rows)]
+        crop_pixels = budget_to_pixels(args.crop_budget or args.coarse_budget)
+        context = ErgoContext(processor, samples, crop_pixels, processor.fallback, processor.stage2_template)
+        decisions = processor.plan_stage2(context, stage1_texts)
+
+        completion_ids, loss_mask, stage2_prompts, stage2_images, stage2_rows = [], [], [], [], []
+        end_of_turn = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+        for index, (ids, tokens, decision) in enumerate(zip(stage1_ids, stage1_tokens, decisions)):
+            ids = list(ids)
+            if decision.image is None:  # no stage 2: the rollout is stage 1 as generated
+                completion_ids.append(ids)
+                loss_mask.append([1] * len(ids))
+                continue
+            turn = processor.stage2_turn(decision, samples[index].stage2_question, context.stage2_template)
+            turn_ids = turn["input_ids"][0].tolist()
+            # The turn opens with <|im_end|>: trained when the policy wrote it, injected (masked) when stage 1 was
+            # cut off or stopped on another token, as inference closes the turn either way.
+            wrote_end = len(ids) > len(tokens) and ids[len(tokens)] == end_of_turn
+            completion_ids.append(list(tokens) + turn_ids)
+            loss_mask.append([1] * len(tokens) + [int(wrote_end)] + [0] * (len(turn_ids) - 1))
+            stage2_prompts.append(list(prompt_ids[index]) + list(tokens) + turn_ids)
+            stage2_images.append([coarse_views[index], decision.image])
+            stage2_rows.append(index)
+        zoom_done = time.perf_counter()
+
+        stage2_texts: dict[int, str] = {}
+        if stage2_rows:
+            # The same call TRL's loss forward makes; ERGO's images are already sized, so none is resized again.
+            pixels = processor.image_processor(images=[image for pair in stage2_images for image in pair],
+                                               return_tensors="pt")
+            fields = {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+            limit = self.generation_config.max_new_tokens
+            self.generation_config.max_new_tokens = args.stage2_max_completion_length
+            try:
+                stage2_ids, stage2_logprobs = self._generate_single_turn(
+                    stage2_prompts, stage2_images, fields, num_generations=1, has_tool_images=True)
+            finally:
+                self.generation_config.max_new_tokens = limit
+            for row, index in enumerate(stage2_rows):
+                answer = list(stage2_ids[row])
+                if logprobs is not None:  # vLLM: sampling log-probs of both turns, 0 on the injected tokens
+                    logprobs[index] = (list(logprobs[index][: len(stage1_tokens[index])])
+                                       + [0.0] * (len(completion_ids[index]) - len(stage1_tokens[index]))
+                                       + list(stage2_logprobs[row]))
+                completion_ids[index] += answer
+                loss_mask[index] += [1] * len(answer)
+                stage2_texts[index] = tokenizer.decode(_until_stop(answer, stop_ids), skip_special_tokens=True)
+        finished = time.perf_counter()
+
+        completions, all_images, answer_texts = [], [], []
+        for index, decision in enumerate(decisions):
+            turns_text = [{"role": "assistant", "content": stage1_texts[index]}]
+            if index in stage2_texts:
+                turns_text += [{"role": "assistant", "content": stage2_texts[index]}]
+            completions.append(turns_text)
+            answer_texts.append(stage2_texts.get(index, stage1_texts[index]))
+            all_images.append([coarse_views[index]] + ([decision.image] if decision.image is not None else []))
+        extra_fields = {
+            **extra_fields,
+            "stage1_text": stage1_texts,
+            "answer_text": answer_texts,
+            "region": [decision.region for decision in decisions],
+            "crop": [decision.image for decision in decisions],
+            "fallback": [decision.fallback for decision in decisions],
+        }
+        metrics = self._metrics[mode]
+        metrics["ergo/stage2_share"].append(len(stage2_rows) / len(decisions))
+        metrics["ergo/fallback_share"].append(sum(d.fallback is not None for d in decisions) / len(decisions))
+        metrics["ergo/stage1_s"].append(stage1_done - started)
+        metrics["ergo/zoom_s"].append(zoom_done - stage1_done)
+        metrics["ergo/stage2_s"].append(finished - zoom_done)
+        tool_images = [[decision.image] if decision.image is not None else [] for decision in decisions]
+        return prompt_ids, completion_ids, loss_mask, completions, logprobs, extra_fields, all_images, tool_images
+
+
+def _with_image(prompt: list[dict], image) -> list[dict]:
+    """``prompt`` with its (single) image block showing ``image``."""
+    out = []
+    for message in prompt:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{**part, "image": image} if part.get("type") == "image" else part for part in content]
+        out.append({**message, "content": content})
+    return out
+
+
+def _until_stop(ids, stop_ids: set[int]) -> list[int]:
+    ids = list(ids)
+    for position, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:position]
+    return ids
