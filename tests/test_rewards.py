@@ -130,3 +130,47 @@ def test_missing_columns_and_unknown_files_are_refused(tmp_path):
     (tmp_path / "data.csv").write_text("image,question\n")
     with pytest.raises(DataError, match="unsupported file type"):
         load_training_data(str(tmp_path / "data.csv"))
+
+
+def test_endpoint_reward_model_round_trip_and_soft_failures():
+    """A local HTTP server speaking the OpenAI chat-completions format, as `vllm serve` does."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from PIL import Image
+
+    from training.reward_model import EndpointRewardModel
+
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            image_block, text_block = body["messages"][0]["content"]
+            png = base64.b64decode(image_block["image_url"]["url"].split(",", 1)[1])
+            width = Image.open(io.BytesIO(png)).width
+            received.append((width, text_block["text"]))
+            if width == 13:
+                self.send_response(500)
+                self.end_headers()
+                return
+            reply = json.dumps({"choices": [{"message": {"content": f"<answer>{width}</answer>"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        model = EndpointRewardModel(f"http://127.0.0.1:{server.server_port}/v1", "rm", retries=1, concurrency=2)
+        replies = model.answer([noise_image(40, 30), noise_image(13, 30)], ["q0", "q1"])
+    finally:
+        server.shutdown()
+    assert replies == ["<answer>40</answer>", None] and model.failures == 1
+    assert sorted(received) == [(13, "q1"), (13, "q1"), (40, "q0")]  # the failing request was retried once
