@@ -136,10 +136,13 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             ).to(input_ids.device)
             for index in rows
         ]
-        cache = stage1.past_key_values if self.config.reuse_stage1_cache else None
+        cache, stage1.past_key_values = stage1.past_key_values, None
+        if not self._can_continue(cache, stage1_kwargs, stage2_kwargs, generation_config):
+            cache = None  # re-prefill; the stage-1 cache is freed here
         if not rows:
             stage2_inputs = {}
-        elif isinstance(cache, DynamicCache):
+        elif cache is not None:
+            stage2_kwargs.pop("cache_implementation", None)  # the cache is given
             stage2_inputs = self._stage2_continuation(
                 turns, rows, stage1.sequences, attention_mask, vision, stage1_completions, cache, pad_id
             )
@@ -152,6 +155,9 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         answers = [stage1.sequences[index, prompt_length:] for index in range(len(decisions))]
         prefill_tokens = stage2_inputs.pop("prefill_tokens", [0] * len(rows))
         if rows:
+            if "crop_pixel_values" in stage2_inputs:  # continuation: encode only the crops (stage 2's vision work)
+                stage2_inputs["mm_encoder_outputs"] = {"image": self.model.get_image_features(
+                    stage2_inputs.pop("crop_pixel_values"), stage2_inputs.pop("crop_grid_thw"), return_dict=True)}
             stage2 = super().generate(**stage2_inputs, **stage2_kwargs).sequences
             for row, index in enumerate(rows):
                 answers[index] = stage2[row, stage2_inputs["input_ids"].shape[1]:]
@@ -187,6 +193,13 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             timings=[dict(timings) for _ in decisions],
             stage2_prefill_tokens=_scatter(prefill_tokens, rows, len(decisions)),
         )
+
+    def _can_continue(self, cache, stage1_kwargs: dict, stage2_kwargs: dict, generation_config: GenerationConfig) -> bool:
+        """Stage 2 reuses stage 1's cache when asked to, when that cache holds one row per sample in order (a
+        dynamic cache from sampling or greedy search; beam search reorders and multiplies rows) and when stage 2
+        does not search with beams either."""
+        beams = [kwargs.get("num_beams", generation_config.num_beams) or 1 for kwargs in (stage1_kwargs, stage2_kwargs)]
+        return self.config.reuse_stage1_cache and isinstance(cache, DynamicCache) and beams == [1, 1]
 
     def _stage2_prefill(self, turns, rows, input_ids, attention_mask, vision, completions, pad_id) -> dict:
         """Stage 2 from scratch, for the samples in ``rows``: each sample's stage-1 prompt and answer as they were,
@@ -224,29 +237,25 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         """
         device = stage1_sequences.device
         generated = stage1_sequences.shape[1] - prompt_mask.shape[1]
-        answered = torch.zeros(len(completions), generated, dtype=prompt_mask.dtype, device=device)
+        kept = torch.zeros(len(completions), generated, dtype=prompt_mask.dtype, device=device)
         for index, completion in enumerate(completions):
-            answered[index, : len(completion)] = 1
-        history_mask = torch.cat([prompt_mask, answered], dim=1)[rows]
-        history_types = torch.cat([vision["mm_token_type_ids"], torch.zeros_like(answered)], dim=1)[rows]
+            kept[index, : len(completion)] = 1
+        history_mask = torch.cat([prompt_mask, kept], dim=1)[rows]
+        history_types = torch.cat([vision["mm_token_type_ids"], torch.zeros_like(kept)], dim=1)[rows]
         turn_ids, turn_mask = _left_pad([turn["input_ids"][0] for turn in turns], pad_id)
         turn_types, _ = _left_pad([turn["mm_token_type_ids"][0] for turn in turns], 0)
         if len(rows) != len(completions):
-            cache.batch_select_indices(torch.tensor(rows, device=device))
+            cache.batch_select_indices(torch.tensor(rows))
         grids = []
         for turn, index in zip(turns, rows):
             grids += [vision["image_grid_thw"][index:index + 1], turn["image_grid_thw"]]
-        crops = self.model.get_image_features(
-            torch.cat([turn["pixel_values"] for turn in turns]),
-            torch.cat([turn["image_grid_thw"] for turn in turns]),
-            return_dict=True,
-        )
         return {
             "input_ids": torch.cat([stage1_sequences[rows], turn_ids], dim=1),
             "attention_mask": torch.cat([history_mask, turn_mask], dim=1),
             "mm_token_type_ids": torch.cat([history_types, turn_types], dim=1),
             "image_grid_thw": torch.cat(grids),
-            "mm_encoder_outputs": {"image": crops},
+            "crop_pixel_values": torch.cat([turn["pixel_values"] for turn in turns]),
+            "crop_grid_thw": torch.cat([turn["image_grid_thw"] for turn in turns]),
             "past_key_values": cache,
             # each row's new turn, plus its last stage-1 token, which generation never fed back
             "prefill_tokens": [len(turn["input_ids"][0]) + 1 for turn in turns],

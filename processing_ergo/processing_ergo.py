@@ -244,7 +244,8 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
     ) -> list[ZoomDecision]:
         """Per sample: the region the stage-1 text asks for, mapped to the original and cropped, or a fallback.
 
-        With ``skip_answered``, a stage-1 text that gives an ``<answer>`` and no region ends there (early exit).
+        With ``skip_answered``, a stage-1 text that gives a complete, non-empty ``<answer>…</answer>`` and no region
+        ends there (early exit).
         """
         return [self._decide(sample, text, context, skip_answered) for sample, text in zip(context.samples, stage1_texts)]
 
@@ -256,7 +257,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
             if size is not None:
                 crop = crop_region(sample.image, region, size)
                 return ZoomDecision(region, crop, None, _keep_size(crop))
-        if skip_answered and box is None and extract_answer(stage1_text) is not None:
+        if skip_answered and box is None and extract_answer(stage1_text) and "</answer>" in stage1_text:
             return ZoomDecision(None, None, "answered")
         reason = "no_region" if box is None else "degenerate_box"
         if context.fallback == "coarse":

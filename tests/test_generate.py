@@ -148,7 +148,7 @@ def test_cache_reuse_answers_exactly_as_re_prefill(model, processor, fallback):
 
 def test_early_exit_answers_from_stage1_when_it_gives_an_answer_and_no_region(model, processor, early_exit):
     images = [noise_image(800, 600, 15), noise_image(700, 900, 16), noise_image(600, 600, 17)]
-    texts = ["<think>easy</think> <answer>B</answer>", zoom_text((5, 5, 40, 40)), "<think>no idea</think>"]
+    texts = ["<think>easy</think> <answer>B</answer>", zoom_text((5, 5, 40, 40)), "<think>hmm</think> <answer></answer>"]
     seen, handle = image_prefills(model)
     try:
         inputs, out = run(model, processor, images, texts)
@@ -159,6 +159,26 @@ def test_early_exit_answers_from_stage1_when_it_gives_an_answer_and_no_region(mo
     answer = processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert answer == texts[0]
     assert len(seen) == 2 and all(crop is not None for crop in out.crop_sizes[1:])  # one batched stage 2 for the rest
+
+
+def test_beam_search_re_prefills_and_answers_as_without_cache_reuse(model, processor):
+    inputs = processor.prepare([noise_image(900, 600, 18), noise_image(600, 900, 19)], ["What is it?", "Which color?"])
+    outputs = []
+    for reuse in (True, False):
+        model.config.reuse_stage1_cache = reuse
+        outputs.append(model.generate(**inputs, max_new_tokens=6, num_beams=2))
+        outputs.append(model.generate(**inputs, max_new_tokens=6, stage2_generate_kwargs={"num_beams": 2},
+                                      stage1_generate_kwargs=scripted_stage1(processor, [zoom_text((5, 5, 40, 40))] * 2)))
+    model.config.reuse_stage1_cache = True
+    assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
+
+
+def test_an_explicit_cache_implementation_still_reuses_the_cache(model, processor):
+    inputs = processor.prepare([noise_image(900, 600, 18)], ["What is it?"])
+    stage1 = scripted_stage1(processor, [zoom_text((5, 5, 40, 40))])
+    out = model.generate(**inputs, max_new_tokens=4, cache_implementation="dynamic", stage1_generate_kwargs=stage1,
+                         return_dict_in_generate=True)
+    assert out.crop_sizes[0] is not None and out.stage2_prefill_tokens[0] < inputs["input_ids"].shape[1]
 
 
 def test_early_exit_is_off_by_default(model, processor):

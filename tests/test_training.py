@@ -251,3 +251,16 @@ def test_train_resume_and_export_a_loadable_ergo_folder(tiny_folder, data_file, 
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3]
     loaded = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
     assert type(loaded).__name__ == "ErgoForConditionalGeneration" and (folder / "README.md").is_file()
+
+
+def test_unsupported_setups_are_refused_up_front(policy, tiny_folder, data_file, tmp_path):
+    model, processor = policy
+    dataset = to_grpo_rows(_dataset())
+    with pytest.raises(ValueError, match="fallback='resize'"):
+        ErgoGRPOTrainer(model=model, reward_funcs=[accuracy_reward], args=grpo_config(tmp_path),
+                        train_dataset=dataset, processing_class=ErgoProcessor.from_pretrained(tiny_folder, fallback="coarse"))
+    with pytest.raises(ValueError, match="vLLM"):
+        ErgoGRPOTrainer(model=model, reward_funcs=[accuracy_reward], args=grpo_config(tmp_path, use_vllm=True),
+                        train_dataset=dataset, processing_class=processor)
+    with pytest.raises(ValueError, match="not both"):
+        main(_recipe_args(tiny_folder, data_file, tmp_path, "--reward_model_endpoint", "http://127.0.0.1:9/v1"))

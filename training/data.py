@@ -8,7 +8,7 @@ Schema (one row per question):
 | `question` | str                               | the question stem                                          |
 | `options`  | list[str] (may be empty)          | multiple-choice options, e.g. `["(A) red", "(B) blue"]`    |
 | `answer`   | str                               | the option letter (`"A"`) or the free-text answer          |
-| `gt_bbox`  | [x1, y1, x2, y2] or null, optional | ground-truth region in original pixels (kept for rewards/analysis) |
+| `gt_bbox`  | [x1, y1, x2, y2] or null, optional | ground-truth region in original pixels (kept; no reward uses it) |
 
 Sources: a Hub dataset id, a ``save_to_disk`` folder, or a ``.jsonl``/``.json``/``.parquet`` file whose
 ``image`` holds paths (relative to the file) or bytes.

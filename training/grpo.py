@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from hub_card import push_folder, save_hub_folder
@@ -39,7 +40,7 @@ class ErgoScriptArguments:
     reward_model_endpoint: str | None = field(
         default=None, metadata={"help": "OpenAI-compatible base URL of a served RM, e.g. http://rm:8000/v1."})
     reward_model_name: str = field(default="Qwen/Qwen2.5-VL-72B-Instruct", metadata={"help": "Model name at the endpoint."})
-    reward_model_device: str | None = field(default=None)
+    reward_model_device: str | None = field(default=None, metadata={"help": "Default: this process's device."})
     reward_model_batch_size: int = field(default=8)
     region_weight: float = field(default=1.0, metadata={"help": "α in r_TCE = α·r_region + β·r_box."})
     box_weight: float = field(default=0.5, metadata={"help": "β in r_TCE."})
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> Path:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)  # for LoRA: the adapter, loadable with peft
     folder = Path(script.export_dir or Path(args.output_dir) / "ergo")
+    trainer.accelerator.wait_for_everyone()
+    unset_hf_deepspeed_config()  # the export below loads on one process; ZeRO-3 loading would wait for the others
     if trainer.accelerator.is_main_process:
         export(args.output_dir, model_args.model_name_or_path, trainer.processing_class, folder)
         if push:
@@ -99,6 +102,9 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def _reward_model(script: ErgoScriptArguments):
+    if script.reward_model_endpoint and script.reward_model:
+        raise ValueError("give either --reward_model (local) or --reward_model_endpoint (served), not both; "
+                         "pass --reward_model_endpoint '' to drop the recipe's endpoint")
     if script.reward_model_endpoint:
         return EndpointRewardModel(script.reward_model_endpoint, script.reward_model_name)
     if script.reward_model:

@@ -13,11 +13,13 @@ import io
 import json
 import logging
 import os
-import urllib.error
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
+from accelerate import PartialState
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
@@ -32,9 +34,9 @@ class LocalRewardModel:
     def __init__(self, name_or_path: str, device: str | torch.device | None = None, dtype: str = "auto",
                  max_new_tokens: int = 64, batch_size: int = 8):
         self.processor = ErgoProcessor.from_pretrained(name_or_path, padding_side="left")
-        self.model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).eval()
-        if device is not None:
-            self.model.to(device)
+        with _without_zero3():  # a frozen copy per process: never partitioned with the policy
+            self.model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).eval()
+        self.model.to(device if device is not None else PartialState().device)
         self.model.requires_grad_(False)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.failures = 0
@@ -98,7 +100,22 @@ class EndpointRewardModel:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return json.loads(response.read())["choices"][0]["message"]["content"]
-            except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, ValueError) as error:
+            except Exception as error:  # network, HTTP, protocol or format: that request scores 0
                 if attempt == self.retries:
                     logger.warning("reward endpoint failed after %d attempts: %s", attempt + 1, error)
+                else:
+                    time.sleep(min(2**attempt, 10))
         return None
+
+
+@contextmanager
+def _without_zero3():
+    """Load outside DeepSpeed ZeRO-3's partitioned init, then restore its configuration for the policy."""
+    from transformers.integrations import deepspeed
+
+    saved = deepspeed._hf_deepspeed_config_weak_ref
+    deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = saved

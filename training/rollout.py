@@ -54,14 +54,20 @@ class ErgoGRPOTrainer(GRPOTrainer):
         args_ = kwargs.get("args") or (args[2] if len(args) > 2 else None)
         if not isinstance(args_, ErgoGRPOConfig):
             raise TypeError("ErgoGRPOTrainer needs an ErgoGRPOConfig as args")
+        if args_.use_vllm or args_.use_transformers_continuous_batching:
+            raise ValueError("ErgoGRPOTrainer generates with transformers; vLLM and continuous batching are not "
+                             "supported yet (the two-stage rollout is not wired to them)")
         processor = kwargs.get("processing_class")
-        if processor is not None:
-            # Sampling a vision placeholder would break the image-token accounting of the loss forward.
-            vision_ids = processor.tokenizer.convert_tokens_to_ids(
-                ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"])
-            generation_kwargs = dict(args_.generation_kwargs or {})
-            generation_kwargs["suppress_tokens"] = sorted(set(generation_kwargs.get("suppress_tokens", [])) | set(vision_ids))
-            args_.generation_kwargs = generation_kwargs
+        if processor is None or getattr(processor, "fallback", None) != "resize":
+            # Every rollout must have a second image: ranks then make the same generate calls (no ZeRO-3 hang), and
+            # every loss forward takes the same per-image path.
+            raise ValueError("ErgoGRPOTrainer needs an ErgoProcessor with fallback='resize' as processing_class")
+        # Sampling a vision placeholder would break the image-token accounting of the loss forward.
+        vision_ids = processor.tokenizer.convert_tokens_to_ids(
+            ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"])
+        generation_kwargs = dict(args_.generation_kwargs or {})
+        generation_kwargs["suppress_tokens"] = sorted(set(generation_kwargs.get("suppress_tokens", [])) | set(vision_ids))
+        args_.generation_kwargs = generation_kwargs
         super().__init__(*args, **kwargs)
         self.tools = [_routes_images_per_sample]
 
@@ -79,7 +85,7 @@ class ErgoGRPOTrainer(GRPOTrainer):
         started = time.perf_counter()
         tools, self.tools = self.tools, []  # stage 1 is TRL's plain single-turn generation
         try:
-            prompt_ids, stage1_ids, _, _, logprobs, extra_fields, images, _ = super()._generate(prompts)
+            prompt_ids, stage1_ids, _, _, logprobs, extra_fields, _, _ = super()._generate(prompts)  # logprobs: None
         finally:
             self.tools = tools
         stage1_done = time.perf_counter()
@@ -122,16 +128,12 @@ class ErgoGRPOTrainer(GRPOTrainer):
             limit = self.generation_config.max_new_tokens
             self.generation_config.max_new_tokens = args.stage2_max_completion_length
             try:
-                stage2_ids, stage2_logprobs = self._generate_single_turn(
+                stage2_ids, _ = self._generate_single_turn(
                     stage2_prompts, stage2_images, fields, num_generations=1, has_tool_images=True)
             finally:
                 self.generation_config.max_new_tokens = limit
             for row, index in enumerate(stage2_rows):
                 answer = list(stage2_ids[row])
-                if logprobs is not None:  # vLLM: sampling log-probs of both turns, 0 on the injected tokens
-                    logprobs[index] = (list(logprobs[index][: len(stage1_tokens[index])])
-                                       + [0.0] * (len(completion_ids[index]) - len(stage1_tokens[index]))
-                                       + list(stage2_logprobs[row]))
                 completion_ids[index] += answer
                 loss_mask[index] += [1] * len(answer)
                 stage2_texts[index] = tokenizer.decode(_until_stop(answer, stop_ids), skip_special_tokens=True)
