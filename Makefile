@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[train,test]"
+	$(BIN)/python -m pip install -q -e ".[train,eval,test]"
 	touch $@
 
 demo: setup

@@ -1,4 +1,5 @@
-"""``ergo``: the command line. ``ergo infer`` answers one question; ``ergo demo`` runs the offline demo."""
+"""``ergo``: the command line. ``ergo infer`` answers one question; ``ergo demo`` runs the offline demo;
+``ergo eval`` scores a model on V*, HR-Bench or MME-RealWorld-lite; ``ergo eval-download`` fetches them."""
 
 from __future__ import annotations
 
@@ -44,6 +45,34 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .eval_data import load_benchmark
+    from .evaluation import evaluate, markdown_table, plot
+    from .inference import load
+
+    samples = load_benchmark(args.dataset, args.data_root)[: args.limit]
+    model, processor = load(args.model, device=args.device)
+    out = Path(args.out)
+    summaries = [evaluate(model, processor, samples, mode, out, args.dataset, budget=args.budget,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens) for mode in args.mode]
+    table = markdown_table(summaries)
+    (out / f"{args.dataset}-summary.md").write_text(table)
+    (out / f"{args.dataset}-summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    plot(summaries, out / f"{args.dataset}-accuracy-vs-tokens.png")
+    print(table)
+    print(f"records, summaries and plot in {out}")
+    return 0
+
+
+def _eval_download(args: argparse.Namespace) -> int:
+    from .eval_data import download
+
+    print(download(args.dataset, args.data_root))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ergo", description="ERGO two-stage high-resolution VQA on Qwen2.5-VL")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", type=_budget, default=640, help="vision tokens (default 640)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    evaluation = commands.add_parser("eval", help="accuracy, vision tokens and latency on a benchmark")
+    evaluation.add_argument("--model", required=True, help="ERGO or Qwen2.5-VL folder, or Hub id")
+    evaluation.add_argument("--dataset", required=True, choices=["vstar", "hrbench", "mmerwl"])
+    evaluation.add_argument("--data-root", required=True, help="folder holding the downloaded benchmark")
+    evaluation.add_argument("--mode", nargs="+", choices=["ergo", "full", "coarse"], default=["ergo"],
+                            help="ergo (two stages), full (16384-token single pass), coarse (coarse view only)")
+    evaluation.add_argument("--budget", type=_budget, default=640, help="coarse and crop budget (default 640)")
+    evaluation.add_argument("--limit", type=int, default=None, help="first K samples only")
+    evaluation.add_argument("--batch-size", type=int, default=1)
+    evaluation.add_argument("--max-new-tokens", type=int, default=1024, help="per stage (default 1024)")
+    evaluation.add_argument("--device", default="auto")
+    evaluation.add_argument("--out", required=True, help="folder for per-sample records, summaries and the plot")
+    evaluation.set_defaults(run=_eval)
+
+    fetch = commands.add_parser("eval-download", help="download a benchmark from the Hub (needs network)")
+    fetch.add_argument("dataset", choices=["vstar", "hrbench", "mmerwl"])
+    fetch.add_argument("--data-root", required=True)
+    fetch.set_defaults(run=_eval_download)
     return parser
 
 

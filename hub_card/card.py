@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+DATASETS = {"vstar": ("craigwu/vstar_bench", "V* Bench"), "hrbench": ("DreamMr/HR-Bench", "HR-Bench"),
+            "mmerwl": ("yifanzhang114/MME-RealWorld-lite-lmms-eval", "MME-RealWorld-lite")}
+
+RESULTS_TEMPLATE = """## Results
+
+Measured with `ergo eval` (reference protocol: stage 1 sees the question stem, stage 2 the options and postfix;
+prediction = the letters of the `<answer>` block, case-insensitive exact match; greedy decoding). A sample that
+fails counts as wrong; the "reference protocol" column leaves failures out, as the reference evaluation does.
+Modes: `ergo` (two stages at the stated budget), `full` (one pass at 16384 vision tokens), `coarse` (coarse view only).
+
+{table}
+"""
 
 CARD_TEMPLATE = """---
 {card_data}
@@ -37,7 +50,7 @@ Command line (from the ERGO repository): `ergo infer --model REPO --image photo.
 Engines that serve Qwen2.5-VL natively (vLLM, SGLang) load this folder as the plain Qwen2.5-VL it is
 (`architectures` names the stock class); the two-stage loop then runs client-side.
 
-## Limitations
+{results}## Limitations
 
 The two stages always use exactly one zoom. When stage 1 gives no usable region the processor's fallback
 policy applies (default: the whole image at the crop budget) and the output reports it.
@@ -56,13 +69,28 @@ policy applies (default: the whole image at the crop budget) and the output repo
 """
 
 
-def build_model_card(base_model: str | None, coarse_budget: int) -> ModelCard:
-    """A model card with metadata (pipeline tag, library, base model) and usage for an ERGO folder."""
+def build_model_card(base_model: str | None, coarse_budget: int, results: list[dict] | None = None,
+                     model_name: str = "ERGO") -> ModelCard:
+    """A model card with metadata (pipeline tag, library, base model), usage and, given ``ergo eval`` summaries,
+    a results table and the model-index entries the Hub shows (the ``ergo`` mode's accuracy per benchmark)."""
+    from ergo_vqa.evaluation import markdown_table
+
+    results = results or []
+    eval_results = [
+        EvalResult(task_type="visual-question-answering", dataset_type=DATASETS[s["benchmark"]][0],
+                   dataset_name=DATASETS[s["benchmark"]][1], metric_type="accuracy",
+                   metric_value=round(100 * s["accuracy"], 2),
+                   metric_name=f"accuracy ({s['budget']} vision tokens, failures counted wrong)")
+        for s in results if s["mode"] == "ergo" and s["accuracy"] is not None and s["benchmark"] in DATASETS
+    ]
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         license="apache-2.0",
         tags=["ergo", "qwen2_5_vl", "high-resolution", "visual-question-answering", "custom_code"],
         base_model=base_model if base_model and "/" in base_model and not base_model.startswith(("/", ".")) else None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
     )
-    return ModelCard(CARD_TEMPLATE.format(card_data=data.to_yaml(), coarse_budget=coarse_budget))
+    section = RESULTS_TEMPLATE.format(table=markdown_table(results)) if results else ""
+    return ModelCard(CARD_TEMPLATE.format(card_data=data.to_yaml(), coarse_budget=coarse_budget, results=section))

@@ -47,9 +47,11 @@ def copy_remote_code(folder: str | Path) -> list[Path]:
     return copied
 
 
-def write_card(folder: str | Path, base_model: str | None, processor: ErgoProcessor) -> Path:
+def write_card(folder: str | Path, base_model: str | None, processor: ErgoProcessor,
+               results: list[dict] | None = None) -> Path:
+    """The folder's model card; ``results``: ``ergo eval`` summaries to report."""
     path = Path(folder) / "README.md"
-    build_model_card(base_model=base_model, coarse_budget=processor.coarse_budget).save(path)
+    build_model_card(base_model=base_model, coarse_budget=processor.coarse_budget, results=results).save(path)
     return path
 
 

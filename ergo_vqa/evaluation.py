@@ -1,0 +1,203 @@
+"""Accuracy next to vision tokens and latency, under the reference's protocol (reference spec §2.6, §3).
+
+Modes on the same samples: ``ergo`` (two stages), ``full`` (one pass over the whole image at 16384 vision tokens,
+the paper's Qwen2.5-VL baseline) and ``coarse`` (one pass over the coarse view). Prediction = the ASCII letters of
+the ``<answer>`` block (or of the whole reply without one); correct iff it equals the answer letter, ignoring case.
+
+Departure from the reference, on purpose: a sample that fails (unreadable image, error, no reply) is counted as
+wrong and listed; the reference drops it from numerator and denominator. The summary reports both figures.
+Per-sample records are appended to ``<out>/<benchmark>-<mode>.jsonl`` as they finish, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from processing_ergo.geometry_ergo import MIN_PIXELS, budget_to_pixels, resize_to_budget
+from processing_ergo.images_ergo import load_image
+from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET
+from processing_ergo.prompts_ergo import answer_letters, stage_questions
+
+from .eval_data import MMERWL_CATEGORIES, EvalSample
+
+MODES = ("ergo", "full", "coarse")
+
+
+def is_correct(reply: str, answer: str) -> bool:
+    return answer_letters(reply).lower() == answer.strip().lower()
+
+
+def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: str | Path, benchmark: str,
+             budget: int = 640, batch_size: int = 1, max_new_tokens: int = 1024, progress: bool = True) -> dict:
+    """Runs the samples not yet in ``<out>/<benchmark>-<mode>.jsonl``, appends their records, returns the summary."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records_path = out_dir / f"{benchmark}-{mode}.jsonl"
+    done = {record["id"] for record in _read_records(records_path)}
+    todo = [sample for sample in samples if sample.id not in done]
+    bar = _progress(len(samples), len(done), f"{benchmark} {mode}", progress)
+    if records_path.is_file() and not records_path.read_bytes().endswith(b"\n") and records_path.stat().st_size:
+        with open(records_path, "a", encoding="utf-8") as records:
+            records.write("\n")  # end a line cut off by an interruption
+    with open(records_path, "a", encoding="utf-8") as records:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            for record in _run_batch(model, processor, batch, mode, budget, max_new_tokens):
+                records.write(json.dumps(record) + "\n")
+                records.flush()
+                bar.update(1)
+    bar.close()
+    summary = summarize(_read_records(records_path), benchmark, mode, budget)
+    (out_dir / f"{benchmark}-{mode}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _run_batch(model, processor, batch, mode, budget, max_new_tokens) -> list[dict]:
+    """Records for a batch; when the batch fails, each sample is retried alone so one bad sample fails alone."""
+    try:
+        return _generate(model, processor, batch, mode, budget, max_new_tokens)
+    except Exception as error:
+        if len(batch) == 1:
+            return [_record(batch[0], mode, failure=f"{type(error).__name__}: {error}")]
+        return [record for sample in batch for record in _run_batch(model, processor, [sample], mode, budget, max_new_tokens)]
+
+
+@torch.no_grad()
+def _generate(model, processor, batch: list[EvalSample], mode, budget, max_new_tokens) -> list[dict]:
+    images = [load_image(sample.image, name=f"sample {sample.id}") for sample in batch]
+    started = time.perf_counter()
+    if mode == "ergo":
+        inputs = processor.prepare(images, [sample.stem for sample in batch], options=[s.options for s in batch],
+                                   postfixes=[s.postfix for s in batch], coarse_budget=budget, crop_budget=budget)
+        out = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                             return_dict_in_generate=True)
+        replies = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        seconds = (time.perf_counter() - started) / len(batch)
+        return [_record(sample, mode, reply, seconds, out.vision_tokens[i], out.regions[i], out.fallbacks[i])
+                for i, (sample, reply) in enumerate(zip(batch, replies))]
+    if mode == "coarse":
+        images = [resize_to_budget(image, budget_to_pixels(budget)) for image in images]
+    max_pixels = budget_to_pixels(FULL_RESOLUTION_BUDGET) if mode == "full" else max(i.width * i.height for i in images)
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": stage_questions(
+            s.stem, s.options, s.postfix)[1]}]}], ergo=False, tokenize=False, add_generation_prompt=True)
+        for s in batch]
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt",
+                       images_kwargs={"size": {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}})
+    output = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
+    replies = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    seconds = (time.perf_counter() - started) / len(batch)
+    tokens = (inputs["image_grid_thw"].prod(dim=-1) // processor.image_processor.merge_size**2).tolist()
+    return [_record(sample, mode, reply, seconds, {"stage1": count, "stage2": 0, "total": count})
+            for sample, reply, count in zip(batch, replies, tokens)]
+
+
+def _record(sample: EvalSample, mode: str, reply: str | None = None, seconds: float | None = None,
+            vision_tokens: dict | None = None, region=None, fallback: str | None = None,
+            failure: str | None = None) -> dict:
+    if failure is None and not (reply or "").strip():
+        failure = "empty reply"
+    return {
+        "id": sample.id, "category": sample.category, "mode": mode, "answer": sample.answer,
+        "reply": reply, "prediction": answer_letters(reply) if reply else None,
+        "correct": failure is None and is_correct(reply, sample.answer),
+        "failure": failure, "region": list(region) if region else None, "fallback": fallback,
+        "vision_tokens": {k: v for k, v in (vision_tokens or {}).items() if k != "full_resolution"},
+        "seconds": seconds,
+    }
+
+
+def summarize(records: list[dict], benchmark: str, mode: str, budget: int) -> dict:
+    """Per-category and micro-averaged accuracy; failures count as wrong, and the reference-compatible figure
+    (failures left out) is reported beside it. MME-RealWorld's total covers its 10 reference categories only."""
+    by_category = defaultdict(list)
+    for record in records:
+        by_category[record["category"]].append(record)
+    counted = [r for r in records if benchmark != "mmerwl" or r["category"] in MMERWL_CATEGORIES]
+    succeeded = [r for r in counted if r["failure"] is None]
+    ran = [r for r in records if r["vision_tokens"] and r["seconds"] is not None]  # generated, even if no answer
+    return {
+        "benchmark": benchmark, "mode": mode, "budget": budget if mode != "full" else FULL_RESOLUTION_BUDGET,
+        "samples": len(counted),
+        "accuracy": _accuracy(counted),
+        "accuracy_reference_protocol": _accuracy(succeeded),
+        "categories": {name: {"accuracy": _accuracy(items), "samples": len(items)}
+                       for name, items in sorted(by_category.items())},
+        "failures": [{"id": r["id"], "failure": r["failure"]} for r in records if r["failure"] is not None],
+        "mean_vision_tokens": sum(r["vision_tokens"]["total"] for r in ran) / len(ran) if ran else None,
+        "mean_seconds": sum(r["seconds"] for r in ran) / len(ran) if ran else None,
+    }
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    lines = ["| benchmark | mode | accuracy (failures wrong) | reference protocol | samples | failures | vision tokens | s / sample |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(f"| {s['benchmark']} | {s['mode']} | {_percent(s['accuracy'])} | "
+                     f"{_percent(s['accuracy_reference_protocol'])} | {s['samples']} | {len(s['failures'])} | "
+                     f"{_number(s['mean_vision_tokens'], '.0f')} | {_number(s['mean_seconds'], '.2f')} |")
+        for name, category in s["categories"].items():
+            lines.append(f"| | {name} | {_percent(category['accuracy'])} | | {category['samples']} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: list[dict], path: str | Path) -> Path:
+    """Accuracy against mean vision tokens, one point per (benchmark, mode), as a PNG (Pillow only)."""
+    width, height, margin = 640, 420, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    points = [s for s in summaries if s["mean_vision_tokens"] is not None and s["accuracy"] is not None]
+    top = max([s["mean_vision_tokens"] for s in points] + [1])
+    draw.line([(margin, margin), (margin, height - margin), (width - margin, height - margin)], fill="black")
+    draw.text((width // 2 - 60, height - margin + 25), "mean vision tokens per sample", fill="black")
+    draw.text((8, margin - 30), "accuracy (%)", fill="black")
+    for tick in (0, 50, 100):
+        y = height - margin - tick / 100 * (height - 2 * margin)
+        draw.text((margin - 30, y - 6), str(tick), fill="black")
+    draw.text((width - margin - 20, height - margin + 8), f"{top:.0f}", fill="black")
+    colors = {"ergo": "red", "full": "blue", "coarse": "green"}
+    for s in points:
+        x = margin + s["mean_vision_tokens"] / top * (width - 2 * margin)
+        y = height - margin - s["accuracy"] * (height - 2 * margin)
+        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colors.get(s["mode"], "black"))
+        draw.text((x + 8, y - 6), f"{s['benchmark']} {s['mode']}", fill="black")
+    image.save(path)
+    return Path(path)
+
+
+def _accuracy(records: list[dict]) -> float | None:
+    return sum(r["correct"] for r in records) / len(records) if records else None
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut off by an interruption; that sample runs again
+    return records
+
+
+def _progress(total: int, done: int, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=description, disable=not enabled)
