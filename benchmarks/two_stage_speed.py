@@ -36,7 +36,8 @@ from transformers import LogitsProcessorList
 
 from ergo_vqa.scripted import ScriptedText
 from ergo_vqa.tiny import TINY, ModelShape, build_model, build_processor, build_tokenizer
-from processing_ergo.geometry_ergo import MIN_PIXELS, budget_to_pixels, resize_to_budget, smart_resize
+from ergo_vqa.evaluation import single_pass_inputs
+from processing_ergo.geometry_ergo import budget_to_pixels, smart_resize
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET
 
 SHAPES = {
@@ -163,15 +164,8 @@ def run_once(mode, model, processor, images, scripts, lengths, coarse_budget, de
                    for row in range(len(images))]
         early_exits = output.fallbacks.count("answered")
     else:
-        max_pixels = budget_to_pixels(FULL_RESOLUTION_BUDGET)
-        if mode == "coarse_only":  # the very view ERGO's stage 1 gets, not resized again
-            images = [resize_to_budget(image, budget_to_pixels(coarse_budget)) for image in images]
-            max_pixels = max(image.width * image.height for image in images)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-        text = processor.apply_chat_template(messages, ergo=False, tokenize=False, add_generation_prompt=True)
-        size = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
-        inputs = processor(text=[text] * len(images), images=images, padding=True, return_tensors="pt",
-                           images_kwargs={"size": size}).to(device)
+        view_budget = coarse_budget if mode == "coarse_only" else None  # coarse_only: ERGO's own coarse view
+        inputs = single_pass_inputs(processor, images, [QUESTION] * len(images), coarse_budget=view_budget).to(device)
         preprocessed = time.perf_counter()
         model.generate(**inputs, **answer)
         merge = processor.image_processor.merge_size**2

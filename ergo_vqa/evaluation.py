@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from transformers.feature_extraction_utils import BatchFeature
 
 from processing_ergo.geometry_ergo import MIN_PIXELS, budget_to_pixels, resize_to_budget
 from processing_ergo.images_ergo import load_image
@@ -83,21 +84,29 @@ def _generate(model, processor, batch: list[EvalSample], mode, budget, max_new_t
         seconds = (time.perf_counter() - started) / len(batch)
         return [_record(sample, mode, reply, seconds, out.vision_tokens[i], out.regions[i], out.fallbacks[i])
                 for i, (sample, reply) in enumerate(zip(batch, replies))]
-    if mode == "coarse":
-        images = [resize_to_budget(image, budget_to_pixels(budget)) for image in images]
-    max_pixels = budget_to_pixels(FULL_RESOLUTION_BUDGET) if mode == "full" else max(i.width * i.height for i in images)
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": stage_questions(
-            s.stem, s.options, s.postfix)[1]}]}], ergo=False, tokenize=False, add_generation_prompt=True)
-        for s in batch]
-    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt",
-                       images_kwargs={"size": {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}})
+    questions = [stage_questions(s.stem, s.options, s.postfix)[1] for s in batch]
+    inputs = single_pass_inputs(processor, images, questions, coarse_budget=budget if mode == "coarse" else None)
     output = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
     replies = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     seconds = (time.perf_counter() - started) / len(batch)
     tokens = (inputs["image_grid_thw"].prod(dim=-1) // processor.image_processor.merge_size**2).tolist()
     return [_record(sample, mode, reply, seconds, {"stage1": count, "stage2": 0, "total": count})
             for sample, reply, count in zip(batch, replies, tokens)]
+
+
+def single_pass_inputs(processor, images: list[Image.Image], questions: list[str],
+                       coarse_budget: int | None = None) -> BatchFeature:
+    """One plain Qwen2.5-VL user turn per (image, question), no ERGO prompt: the whole image at the paper's
+    16384-token baseline, or with ``coarse_budget`` ERGO's coarse view (which the image processor keeps as is)."""
+    max_pixels = budget_to_pixels(FULL_RESOLUTION_BUDGET)
+    if coarse_budget is not None:
+        images = [resize_to_budget(image, budget_to_pixels(coarse_budget)) for image in images]
+        max_pixels = max(image.width * image.height for image in images)
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        ergo=False, tokenize=False, add_generation_prompt=True) for question in questions]
+    return processor(text=texts, images=images, padding=True, return_tensors="pt",
+                     images_kwargs={"size": {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}})
 
 
 def _record(sample: EvalSample, mode: str, reply: str | None = None, seconds: float | None = None,

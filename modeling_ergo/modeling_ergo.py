@@ -271,9 +271,9 @@ def _stop_token_ids(generation_config: GenerationConfig, processor) -> set[int]:
     return ids
 
 
-def _until_stop(tokens: torch.Tensor, stop_ids: set[int]) -> torch.Tensor:
-    """The generated tokens before the first end-of-sequence or padding token."""
-    for position, token in enumerate(tokens.tolist()):
+def _until_stop(tokens, stop_ids: set[int]):
+    """The generated tokens (a tensor or a list) before the first end-of-sequence or padding token."""
+    for position, token in enumerate(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens):
         if token in stop_ids:
             return tokens[:position]
     return tokens

@@ -23,6 +23,7 @@ from accelerate import PartialState
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
+from ergo_vqa.evaluation import single_pass_inputs
 from processing_ergo import ErgoProcessor
 
 logger = logging.getLogger(__name__)
@@ -55,14 +56,7 @@ class LocalRewardModel:
         return replies
 
     def _answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
-        texts = [
-            self.processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                ergo=False, tokenize=False, add_generation_prompt=True,
-            )
-            for question in questions
-        ]
-        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
+        inputs = single_pass_inputs(self.processor, images, questions).to(self.model.device)
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, GRPOTrainer
 
+from modeling_ergo.modeling_ergo import _until_stop
 from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
 from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import ErgoContext, ErgoSample
@@ -91,7 +92,7 @@ class ErgoGRPOTrainer(GRPOTrainer):
         stage1_done = time.perf_counter()
 
         stop_ids = set(self.eos_token_ids) | {tokenizer.pad_token_id}
-        stage1_tokens = [_until_stop(ids, stop_ids) for ids in stage1_ids]
+        stage1_tokens = [_until_stop(list(ids), stop_ids) for ids in stage1_ids]
         stage1_texts = tokenizer.batch_decode(stage1_tokens, skip_special_tokens=True)
         samples = [ErgoSample(image, view.size, row["stage2_question"])
                    for image, view, row in zip(originals, coarse_views, self._batch_rows)]
@@ -174,11 +175,3 @@ def _with_image(prompt: list[dict], image) -> list[dict]:
             content = [{**part, "image": image} if part.get("type") == "image" else part for part in content]
         out.append({**message, "content": content})
     return out
-
-
-def _until_stop(ids, stop_ids: set[int]) -> list[int]:
-    ids = list(ids)
-    for position, token in enumerate(ids):
-        if token in stop_ids:
-            return ids[:position]
-    return ids
