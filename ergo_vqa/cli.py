@@ -52,11 +52,14 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, markdown_table, plot
     from .inference import load
 
-    samples = load_benchmark(args.dataset, args.data_root)[: args.limit]
+    samples = load_benchmark(args.dataset, args.data_root, limit=args.limit)
     model, processor = load(args.model, device=args.device)
     out = Path(args.out)
-    summaries = [evaluate(model, processor, samples, mode, out, args.dataset, budget=args.budget,
-                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens) for mode in args.mode]
+    for mode in args.mode:
+        evaluate(model, processor, samples, mode, out, args.dataset, budget=args.budget, batch_size=args.batch_size,
+                 max_new_tokens=args.max_new_tokens, fallback=args.fallback)
+    # The combined table and plot cover every mode and budget evaluated into this folder so far.
+    summaries = [json.loads(path.read_text()) for path in sorted(out.glob(f"{args.dataset}-*.summary.json"))]
     table = markdown_table(summaries)
     (out / f"{args.dataset}-summary.md").write_text(table)
     (out / f"{args.dataset}-summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
@@ -103,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--budget", type=_budget, default=640, help="coarse and crop budget (default 640)")
     evaluation.add_argument("--limit", type=int, default=None, help="first K samples only")
     evaluation.add_argument("--batch-size", type=int, default=1)
+    evaluation.add_argument("--fallback", choices=["reference", "resize", "coarse"], default="reference",
+                            help="ERGO mode without a usable region (default: the reference's, the whole original)")
     evaluation.add_argument("--max-new-tokens", type=int, default=1024, help="per stage (default 1024)")
     evaluation.add_argument("--device", default="auto")
     evaluation.add_argument("--out", required=True, help="folder for per-sample records, summaries and the plot")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ MMERWL_CATEGORIES = tuple(
 class EvalSample:
     id: str
     image: object
-    """A path or bytes; decoded only when the sample is run, so one bad image fails one sample."""
+    """A path or bytes; opened only when the sample is run, so one bad image fails one sample."""
     stem: str
     options: list[str]
     postfix: str
@@ -48,7 +49,8 @@ class EvalSample:
     category: str
 
 
-def load_benchmark(name: str, data_root: str | Path) -> list[EvalSample]:
+def load_benchmark(name: str, data_root: str | Path, limit: int | None = None) -> list[EvalSample]:
+    """The benchmark's samples in file order; ``limit`` stops reading after that many (the files can be large)."""
     loaders = {"vstar": _vstar, "hrbench": _hrbench, "mmerwl": _mmerwl}
     if name not in loaders:
         raise ValueError(f"unknown benchmark {name!r}; one of {sorted(loaders)}")
@@ -56,7 +58,7 @@ def load_benchmark(name: str, data_root: str | Path) -> list[EvalSample]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} not found: download it with `ergo eval-download {name} --data-root "
                                 f"{data_root}` (or git clone https://huggingface.co/datasets/{HUB_DATASETS[name][0]})")
-    return list(loaders[name](folder))
+    return list(itertools.islice(loaders[name](folder), limit))
 
 
 def download(name: str, data_root: str | Path) -> Path:
@@ -97,22 +99,28 @@ def _mmerwl(folder: Path) -> Iterator[EvalSample]:
                              list(item["multi-choice options"]), LETTER_POSTFIX, item["answer"], item["category"])
 
 
-def _table(folder: Path, stem: str) -> list[dict]:
+def _table(folder: Path, stem: str) -> Iterator[dict]:
     if (folder / f"{stem}.parquet").is_file():
         return _read_parquet(folder / f"{stem}.parquet")
     if (folder / f"{stem}.tsv").is_file():
         csv.field_size_limit(sys.maxsize)  # base64 images are long fields
-        with open(folder / f"{stem}.tsv", encoding="utf-8", newline="") as handle:
-            return list(csv.DictReader(handle, delimiter="\t"))
+        return _read_tsv(folder / f"{stem}.tsv")
     raise FileNotFoundError(f"neither {stem}.parquet nor {stem}.tsv in {folder}")
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _read_tsv(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        yield from csv.DictReader(handle, delimiter="\t")
+
+
+def _read_parquet(path: Path) -> Iterator[dict]:
+    """Rows one batch at a time, so a limited run does not load a multi-gigabyte file."""
     try:
         import pyarrow.parquet as parquet
     except ImportError as error:
         raise ImportError("reading parquet benchmarks needs pyarrow: pip install 'ergo-vqa[eval]'") from error
-    return parquet.read_table(path).to_pylist()
+    for batch in parquet.ParquetFile(path).iter_batches(batch_size=16):
+        yield from batch.to_pylist()
 
 
 def _base64(value) -> bytes | object:

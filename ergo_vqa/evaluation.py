@@ -35,49 +35,61 @@ def is_correct(reply: str, answer: str) -> bool:
 
 
 def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: str | Path, benchmark: str,
-             budget: int = 640, batch_size: int = 1, max_new_tokens: int = 1024, progress: bool = True) -> dict:
-    """Runs the samples not yet in ``<out>/<benchmark>-<mode>.jsonl``, appends their records, returns the summary."""
+             budget: int = 640, batch_size: int = 1, max_new_tokens: int = 1024, fallback: str = "reference",
+             progress: bool = True) -> dict:
+    """Runs the samples without a successful record in ``<out>/<benchmark>-<mode>-<budget>.jsonl`` (failed ones
+    run again), appends their records and returns the summary of ``samples``. ``fallback`` (ERGO mode) defaults to
+    the reference's: the unresized original when stage 1 gives no usable region. Use one ``out_dir`` per model."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records_path = out_dir / f"{benchmark}-{mode}.jsonl"
-    done = {record["id"] for record in _read_records(records_path)}
+    budget = budget if mode != "full" else FULL_RESOLUTION_BUDGET
+    records_path = out_dir / f"{benchmark}-{mode}-{budget}.jsonl"
+    done = {record["id"] for record in _read_records(records_path) if record["failure"] is None}
     todo = [sample for sample in samples if sample.id not in done]
-    bar = _progress(len(samples), len(done), f"{benchmark} {mode}", progress)
-    if records_path.is_file() and not records_path.read_bytes().endswith(b"\n") and records_path.stat().st_size:
+    bar = _progress(len(samples), len(samples) - len(todo), f"{benchmark} {mode}", progress)
+    if records_path.is_file() and records_path.stat().st_size and not records_path.read_bytes().endswith(b"\n"):
         with open(records_path, "a", encoding="utf-8") as records:
             records.write("\n")  # end a line cut off by an interruption
     with open(records_path, "a", encoding="utf-8") as records:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            for record in _run_batch(model, processor, batch, mode, budget, max_new_tokens):
+            for record in _run_batch(model, processor, batch, mode, budget, max_new_tokens, fallback):
                 records.write(json.dumps(record) + "\n")
                 records.flush()
                 bar.update(1)
     bar.close()
-    summary = summarize(_read_records(records_path), benchmark, mode, budget)
-    (out_dir / f"{benchmark}-{mode}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    wanted = {sample.id for sample in samples}
+    latest = {record["id"]: record for record in _read_records(records_path) if record["id"] in wanted}
+    summary = summarize(list(latest.values()), benchmark, mode, budget)
+    (out_dir / f"{benchmark}-{mode}-{budget}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _run_batch(model, processor, batch, mode, budget, max_new_tokens) -> list[dict]:
+def _run_batch(model, processor, batch, mode, budget, max_new_tokens, fallback) -> list[dict]:
     """Records for a batch; when the batch fails, each sample is retried alone so one bad sample fails alone."""
     try:
-        return _generate(model, processor, batch, mode, budget, max_new_tokens)
-    except Exception as error:
-        if len(batch) == 1:
-            return [_record(batch[0], mode, failure=f"{type(error).__name__}: {error}")]
-        return [record for sample in batch for record in _run_batch(model, processor, [sample], mode, budget, max_new_tokens)]
+        return _generate(model, processor, batch, mode, budget, max_new_tokens, fallback)
+    except Exception as error:  # noqa: BLE001 - recorded per sample below, never dropped
+        message = f"{type(error).__name__}: {error}"
+    # Out of the except block: the failed batch's tensors (held by the traceback) are freed before retrying.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(batch) == 1:
+        return [_record(batch[0], mode, failure=message)]
+    return [record for sample in batch
+            for record in _run_batch(model, processor, [sample], mode, budget, max_new_tokens, fallback)]
 
 
 @torch.no_grad()
-def _generate(model, processor, batch: list[EvalSample], mode, budget, max_new_tokens) -> list[dict]:
+def _generate(model, processor, batch: list[EvalSample], mode, budget, max_new_tokens, fallback) -> list[dict]:
     images = [load_image(sample.image, name=f"sample {sample.id}") for sample in batch]
     started = time.perf_counter()
     if mode == "ergo":
         inputs = processor.prepare(images, [sample.stem for sample in batch], options=[s.options for s in batch],
-                                   postfixes=[s.postfix for s in batch], coarse_budget=budget, crop_budget=budget)
+                                   postfixes=[s.postfix for s in batch], coarse_budget=budget, crop_budget=budget,
+                                   fallback=fallback)
         out = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
                              return_dict_in_generate=True)
         replies = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -105,15 +117,13 @@ def single_pass_inputs(processor, images: list[Image.Image], questions: list[str
     texts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         ergo=False, tokenize=False, add_generation_prompt=True) for question in questions]
-    return processor(text=texts, images=images, padding=True, return_tensors="pt",
+    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt",
                      images_kwargs={"size": {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}})
 
 
 def _record(sample: EvalSample, mode: str, reply: str | None = None, seconds: float | None = None,
             vision_tokens: dict | None = None, region=None, fallback: str | None = None,
             failure: str | None = None) -> dict:
-    if failure is None and not (reply or "").strip():
-        failure = "empty reply"
     return {
         "id": sample.id, "category": sample.category, "mode": mode, "answer": sample.answer,
         "reply": reply, "prediction": answer_letters(reply) if reply else None,
@@ -126,12 +136,14 @@ def _record(sample: EvalSample, mode: str, reply: str | None = None, seconds: fl
 
 def summarize(records: list[dict], benchmark: str, mode: str, budget: int) -> dict:
     """Per-category and micro-averaged accuracy; failures count as wrong, and the reference-compatible figure
-    (failures left out) is reported beside it. MME-RealWorld's total covers its 10 reference categories only."""
+    (failures and degenerate boxes left out, as the reference drops them) is reported beside it. Empty replies are
+    wrong in both. MME-RealWorld's total covers its 10 reference categories only."""
     by_category = defaultdict(list)
     for record in records:
         by_category[record["category"]].append(record)
     counted = [r for r in records if benchmark != "mmerwl" or r["category"] in MMERWL_CATEGORIES]
-    succeeded = [r for r in counted if r["failure"] is None]
+    # The reference drops samples that raise, degenerate boxes included; an empty reply there is simply wrong.
+    succeeded = [r for r in counted if r["failure"] is None and r["fallback"] != "degenerate_box"]
     ran = [r for r in records if r["vision_tokens"] and r["seconds"] is not None]  # generated, even if no answer
     return {
         "benchmark": benchmark, "mode": mode, "budget": budget if mode != "full" else FULL_RESOLUTION_BUDGET,
@@ -141,6 +153,7 @@ def summarize(records: list[dict], benchmark: str, mode: str, budget: int) -> di
         "categories": {name: {"accuracy": _accuracy(items), "samples": len(items)}
                        for name, items in sorted(by_category.items())},
         "failures": [{"id": r["id"], "failure": r["failure"]} for r in records if r["failure"] is not None],
+        "no_answer": [r["id"] for r in records if r["failure"] is None and not answer_letters(r["reply"] or "")],
         "mean_vision_tokens": sum(r["vision_tokens"]["total"] for r in ran) / len(ran) if ran else None,
         "mean_seconds": sum(r["seconds"] for r in ran) / len(ran) if ran else None,
     }
