@@ -43,9 +43,9 @@ def _routes_images_per_sample():
 class ErgoGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose rollouts are ERGO's two stages. Dataset rows: ``training.data.to_grpo_rows``.
 
-    Reward functions receive, besides the dataset columns: ``stage1_text``, ``answer_text`` (stage 2's answer, or
-    stage 1's text when stage 2 was skipped), ``region`` (original pixels or None), ``crop`` (the second image or
-    None) and ``fallback``.
+    Reward functions receive, besides the dataset columns: ``stage1_text``, ``answer_text`` (stage 2's answer),
+    ``region`` (original pixels, or None when stage 1 gave no usable region), ``crop`` (stage 2's image: the region,
+    or the whole image resized when there was none) and ``fallback``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -92,7 +92,8 @@ class ErgoGRPOTrainer(GRPOTrainer):
         stage1_done = time.perf_counter()
 
         stop_ids = set(self.eos_token_ids) | {tokenizer.pad_token_id}
-        stage1_tokens = [_until_stop(list(ids), stop_ids) for ids in stage1_ids]
+        stage1_ids = [list(ids) for ids in stage1_ids]
+        stage1_tokens = [_until_stop(ids, stop_ids) for ids in stage1_ids]
         stage1_texts = tokenizer.batch_decode(stage1_tokens, skip_special_tokens=True)
         samples = [ErgoSample(image, view.size, row["stage2_question"])
                    for image, view, row in zip(originals, coarse_views, self._batch_rows)]
@@ -100,70 +101,55 @@ class ErgoGRPOTrainer(GRPOTrainer):
         context = ErgoContext(processor, samples, crop_pixels, processor.fallback, processor.stage2_template)
         decisions = processor.plan_stage2(context, stage1_texts)
 
-        completion_ids, loss_mask, stage2_prompts, stage2_images, stage2_rows = [], [], [], [], []
+        # With the `resize` fallback (checked at init) every rollout has a second image, so every rollout has a stage 2.
+        completion_ids, loss_mask, stage2_prompts, stage2_images = [], [], [], []
         end_of_turn = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
         for index, (ids, tokens, decision) in enumerate(zip(stage1_ids, stage1_tokens, decisions)):
-            ids = list(ids)
-            if decision.image is None:  # no stage 2: the rollout is stage 1 as generated
-                completion_ids.append(ids)
-                loss_mask.append([1] * len(ids))
-                continue
             turn = processor.stage2_turn(decision, samples[index].stage2_question, context.stage2_template)
             turn_ids = turn["input_ids"][0].tolist()
             # The turn opens with <|im_end|>: trained when the policy wrote it, injected (masked) when stage 1 was
             # cut off or stopped on another token, as inference closes the turn either way.
             wrote_end = len(ids) > len(tokens) and ids[len(tokens)] == end_of_turn
-            completion_ids.append(list(tokens) + turn_ids)
+            completion_ids.append(tokens + turn_ids)
             loss_mask.append([1] * len(tokens) + [int(wrote_end)] + [0] * (len(turn_ids) - 1))
-            stage2_prompts.append(list(prompt_ids[index]) + list(tokens) + turn_ids)
+            stage2_prompts.append(list(prompt_ids[index]) + tokens + turn_ids)
             stage2_images.append([coarse_views[index], decision.image])
-            stage2_rows.append(index)
         zoom_done = time.perf_counter()
 
-        stage2_texts: dict[int, str] = {}
-        if stage2_rows:
-            # The same call TRL's loss forward makes; ERGO's images are already sized, so none is resized again.
-            pixels = processor.image_processor(images=[image for pair in stage2_images for image in pair],
-                                               return_tensors="pt")
-            fields = {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
-            limit = self.generation_config.max_new_tokens
-            self.generation_config.max_new_tokens = args.stage2_max_completion_length
-            try:
-                stage2_ids, _ = self._generate_single_turn(
-                    stage2_prompts, stage2_images, fields, num_generations=1, has_tool_images=True)
-            finally:
-                self.generation_config.max_new_tokens = limit
-            for row, index in enumerate(stage2_rows):
-                answer = list(stage2_ids[row])
-                completion_ids[index] += answer
-                loss_mask[index] += [1] * len(answer)
-                stage2_texts[index] = tokenizer.decode(_until_stop(answer, stop_ids), skip_special_tokens=True)
+        # The same image-processor call TRL's loss forward makes; ERGO's images are already sized, so none is resized.
+        pixels = processor.image_processor(images=[image for pair in stage2_images for image in pair], return_tensors="pt")
+        fields = {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+        limit = self.generation_config.max_new_tokens
+        self.generation_config.max_new_tokens = args.stage2_max_completion_length
+        try:
+            stage2_ids, _ = self._generate_single_turn(
+                stage2_prompts, stage2_images, fields, num_generations=1, has_tool_images=True)
+        finally:
+            self.generation_config.max_new_tokens = limit
+        stage2_texts = []
+        for index, answer in enumerate(stage2_ids):
+            completion_ids[index] += list(answer)
+            loss_mask[index] += [1] * len(answer)
+            stage2_texts.append(tokenizer.decode(_until_stop(list(answer), stop_ids), skip_special_tokens=True))
         finished = time.perf_counter()
 
-        completions, all_images, answer_texts = [], [], []
-        for index, decision in enumerate(decisions):
-            turns_text = [{"role": "assistant", "content": stage1_texts[index]}]
-            if index in stage2_texts:
-                turns_text += [{"role": "assistant", "content": stage2_texts[index]}]
-            completions.append(turns_text)
-            answer_texts.append(stage2_texts.get(index, stage1_texts[index]))
-            all_images.append([coarse_views[index]] + ([decision.image] if decision.image is not None else []))
+        completions = [[{"role": "assistant", "content": first}, {"role": "assistant", "content": second}]
+                       for first, second in zip(stage1_texts, stage2_texts)]
         extra_fields = {
             **extra_fields,
             "stage1_text": stage1_texts,
-            "answer_text": answer_texts,
+            "answer_text": stage2_texts,
             "region": [decision.region for decision in decisions],
             "crop": [decision.image for decision in decisions],
             "fallback": [decision.fallback for decision in decisions],
         }
         metrics = self._metrics[mode]
-        metrics["ergo/stage2_share"].append(len(stage2_rows) / len(decisions))
         metrics["ergo/fallback_share"].append(sum(d.fallback is not None for d in decisions) / len(decisions))
         metrics["ergo/stage1_s"].append(stage1_done - started)
         metrics["ergo/zoom_s"].append(zoom_done - stage1_done)
         metrics["ergo/stage2_s"].append(finished - zoom_done)
-        tool_images = [[decision.image] if decision.image is not None else [] for decision in decisions]
-        return prompt_ids, completion_ids, loss_mask, completions, logprobs, extra_fields, all_images, tool_images
+        tool_images = [[decision.image] for decision in decisions]
+        return prompt_ids, completion_ids, loss_mask, completions, logprobs, extra_fields, stage2_images, tool_images
 
 
 def _with_image(prompt: list[dict], image) -> list[dict]:
