@@ -163,7 +163,7 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 answers[index] = stage2[row, stage2_inputs["input_ids"].shape[1]:]
         finished = time.perf_counter()
 
-        sequences = torch.cat([caller_input_ids, _right_pad(answers, pad_id, input_ids.device)], dim=1)
+        sequences = torch.cat([caller_input_ids, _pad(answers, pad_id, left=False)[0]], dim=1)
         if not return_dict:
             return sequences
         timings = {
@@ -205,6 +205,7 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         """Stage 2 from scratch, for the samples in ``rows``: each sample's stage-1 prompt and answer as they were,
         then its new turn (end of the stage-1 turn, user turn with the second image, assistant header)."""
         sequences, token_types, pixels, grids = [], [], [], []
+        image_pixels = vision["pixel_values"].split(vision["image_grid_thw"].prod(dim=-1).tolist())
         for turn, index in zip(turns, rows):
             keep = attention_mask[index].bool()
             sequences.append(torch.cat([input_ids[index][keep], completions[index], turn["input_ids"][0]]))
@@ -213,10 +214,10 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 torch.zeros_like(completions[index]),
                 turn["mm_token_type_ids"][0],
             ]))
-            pixels += [_image_pixels(vision, index), turn["pixel_values"]]
+            pixels += [image_pixels[index], turn["pixel_values"]]
             grids += [vision["image_grid_thw"][index:index + 1], turn["image_grid_thw"]]
-        ids, mask = _left_pad(sequences, pad_id)
-        types, _ = _left_pad(token_types, 0)
+        ids, mask = _pad(sequences, pad_id)
+        types, _ = _pad(token_types, 0)
         pixel_values = vision["pixel_values"]
         return {
             "input_ids": ids,
@@ -242,8 +243,8 @@ class ErgoForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             kept[index, : len(completion)] = 1
         history_mask = torch.cat([prompt_mask, kept], dim=1)[rows]
         history_types = torch.cat([vision["mm_token_type_ids"], torch.zeros_like(kept)], dim=1)[rows]
-        turn_ids, turn_mask = _left_pad([turn["input_ids"][0] for turn in turns], pad_id)
-        turn_types, _ = _left_pad([turn["mm_token_type_ids"][0] for turn in turns], 0)
+        turn_ids, turn_mask = _pad([turn["input_ids"][0] for turn in turns], pad_id)
+        turn_types, _ = _pad([turn["mm_token_type_ids"][0] for turn in turns], 0)
         if len(rows) != len(completions):
             cache.batch_select_indices(torch.tensor(rows))
         grids = []
@@ -301,36 +302,22 @@ def _left_align(tensors: list[torch.Tensor], attention_mask: torch.Tensor, fills
     return aligned
 
 
-def _left_pad(rows: list[torch.Tensor], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` stacked with padding on the left, and the matching attention mask."""
+def _pad(rows: list[torch.Tensor], fill: int, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` stacked with padding on the left (generation inputs) or right (answers), and the attention mask."""
     width = max(len(row) for row in rows)
     out = rows[0].new_full((len(rows), width), fill)
     mask = torch.zeros_like(out)
     for index, row in enumerate(rows):
-        out[index, width - len(row):] = row
-        mask[index, width - len(row):] = 1
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        out[index, span] = row
+        mask[index, span] = 1
     return out, mask
-
-
-def _image_pixels(vision: dict, index: int) -> torch.Tensor:
-    """The pixel-value rows of the batch's ``index``-th image (one image per sample)."""
-    per_image = vision["image_grid_thw"].prod(dim=-1).tolist()
-    start = sum(per_image[:index])
-    return vision["pixel_values"][start:start + per_image[index]]
 
 
 def _scatter(values: list[int], rows: list[int], size: int) -> list[int]:
     out = [0] * size
     for value, index in zip(values, rows):
         out[index] = value
-    return out
-
-
-def _right_pad(rows: list[torch.Tensor], pad_id: int, device) -> torch.Tensor:
-    width = max((len(row) for row in rows), default=0)
-    out = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    for index, row in enumerate(rows):
-        out[index, : len(row)] = row
     return out
 
 
