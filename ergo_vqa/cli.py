@@ -1,5 +1,6 @@
 """``ergo``: the command line. ``ergo infer`` answers one question; ``ergo demo`` runs the offline demo;
-``ergo eval`` scores a model on V*, HR-Bench or MME-RealWorld-lite; ``ergo eval-download`` fetches them."""
+``ergo eval`` scores a model on V*, HR-Bench, MME-RealWorld-lite or the synthetic task; ``ergo eval-download``
+fetches the published benchmarks."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, markdown_table, plot
     from .inference import load
 
-    samples = load_benchmark(args.dataset, args.data_root, limit=args.limit)
+    samples = load_benchmark(args.dataset, args.data_root, limit=args.limit, split=args.split)
     model, processor = load(args.model, device=args.device)
     out = Path(args.out)
     for mode in args.mode:
@@ -91,16 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--json", action="store_true", help="print the result as JSON")
     infer.set_defaults(run=_infer)
 
-    demo = commands.add_parser("demo", help="offline demo on a generated image with a locally built model")
-    demo.add_argument("--out", default="ergo-demo", help="folder for the model and pictures (default ergo-demo)")
-    demo.add_argument("--budget", type=_budget, default=640, help="vision tokens (default 640)")
+    demo = commands.add_parser("demo", help="offline demo: the shipped synthetic-task model on a generated image")
+    demo.add_argument("--out", default="ergo-demo", help="folder for the pictures (default ergo-demo)")
+    demo.add_argument("--budget", type=_budget, default=None, help="vision tokens (default: the model's, 144)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 
     evaluation = commands.add_parser("eval", help="accuracy, vision tokens and latency on a benchmark")
     evaluation.add_argument("--model", required=True, help="ERGO or Qwen2.5-VL folder, or Hub id")
-    evaluation.add_argument("--dataset", required=True, choices=["vstar", "hrbench", "mmerwl"])
-    evaluation.add_argument("--data-root", required=True, help="folder holding the downloaded benchmark")
+    evaluation.add_argument("--dataset", required=True, choices=["vstar", "hrbench", "mmerwl", "synthetic"])
+    evaluation.add_argument("--data-root", required=True,
+                            help="folder holding the downloaded benchmark (synthetic: the folder of split files)")
+    evaluation.add_argument("--split", default="test", help="synthetic only: which split file (default test)")
     evaluation.add_argument("--mode", nargs="+", choices=["ergo", "full", "coarse"], default=["ergo"],
                             help="ergo (two stages), full (16384-token single pass), coarse (coarse view only)")
     evaluation.add_argument("--budget", type=_budget, default=640, help="coarse and crop budget (default 640)")

@@ -1,84 +1,52 @@
-"""The embedded default: ERGO end to end on a generated high-resolution image, offline, on a locally built model.
+"""The embedded default: ERGO end to end on a generated high-resolution image, offline, with the shipped model.
 
-The model folder is written once (random weights, see ``ergo_vqa.tiny``) and then loaded back through
-``AutoModelForImageTextToText``/``AutoProcessor`` with ``trust_remote_code``, exactly as a Hub model is. A
-random-weight model cannot find anything, so its stage-1 text is scripted to zoom on the target; everything
-after that (parsing, mapping, cropping, stage 2, accounting) is the real pipeline. The output says so.
+The model in ``ergo_vqa/demo_model`` is a 1.6M-parameter Qwen2.5-VL trained from scratch on the synthetic task
+(``ergo_vqa.synthetic``) by this project's own recipe (``python -m training.synthetic``). It is loaded the way a
+Hub model is (``AutoModelForImageTextToText`` / ``AutoProcessor`` with ``trust_remote_code``) and answers a test
+question it has not seen: it looks at the coarse view, picks a region, reads the digit in the native-resolution crop.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-from hub_card import save_hub_folder
-from processing_ergo.geometry_ergo import budget_to_pixels, smart_resize
+from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
 
 from .inference import answer, draw_region, load, summary
-from .scripted import scripted_stage1, zoom_text
-from .tiny import build_model, build_processor, build_tokenizer
+from .synthetic import generate_sample
+
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 
-@dataclass
-class Scene:
-    image: Image.Image
-    question: str
-    answer: str
-    target: tuple[int, int, int, int]
-
-
-def generate_scene(seed: int = 0, size: tuple[int, int] = (3072, 2048)) -> Scene:
-    """A large cluttered image with one small red square marked by a letter, and a question about the letter."""
-    rng = random.Random(seed)
-    image = Image.new("RGB", size, (228, 226, 218))
-    draw = ImageDraw.Draw(image)
-    for _ in range(160):
-        x, y = rng.randrange(size[0]), rng.randrange(size[1])
-        w, h = rng.randrange(20, 220), rng.randrange(20, 220)
-        color = (rng.randrange(40, 200), rng.randrange(90, 230), rng.randrange(90, 230))
-        draw.rectangle((x, y, x + w, y + h), fill=color)
-    letters = rng.sample("EFHKLPTZ", 4)
-    side = 48
-    x, y = rng.randrange(side, size[0] - 2 * side), rng.randrange(side, size[1] - 2 * side)
-    target = (x, y, x + side, y + side)
-    draw.rectangle(target, fill=(220, 30, 30))
-    draw.text((x + side // 3, y + side // 4), letters[0], fill=(255, 255, 255))
-    options = "\n".join(f"({chr(65 + i)}) {letter}" for i, letter in enumerate(sorted(letters)))
-    question = f"Which letter is written on the small red square?\n{options}"
-    return Scene(image, question, chr(65 + sorted(letters).index(letters[0])), target)
-
-
-def ensure_model(folder: Path) -> Path:
-    """Write the random-weight demo model folder once."""
-    if not (folder / "config.json").is_file():
-        tokenizer = build_tokenizer()
-        save_hub_folder(build_model(tokenizer), build_processor(tokenizer), folder)
-    return folder
-
-
-def run(out_dir: str | Path = "ergo-demo", budget: int = 640, seed: int = 0) -> str:
-    """Run the demo, write the scene and the zoomed region as PNGs under ``out_dir``; returns the report."""
+def run(out_dir: str | Path = "ergo-demo", budget: int | None = None, seed: int = 0,
+        model_dir: str | Path = DEMO_MODEL) -> str:
+    """Answer one generated question; write the scene with the region, the coarse view and the crop as PNGs under
+    ``out_dir``. Returns the report. ``budget`` defaults to the one the model was trained at."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no demo model in {model_dir}: rebuild it with `python -m training.synthetic "
+                                f"runs/synthetic --ship` (about 45 minutes on 2 CPU cores)")
     out_dir = Path(out_dir)
-    model_dir = ensure_model(out_dir / "model")
+    out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load(str(model_dir), device="cpu")
-    scene = generate_scene(seed)
-    coarse_h, coarse_w = smart_resize(scene.image.height, scene.image.width, max_pixels=budget_to_pixels(budget))
-    scale_x, scale_y = coarse_w / scene.image.width, coarse_h / scene.image.height
-    pad = 24  # a little context around the target, in original pixels
-    x1, y1, x2, y2 = scene.target
-    coarse_box = (int((x1 - pad) * scale_x), int((y1 - pad) * scale_y),
-                  int((x2 + pad) * scale_x) + 1, int((y2 + pad) * scale_y) + 1)
-    result = answer(model, processor, scene.image, scene.question, budget=budget, max_new_tokens=24,
-                    stage1_generate_kwargs=scripted_stage1(processor, [zoom_text(coarse_box)]))
-    scene_path = draw_region(scene.image, result.region, out_dir / "scene.png")
-    return "\n".join([
-        f"ERGO demo: {scene.image.width}x{scene.image.height} generated image, budget {budget} vision tokens",
-        f"model:     {model_dir} (random weights, loaded with trust_remote_code)",
-        f"question:  {scene.question!r} (correct: {scene.answer})",
-        "NOTE: the weights are random, so stage 1 is scripted to zoom on the target and the answer text is noise.",
+    budget = budget or processor.coarse_budget
+    sample = generate_sample(f"demo/{seed}")
+    question = "\n".join([sample.question, *sample.options])
+    result = answer(model, processor, sample.image, question, budget=budget, max_new_tokens=64)
+    scene_path = draw_region(sample.image, result.region, out_dir / "scene.png")
+    coarse_path = out_dir / "coarse.png"
+    resize_to_budget(sample.image, budget_to_pixels(budget)).save(coarse_path)
+    lines = [
+        f"ERGO demo: {sample.image.width}x{sample.image.height} generated image, budget {budget} vision tokens",
+        f"model:         {model_dir} (trained on the synthetic task, loaded with trust_remote_code)",
+        f"question:      {question!r}",
+        f"correct:       {sample.answer} (the digit {sample.digit}, on the shape inside {sample.gt_bbox})",
         summary(result),
-        f"picture:   {scene_path} (region outlined in red)",
-    ])
+        f"verdict:       {'correct' if (result.answer or '').strip() == sample.answer else 'wrong'}",
+        f"picture:       {scene_path} (region outlined in red); coarse view the model saw first: {coarse_path}",
+    ]
+    if result.region:
+        crop_path = out_dir / "crop.png"
+        sample.image.crop(result.region).save(crop_path)
+        lines.append(f"crop:          {crop_path} (the region at native resolution, what stage 2 read)")
+    return "\n".join(lines)

@@ -31,6 +31,8 @@ HUB_DATASETS = {
 }
 LETTER_POSTFIX = " Answer with the option's letter from the given choices directly."
 """HR-Bench's and MME-RealWorld's postfix in the reference, leading space included."""
+MULTIPLE_CHOICE_POSTFIX = LETTER_POSTFIX.strip()
+"""The same line as V* writes it; what training rows and the synthetic benchmark use."""
 MMERWL_CATEGORIES = tuple(
     f"{task}/{domain}" for task in ("Perception", "Reasoning")
     for domain in ("Autonomous_Driving", "Diagram and Table", "Monitoring", "OCR with Complex Context", "Remote Sensing")
@@ -49,11 +51,14 @@ class EvalSample:
     category: str
 
 
-def load_benchmark(name: str, data_root: str | Path, limit: int | None = None) -> list[EvalSample]:
-    """The benchmark's samples in file order; ``limit`` stops reading after that many (the files can be large)."""
+def load_benchmark(name: str, data_root: str | Path, limit: int | None = None, split: str = "test") -> list[EvalSample]:
+    """The benchmark's samples in file order; ``limit`` stops reading after that many (the files can be large).
+    ``synthetic`` reads ``<data_root>/<split>.jsonl`` as ``ergo_vqa.synthetic`` writes it."""
     loaders = {"vstar": _vstar, "hrbench": _hrbench, "mmerwl": _mmerwl}
+    if name == "synthetic":
+        return list(itertools.islice(_synthetic(Path(data_root) / f"{split}.jsonl"), limit))
     if name not in loaders:
-        raise ValueError(f"unknown benchmark {name!r}; one of {sorted(loaders)}")
+        raise ValueError(f"unknown benchmark {name!r}; one of {sorted(loaders) + ['synthetic']}")
     folder = Path(data_root) / HUB_DATASETS[name][1]
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} not found: download it with `ergo eval-download {name} --data-root "
@@ -87,6 +92,18 @@ def _hrbench(folder: Path) -> Iterator[EvalSample]:
             options = [f"{letter}:{item[letter]}" for letter in "ABCD"]
             yield EvalSample(f"{resolution}-{item.get('index', index)}", _base64(item["image"]), item["question"],
                              options, LETTER_POSTFIX, item["answer"], resolution)
+
+
+def _synthetic(path: Path) -> Iterator[EvalSample]:
+    """Rows in the training schema (``training/data.py``) with ``id`` and ``category``; images relative to the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: write the splits with `python -m training.synthetic`")
+    with open(path, encoding="utf-8") as lines:
+        for index, line in enumerate(lines):
+            if line.strip():
+                item = json.loads(line)
+                yield EvalSample(str(item.get("id", index)), path.parent / item["image"], item["question"],
+                                 item["options"], MULTIPLE_CHOICE_POSTFIX, item["answer"], item.get("category", ""))
 
 
 def _mmerwl(folder: Path) -> Iterator[EvalSample]:

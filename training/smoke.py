@@ -1,6 +1,6 @@
 """A CPU smoke run of the whole training recipe, offline: ``python -m training.smoke [OUT_DIR]``.
 
-It writes a random-weight tiny ERGO model and a few generated scenes (``ergo_vqa.demo``) as a JSONL dataset, then
+It writes a random-weight tiny ERGO model and a few synthetic samples (``ergo_vqa.synthetic``) as a JSONL dataset, then
 runs the shipped recipe through ``training.grpo.main`` with the model swapped for the tiny one, the tiny model
 as its own local reward model, and sizes a CPU can take (2 steps). It proves the plumbing, not learning.
 """
@@ -11,30 +11,26 @@ import json
 import sys
 from pathlib import Path
 
-from ergo_vqa.demo import ensure_model, generate_scene
+from ergo_vqa.synthetic import write_split
+from ergo_vqa.tiny import build_model, build_processor, build_tokenizer
+from hub_card import save_hub_folder
 
 from .grpo import main
 
 RECIPE = Path(__file__).parent / "recipes" / "ergo-qwen2.5-vl-7b.yaml"
 
 
-def write_dataset(folder: Path, count: int = 4) -> Path:
-    """``count`` generated scenes (one small lettered square each) in the training schema."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for seed in range(count):
-        scene = generate_scene(seed, size=(1344, 896))
-        scene.image.save(folder / f"scene-{seed}.png")
-        stem, *options = scene.question.split("\n")
-        lines.append({"image": f"scene-{seed}.png", "question": stem, "options": options, "answer": scene.answer})
-    path = folder / "train.jsonl"
-    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    return path
+def tiny_model(folder: Path) -> Path:
+    """A random-weight tiny ERGO folder, written once."""
+    if not (folder / "config.json").is_file():
+        tokenizer = build_tokenizer()
+        save_hub_folder(build_model(tokenizer), build_processor(tokenizer), folder)
+    return folder
 
 
 def smoke_arguments(out_dir: Path) -> list[str]:
-    model = ensure_model(out_dir / "model")
-    data = write_dataset(out_dir / "data")
+    model = tiny_model(out_dir / "model")
+    data = write_split(out_dir / "data", "train", 4)
     return [
         "--config", str(RECIPE), "--model_name_or_path", str(model), "--dataset", str(data),
         "--reward_model_endpoint", "", "--reward_model", str(model), "--dtype", "float32",

@@ -1,0 +1,79 @@
+"""The supervised warm-up: examples built as inference builds them, replies-only labels, a real SFTTrainer run."""
+
+import pytest
+import torch
+
+from ergo_vqa.synthetic import write_split
+from modeling_ergo import ErgoForConditionalGeneration
+from processing_ergo.geometry_ergo import parse_zoom_box
+from training.data import load_training_data
+from training.sft import STAGE1_REPLY, STAGE2_REPLY, ErgoSFTCollator, ErgoSFTConfig, build_sft_trainer, coarse_box, sft_rows
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return load_training_data(str(write_split(tmp_path_factory.mktemp("synthetic"), "train", 4)))
+
+
+def _labelled_text(processor, ids, labels):
+    return processor.tokenizer.decode([token for token, label in zip(ids, labels) if label != -100])
+
+
+def test_two_stage_example_is_the_inference_layout_with_replies_labelled(processor, dataset):
+    collator = ErgoSFTCollator(processor, coarse_budget=64)
+    row = {**dataset[0], "kind": "ergo", "zoom_region": dataset[0]["region"]}
+    ids, labels, (types, pixels, grid) = collator.example(row)
+    box = coarse_box(row["region"], (1344, 1344), (224, 224))  # 64 tokens: the 1344 px square becomes 224 px
+    letter = row["answer"]
+    digit = row["options"]["ABCD".index(letter)].split(") ")[1]
+    assert _labelled_text(processor, ids, labels) == (
+        STAGE1_REPLY.format(*box) + "<|im_end|>" + STAGE2_REPLY.format(digit, letter) + "<|im_end|>")
+    assert grid.shape[0] == 2 and len(ids) == len(labels) == len(types)  # coarse view and crop
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert ids.count(image_id) == int(grid.prod(dim=-1).sum()) // 4 == pixels.shape[0] // 4
+    # The stage-2 question (with options) follows the crop; stage 1 saw the stem alone.
+    text = processor.tokenizer.decode(ids)
+    assert text.count(row["options"][0]) == 1 and text.index(row["options"][0]) > text.index("<zoom>[")
+
+
+def test_box_written_in_coarse_pixels_covers_the_region(dataset):
+    region = dataset[1]["region"]
+    box = coarse_box(region, (1344, 1344), (336, 336))
+    assert box == [value // 4 for value in region]
+    assert parse_zoom_box(STAGE1_REPLY.format(*box)) == tuple(box)
+    assert coarse_box([10, 10, 1343, 1343], (1344, 1344), (336, 336)) == [2, 2, 336, 336]
+
+
+def test_single_turn_examples_answer_with_the_letter(processor, dataset):
+    collator = ErgoSFTCollator(processor, coarse_budget=64)
+    for kind, images_tokens in (("crop", 64), ("full", 48 * 48)):
+        row = {**dataset[2], "kind": kind, "zoom_region": dataset[2]["region"]}
+        ids, labels, (_, _, grid) = collator.example(row)
+        assert _labelled_text(processor, ids, labels) == row["answer"] + "<|im_end|>"
+        assert grid.shape[0] == 1 and int(grid.prod()) // 4 == images_tokens
+
+
+def test_example_shares_and_missing_regions(dataset):
+    rows = sft_rows(dataset, {"ergo": 1.0, "crop": 0.5, "full": 0.25})
+    assert sorted(rows["kind"]) == ["crop"] * 2 + ["ergo"] * 4 + ["full"]
+    without = dataset.remove_columns(["region"]).map(lambda row, i: {"gt_bbox": None if i == 1 else row["gt_bbox"]},
+                                                     with_indices=True)
+    with pytest.raises(ValueError, match=r"rows \[1\] have no region"):
+        sft_rows(without, {"ergo": 1.0})
+    assert len(sft_rows(without, {"full": 1.0})) == 4  # single full-image turns need no region
+    with pytest.raises(ValueError, match="shares"):
+        ErgoSFTConfig(output_dir="unused", full_share=1.5)
+
+
+def test_sft_trainer_learns_from_the_examples(tiny_folder, processor, dataset, tmp_path):
+    model = ErgoForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32)
+    before = {name: weight.clone() for name, weight in model.named_parameters()}
+    args = ErgoSFTConfig(output_dir=str(tmp_path), coarse_budget=64, full_share=0.25, max_steps=3,
+                         per_device_train_batch_size=3, learning_rate=1e-3, logging_steps=1, save_strategy="no",
+                         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False)
+    trainer = build_sft_trainer(model, processor, dataset, args)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    changed = [name for name, weight in trainer.model.named_parameters() if not torch.equal(weight, before[name])]
+    assert any("visual" in name for name in changed) and any("language_model" in name for name in changed)

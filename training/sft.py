@@ -1,0 +1,188 @@
+"""Supervised warm-up on ERGO's two-turn format, with TRL's SFTTrainer.
+
+GRPO can only reward regions a policy already writes, so a model that has never produced ``<zoom>[...]</zoom>`` is
+first shown the format. Each dataset row with a region (``region``, else ``gt_bbox``, in original pixels) gives
+examples of three kinds, each from a share of the rows (``ErgoSFTConfig.ergo_share`` and so on):
+
+* ``ergo``: the two-stage conversation, token for token as ``ErgoForConditionalGeneration.generate`` builds it
+  (``ErgoProcessor.prepare``, the stage-1 reply, ``plan_stage2`` on that reply, ``stage2_turn``, the answer), so the
+  crop is exactly the one inference would cut for that box;
+* ``crop``: one plain turn over the crop alone, answered with the letter: what r_region's frozen reward model is
+  asked, so the warm-up model can serve as that reward model;
+* ``full``: one plain turn over the whole image at native resolution: the single-pass baseline's skill.
+
+Replies: stage 1 ``<think> ... </think> <zoom>[box in coarse pixels]</zoom>``; stage 2 ``<think> The enlarged image
+shows <option text>. </think> <answer><letter></answer>``; single turns the letter alone (the prompt asks for it).
+Only the replies (and the end-of-turn token each writes) are trained; prompts and images are masked out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from ergo_vqa.evaluation import single_pass_inputs
+from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
+from processing_ergo.images_ergo import load_image
+from processing_ergo.processing_ergo import ErgoContext, ErgoProcessor, ErgoSample
+from processing_ergo.prompts_ergo import stage_questions
+
+from .data import MULTIPLE_CHOICE_POSTFIX
+
+STAGE1_REPLY = "<think> The question points to one object; zoom in on it. </think> <zoom>[{}, {}, {}, {}]</zoom>"
+STAGE2_REPLY = "<think> The enlarged image shows {}. </think> <answer>{}</answer>"
+
+
+@dataclass
+class ErgoSFTConfig(SFTConfig):
+    """SFTConfig plus the coarse/crop budgets (as at inference) and which example kinds each row gives."""
+
+    coarse_budget: int = field(default=640, metadata={"help": "Vision tokens of the coarse view."})
+    crop_budget: int | None = field(default=None, metadata={"help": "Most vision tokens of the crop (default: coarse)."})
+    ergo_share: float = field(default=1.0, metadata={"help": "Share of rows giving a two-stage example."})
+    crop_share: float = field(default=1.0, metadata={"help": "Share of rows giving a crop-only single turn."})
+    full_share: float = field(default=1.0, metadata={"help": "Share of rows giving a full-resolution single turn "
+                                                                 "(the costly kind: every vision token of the image)."})
+    multiple_choice_postfix: str = field(default=MULTIPLE_CHOICE_POSTFIX)
+    remove_unused_columns: bool = False  # the collator reads the raw rows
+    dataset_kwargs: dict = field(default_factory=lambda: {"skip_prepare_dataset": True})
+
+    def __post_init__(self):
+        if not all(0.0 <= share <= 1.0 for share in self.shares.values()) or not any(self.shares.values()):
+            raise ValueError(f"example shares must lie in [0, 1] and not all be 0, got {self.shares}")
+        super().__post_init__()
+
+    @property
+    def shares(self) -> dict[str, float]:
+        return {"ergo": self.ergo_share, "crop": self.crop_share, "full": self.full_share}
+
+
+def sft_rows(dataset: Dataset, shares: dict[str, float]) -> Dataset:
+    """The examples, one row per (dataset row, kind) with the kind in column ``kind``, shuffled later by the
+    trainer. Kind ``k`` comes from the first ``round(shares[k] * len(dataset))`` rows. Rows the ``ergo`` or
+    ``crop`` kind needs must have a region: a missing one raises rather than silently shrinking the dataset."""
+    counts = {kind: round(share * len(dataset)) for kind, share in shares.items() if share > 0}
+    region_column = "region" if "region" in dataset.column_names else "gt_bbox"
+    needing_region = max(counts.get("ergo", 0), counts.get("crop", 0))
+    if needing_region:
+        regions = dataset[region_column] if region_column in dataset.column_names else [None] * len(dataset)
+        missing = [index for index, region in enumerate(regions[:needing_region]) if region is None]
+        if missing:
+            raise ValueError(f"rows {missing[:10]} have no region: 'ergo' and 'crop' examples need a `region` or "
+                             "`gt_bbox` (original pixels)")
+    pairs = [(index, kind) for kind, count in counts.items() for index in range(count)]
+    rows = dataset.select([index for index, _ in pairs])
+    rows = rows.add_column("kind", [kind for _, kind in pairs])
+    if region_column in rows.column_names and region_column != "zoom_region":
+        rows = rows.rename_column(region_column, "zoom_region")
+    return rows
+
+
+class ErgoSFTCollator:
+    """Builds each example's token ids, pixel values and labels (replies only), then pads the batch on the right."""
+
+    def __init__(self, processor: ErgoProcessor, coarse_budget: int, crop_budget: int | None = None,
+                 postfix: str = MULTIPLE_CHOICE_POSTFIX):
+        self.processor, self.postfix = processor, postfix
+        self.coarse_budget, self.crop_budget = coarse_budget, crop_budget or coarse_budget
+        self.end_of_turn = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        examples = [self.example(row) for row in rows]
+        width = max(len(ids) for ids, _, _ in examples)
+        pad = self.processor.tokenizer.pad_token_id
+        batch = {
+            "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _, _ in examples]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in examples]),
+            "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels, _ in examples]),
+            "mm_token_type_ids": torch.tensor([types + [0] * (width - len(types)) for _, _, (types, _, _) in examples]),
+            "pixel_values": torch.cat([pixels for _, _, (_, pixels, _) in examples]),
+            "image_grid_thw": torch.cat([grid for _, _, (_, _, grid) in examples]),
+        }
+        return batch
+
+    def example(self, row: dict) -> tuple[list[int], list[int], tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """(input ids, labels, (mm token types, pixel values, grid)) of one row."""
+        image = load_image(row["image"], name="training image")
+        letter, shown = _answer(row)
+        options = row["options"] or []
+        stem, full = stage_questions(row["question"], options, self.postfix if options else "")
+        if row["kind"] == "ergo":
+            return self._two_stage(image, row["question"], options, row["zoom_region"], letter, shown)
+        if row["kind"] == "crop":
+            prompt = self._crop_prompt(image, full, row["zoom_region"])
+        else:
+            prompt = single_pass_inputs(self.processor, [image], [full])
+        return self._with_reply(prompt, letter)
+
+    def _two_stage(self, image, question, options, region, letter, shown):
+        processor = self.processor
+        postfix = self.postfix if options else ""
+        stage1 = processor.prepare([image], [question], options=[options], postfixes=[postfix],
+                                   coarse_budget=self.coarse_budget, crop_budget=self.crop_budget, fallback="resize")
+        context: ErgoContext = stage1["ergo_context"]
+        full = context.samples[0].stage2_question
+        reply1 = STAGE1_REPLY.format(*coarse_box(region, image.size, context.samples[0].coarse_size))
+        decision = processor.plan_stage2(context, [reply1])[0]
+        if decision.fallback is not None:
+            raise ValueError(f"region {region} gives no crop ({decision.fallback})")
+        turn = processor.stage2_turn(decision, full, context.stage2_template)
+        reply1_ids = self._tokens(reply1)
+        reply2_ids = self._tokens(STAGE2_REPLY.format(shown, letter)) + [self.end_of_turn]
+        prompt_ids, turn_ids = stage1["input_ids"][0].tolist(), turn["input_ids"][0].tolist()
+        ids = prompt_ids + reply1_ids + turn_ids + reply2_ids
+        # The turn opens with the end-of-turn token stage 1 writes: trained, like the rollout does.
+        labels = [-100] * len(prompt_ids) + reply1_ids + turn_ids[:1] + [-100] * (len(turn_ids) - 1) + reply2_ids
+        types = (stage1["mm_token_type_ids"][0].tolist() + [0] * len(reply1_ids) + turn["mm_token_type_ids"][0].tolist()
+                 + [0] * len(reply2_ids))
+        pixels = torch.cat([stage1["pixel_values"], turn["pixel_values"]])
+        grid = torch.cat([stage1["image_grid_thw"], turn["image_grid_thw"]])
+        return ids, labels, (types, pixels, grid)
+
+    def _crop_prompt(self, image, full, region):
+        """The crop the ``ergo`` example of this row would cut, alone under the plain single-turn prompt."""
+        coarse = resize_to_budget(image, budget_to_pixels(self.coarse_budget))
+        sample = ErgoSample(image, coarse.size, full)
+        context = ErgoContext(self.processor, [sample], budget_to_pixels(self.crop_budget), "resize",
+                              self.processor.stage2_template)
+        box = coarse_box(region, image.size, coarse.size)
+        decision = self.processor.plan_stage2(context, [STAGE1_REPLY.format(*box)])[0]
+        return single_pass_inputs(self.processor, [decision.image], [full], coarse_budget=self.crop_budget)
+
+    def _with_reply(self, prompt, letter: str):
+        prompt_ids = prompt["input_ids"][0].tolist()
+        reply = self._tokens(letter) + [self.end_of_turn]
+        types = prompt["mm_token_type_ids"][0].tolist() + [0] * len(reply)
+        return prompt_ids + reply, [-100] * len(prompt_ids) + reply, (types, prompt["pixel_values"], prompt["image_grid_thw"])
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.processor.tokenizer.encode(text, add_special_tokens=False)
+
+
+def coarse_box(region: list[int], original_size: tuple[int, int], coarse_size: tuple[int, int]) -> list[int]:
+    """``region`` (original pixels) in the coarse view's pixels, rounded outwards so the crop still covers it."""
+    scale_x, scale_y = coarse_size[0] / original_size[0], coarse_size[1] / original_size[1]
+    x1, y1, x2, y2 = region
+    return [max(0, math.floor(x1 * scale_x)), max(0, math.floor(y1 * scale_y)),
+            min(coarse_size[0], math.ceil(x2 * scale_x)), min(coarse_size[1], math.ceil(y2 * scale_y))]
+
+
+def _answer(row: dict) -> tuple[str, str]:
+    """(what the reply answers, what stage 2's reasoning says it sees): the letter and its option's text for
+    multiple choice, the answer itself otherwise."""
+    answer = row["answer"].strip()
+    for option in row["options"] or []:
+        if option.lstrip().startswith(f"({answer})"):
+            return answer, option.split(")", 1)[1].strip()
+    return answer, answer
+
+
+def build_sft_trainer(model, processor: ErgoProcessor, dataset: Dataset, args: ErgoSFTConfig) -> SFTTrainer:
+    """TRL's SFTTrainer over ``dataset`` (training schema, with regions) expanded into the examples above."""
+    collator = ErgoSFTCollator(processor, args.coarse_budget, args.crop_budget, args.multiple_choice_postfix)
+    return SFTTrainer(model=model, args=args, train_dataset=sft_rows(dataset, args.shares), data_collator=collator,
+                      processing_class=processor)

@@ -1,0 +1,146 @@
+"""The synthetic demo model end to end on a CPU: data, supervised warm-up, GRPO with TCE, evaluation.
+
+    python -m training.synthetic runs/synthetic           # about 45 minutes on 2 CPU cores
+    python -m training.synthetic runs/synthetic --ship    # then copy the trained model to ergo_vqa/demo_model
+
+Each step writes a folder under OUT and is skipped when that folder is complete, so an interrupted run resumes:
+
+1. ``data``: the synthetic splits (``ergo_vqa.synthetic``), in the training schema;
+2. ``init``: a ``DEMO``-shape Qwen2.5-VL built from config, random weights, offline tokenizer;
+3. ``sft``: the two-turn warm-up (``training.sft``, TRL's SFTTrainer), written as an ERGO Hub folder;
+4. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the SFT model, which is also the frozen reward
+   model of r_region; its ERGO folder is ``grpo/ergo``;
+5. ``eval``: ``ergo_vqa.evaluation`` on the test split, the same samples for every mode: coarse-only and
+   full-resolution single passes and ERGO for the SFT model, ERGO for the GRPO model; ``results.md`` and
+   ``results.json`` hold the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ergo_vqa.eval_data import load_benchmark
+from ergo_vqa.evaluation import evaluate
+from ergo_vqa.inference import load
+from ergo_vqa.synthetic import write_splits
+from ergo_vqa.tiny import DEMO, DEMO_VOCAB_SIZE, build_model, build_processor, build_tokenizer
+from hub_card import save_hub_folder
+from modeling_ergo import ErgoForConditionalGeneration
+from processing_ergo import ErgoProcessor
+
+from .data import load_training_data
+from .grpo import main as grpo_main
+from .sft import ErgoSFTConfig, build_sft_trainer
+
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "ergo_vqa" / "demo_model"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The sizes behind the published table (README, "Synthetic proof")."""
+
+    splits: tuple[tuple[str, int], ...] = (("train", 1200), ("validation", 100), ("test", 200))
+    budget: int = 144
+    """Coarse and crop budget, vision tokens: the 1344x1344 image shrinks 4x in the coarse view."""
+    sft_epochs: float = 2.0
+    sft_learning_rate: float = 1e-3
+    full_share: float = 0.1
+    grpo_steps: int = 40
+    grpo_learning_rate: float = 1e-4
+    seed: int = 0
+
+
+def run(out: Path, recipe: Recipe = Recipe()) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    data = out / "data"
+    if not (data / "test.jsonl").is_file():
+        write_splits(data, dict(recipe.splits), seed=recipe.seed)
+    init = out / "init"
+    if not (init / "config.json").is_file():
+        tokenizer = build_tokenizer(DEMO_VOCAB_SIZE)
+        save_hub_folder(build_model(tokenizer, DEMO, seed=recipe.seed), build_processor(tokenizer), init)
+    sft = out / "sft"
+    if not (sft / "config.json").is_file():
+        supervised_warm_up(init, data / "train.jsonl", sft, recipe)
+    grpo = out / "grpo" / "ergo"
+    if not (grpo / "config.json").is_file():
+        grpo_main(grpo_arguments(sft, data / "train.jsonl", out / "grpo", recipe))
+    return evaluate_all({"SFT": sft, "SFT + GRPO": grpo}, data, out / "eval", recipe.budget)
+
+
+def supervised_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe) -> Path:
+    processor = ErgoProcessor.from_pretrained(init, coarse_budget=recipe.budget)
+    model = ErgoForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    args = ErgoSFTConfig(
+        output_dir=str(folder.parent / "sft-run"), coarse_budget=recipe.budget, full_share=recipe.full_share,
+        num_train_epochs=recipe.sft_epochs, learning_rate=recipe.sft_learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=0.05, per_device_train_batch_size=8, weight_decay=0.0, logging_steps=10, save_strategy="no",
+        report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
+        dataloader_num_workers=0, max_length=None,
+    )
+    trainer = build_sft_trainer(model, processor, load_training_data(str(train_file)), args)
+    trainer.train()
+    save_hub_folder(trainer.model, processor, folder, base_model="synthetic-init")
+    return folder
+
+
+def grpo_arguments(sft: Path, train_file: Path, out: Path, recipe: Recipe) -> list[str]:
+    """The shipped 7B recipe with this model, data and CPU-sized settings."""
+    recipe_file = Path(__file__).parent / "recipes" / "ergo-qwen2.5-vl-7b.yaml"
+    return [
+        "--config", str(recipe_file), "--model_name_or_path", str(sft), "--dataset", str(train_file),
+        "--reward_model_endpoint", "", "--reward_model", str(sft), "--reward_model_batch_size", "16",
+        "--dtype", "float32", "--output_dir", str(out), "--max_steps", str(recipe.grpo_steps),
+        "--save_steps", str(recipe.grpo_steps), "--use_cpu", "true", "--bf16", "false",
+        "--gradient_checkpointing", "false", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+        "--num_generations", "4", "--max_completion_length", "48", "--stage2_max_completion_length", "24",
+        "--coarse_budget", str(recipe.budget), "--learning_rate", str(recipe.grpo_learning_rate),
+        "--temperature", "1.0", "--report_to", "none", "--use_peft", "false", "--seed", str(recipe.seed),
+    ]
+
+
+def evaluate_all(models: dict[str, Path], data: Path, out: Path, budget: int) -> dict:
+    samples = load_benchmark("synthetic", data, split="test")
+    rows = []
+    for name, folder in models.items():
+        model, processor = load(str(folder), device="cpu")
+        modes = ("coarse", "full", "ergo") if name == "SFT" else ("ergo",)
+        for mode in modes:
+            summary = evaluate(model, processor, samples, mode, out / name.replace(" ", "").replace("+", "-"),
+                               "synthetic", budget=budget, batch_size=8, max_new_tokens=64)
+            rows.append({"model": name, **summary})
+    full = next(row for row in rows if row["mode"] == "full")
+    lines = ["| model | mode | accuracy | vision tokens / sample | share of full | s / sample |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        share = row["mean_vision_tokens"] / full["mean_vision_tokens"]
+        lines.append(f"| {row['model']} | {row['mode']} | {100 * row['accuracy']:.1f}% | "
+                     f"{row['mean_vision_tokens']:.0f} | {100 * share:.0f}% | {row['mean_seconds']:.2f} |")
+    table = "\n".join(lines) + f"\n\n{len(samples)} test samples, 4 options each (chance 25%).\n"
+    (out.parent / "results.md").write_text(table)
+    (out.parent / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return {"table": table, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder for data, checkpoints and results")
+    parser.add_argument("--ship", action="store_true", help=f"copy the SFT + GRPO model to {SHIPPED_MODEL}")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    result = run(args.out)
+    print(result["table"])
+    if args.ship:
+        shutil.rmtree(SHIPPED_MODEL, ignore_errors=True)
+        shutil.copytree(args.out / "grpo" / "ergo", SHIPPED_MODEL)
+        print(f"shipped to {SHIPPED_MODEL}")
+
+
+if __name__ == "__main__":
+    main()
