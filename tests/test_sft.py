@@ -54,8 +54,10 @@ def test_single_turn_examples_answer_with_the_letter(processor, dataset):
 
 
 def test_example_shares_and_missing_regions(dataset):
-    rows = sft_rows(dataset, {"ergo": 1.0, "crop": 0.5, "full": 0.25})
+    rows = sft_rows(dataset, {"ergo": 1.0, "crop": 0.5, "full": 0.25}, coarse_budget=64)
     assert sorted(rows["kind"]) == ["crop"] * 2 + ["ergo"] * 4 + ["full"]
+    # Lengths the trainer groups batches by: vision tokens (a 336 px cell is 144 tokens, capped at the budget).
+    assert set(zip(rows["kind"], rows["length"])) == {("ergo", 64 + 64), ("crop", 64), ("full", 48 * 48)}
     without = dataset.remove_columns(["region"]).map(lambda row, i: {"gt_bbox": None if i == 1 else row["gt_bbox"]},
                                                      with_indices=True)
     with pytest.raises(ValueError, match=r"rows \[1\] have no region"):

@@ -19,16 +19,18 @@ Only the replies (and the end-of-turn token each writes) are trained; prompts an
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
+from PIL import Image
 from trl import SFTConfig, SFTTrainer
 
 from ergo_vqa.evaluation import single_pass_inputs
-from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
+from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget, vision_tokens
 from processing_ergo.images_ergo import load_image
-from processing_ergo.processing_ergo import ErgoContext, ErgoProcessor, ErgoSample
+from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET, ErgoContext, ErgoProcessor, ErgoSample
 from processing_ergo.prompts_ergo import stage_questions
 
 from .data import MULTIPLE_CHOICE_POSTFIX
@@ -50,6 +52,8 @@ class ErgoSFTConfig(SFTConfig):
     multiple_choice_postfix: str = field(default=MULTIPLE_CHOICE_POSTFIX)
     remove_unused_columns: bool = False  # the collator reads the raw rows
     dataset_kwargs: dict = field(default_factory=lambda: {"skip_prepare_dataset": True})
+    # Batches of like-sized examples: a full-resolution example padded into a batch of crops costs 8x its share.
+    train_sampling_strategy: str = "group_by_length"
 
     def __post_init__(self):
         if not all(0.0 <= share <= 1.0 for share in self.shares.values()) or not any(self.shares.values()):
@@ -61,10 +65,11 @@ class ErgoSFTConfig(SFTConfig):
         return {"ergo": self.ergo_share, "crop": self.crop_share, "full": self.full_share}
 
 
-def sft_rows(dataset: Dataset, shares: dict[str, float]) -> Dataset:
-    """The examples, one row per (dataset row, kind) with the kind in column ``kind``, shuffled later by the
-    trainer. Kind ``k`` comes from the first ``round(shares[k] * len(dataset))`` rows. Rows the ``ergo`` or
-    ``crop`` kind needs must have a region: a missing one raises rather than silently shrinking the dataset."""
+def sft_rows(dataset: Dataset, shares: dict[str, float], coarse_budget: int = 640, crop_budget: int | None = None) -> Dataset:
+    """The examples, one row per (dataset row, kind) with the kind in column ``kind`` and the vision tokens it will
+    hold in ``length`` (what the trainer groups batches by). Kind ``k`` comes from the first
+    ``round(shares[k] * len(dataset))`` rows. Rows the ``ergo`` or ``crop`` kind needs must have a region: a missing
+    one raises rather than silently shrinking the dataset."""
     counts = {kind: round(share * len(dataset)) for kind, share in shares.items() if share > 0}
     region_column = "region" if "region" in dataset.column_names else "gt_bbox"
     needing_region = max(counts.get("ergo", 0), counts.get("crop", 0))
@@ -77,9 +82,21 @@ def sft_rows(dataset: Dataset, shares: dict[str, float]) -> Dataset:
     pairs = [(index, kind) for kind, count in counts.items() for index in range(count)]
     rows = dataset.select([index for index, _ in pairs])
     rows = rows.add_column("kind", [kind for _, kind in pairs])
-    if region_column in rows.column_names and region_column != "zoom_region":
+    if region_column in rows.column_names:
         rows = rows.rename_column(region_column, "zoom_region")
-    return rows
+    return rows.map(lambda row: {"length": _vision_tokens(row, coarse_budget, crop_budget or coarse_budget)},
+                    desc="sizing examples")
+
+
+def _vision_tokens(row: dict, coarse_budget: int, crop_budget: int) -> int:
+    """Roughly the vision tokens of an example, from the image header and the region (no decoding)."""
+    with Image.open(row["image"]) if isinstance(row["image"], str) else nullcontext(row["image"]) as image:
+        width, height = image.size
+    if row["kind"] == "full":
+        return min(vision_tokens(width, height), FULL_RESOLUTION_BUDGET)
+    x1, y1, x2, y2 = row["zoom_region"]
+    crop = min(max(4, (x2 - x1) * (y2 - y1) // 784), crop_budget)
+    return crop + (coarse_budget if row["kind"] == "ergo" else 0)
 
 
 class ErgoSFTCollator:
@@ -184,5 +201,5 @@ def _answer(row: dict) -> tuple[str, str]:
 def build_sft_trainer(model, processor: ErgoProcessor, dataset: Dataset, args: ErgoSFTConfig) -> SFTTrainer:
     """TRL's SFTTrainer over ``dataset`` (training schema, with regions) expanded into the examples above."""
     collator = ErgoSFTCollator(processor, args.coarse_budget, args.crop_budget, args.multiple_choice_postfix)
-    return SFTTrainer(model=model, args=args, train_dataset=sft_rows(dataset, args.shares), data_collator=collator,
-                      processing_class=processor)
+    rows = sft_rows(dataset, args.shares, args.coarse_budget, args.crop_budget)
+    return SFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor)
