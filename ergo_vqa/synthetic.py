@@ -38,7 +38,10 @@ SEGMENTS = {
     "5": "afgcd", "6": "afgedc", "7": "abc", "8": "abcdefg", "9": "abcdfg",
 }
 QUESTION = "What number is written on the {color} {shape}?"
-SPLITS = {"train": 2000, "validation": 100, "test": 200}
+OPTIONS = [f"({chr(65 + digit)}) {digit}" for digit in range(10)]
+"""Every question offers the ten digits in order, (A) 0 to (J) 9: answering is reading, not option matching."""
+SPLITS = {"train": 800, "validation": 100, "test": 200}
+"""Images per split; ``write_split`` asks one question per image, or one per shape (``questions_per_image``)."""
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,24 @@ class SceneSpec:
     grid: int = 4
     shapes: tuple[int, int] = (3, 6)
     shape_side: tuple[int, int] = (64, 100)
-    digit_height: int = 16
+    digit_height: int = 12
+    patch: int = 14
+    """Digits sit inside one cell of Qwen2.5-VL's 14 px patch grid, so each digit always meets the vision tower as
+    the same pixels: a model this small, trained from scratch on a CPU, then learns to read them in minutes."""
     clutter: int = 140
 
     @property
     def cell(self) -> int:
         return self.size // self.grid
+
+
+@dataclass
+class Target:
+    box: list[int]
+    region: list[int]
+    color: str
+    shape: str
+    digit: str
 
 
 @dataclass
@@ -71,64 +86,75 @@ class SyntheticSample:
     color: str
 
 
-def generate_sample(seed: int | str, spec: SceneSpec = SceneSpec()) -> SyntheticSample:
-    """One scene and its question, fully determined by ``seed``."""
+def generate_scene(seed: int | str, spec: SceneSpec = SceneSpec()) -> tuple[Image.Image, list[Target]]:
+    """An image and its labelled shapes, fully determined by ``seed``."""
     rng = random.Random(seed)
     image = _backdrop(spec.size)
     draw = ImageDraw.Draw(image)
     for _ in range(spec.clutter):
         _draw_clutter(draw, rng, spec.size)
-
     count = rng.randint(*spec.shapes)
     cells = rng.sample(range(spec.grid * spec.grid), count)
     colors = rng.sample(sorted(COLORS), count)
     digits = rng.sample(sorted(SEGMENTS), count)
-    shapes = [rng.choice(SHAPES) for _ in range(count)]
-    boxes = []
-    for cell, color, digit, shape in zip(cells, colors, digits, shapes):
-        side = rng.randint(*spec.shape_side)
+    targets = []
+    for cell, color, digit in zip(cells, colors, digits):
+        shape, side = rng.choice(SHAPES), rng.randint(*spec.shape_side)
         row, column = divmod(cell, spec.grid)
         margin = 8
         x = column * spec.cell + rng.randint(margin, spec.cell - side - margin)
         y = row * spec.cell + rng.randint(margin, spec.cell - side - margin)
         box = [x, y, x + side, y + side]
         _draw_shape(draw, shape, box, COLORS[color])
-        _draw_label(draw, digit, box, spec.digit_height)
-        boxes.append(box)
-
-    # The first shape is the target.
-    row, column = divmod(cells[0], spec.grid)
-    digit, color = digits[0], colors[0]
-    choices = [digit] + digits[1:4]
-    choices += rng.sample([d for d in sorted(SEGMENTS) if d not in choices], 4 - len(choices))
-    rng.shuffle(choices)
-    options = [f"({chr(65 + i)}) {choice}" for i, choice in enumerate(choices)]
-    region = [column * spec.cell, row * spec.cell, (column + 1) * spec.cell, (row + 1) * spec.cell]
-    return SyntheticSample(image, QUESTION.format(color=color, shape=shapes[0]), options,
-                           chr(65 + choices.index(digit)), boxes[0], region, digit, color)
+        _draw_label(draw, digit, box, spec.digit_height, spec.patch)
+        region = [column * spec.cell, row * spec.cell, (column + 1) * spec.cell, (row + 1) * spec.cell]
+        targets.append(Target(box, region, color, shape, digit))
+    return image, targets
 
 
-def write_split(root: str | Path, split: str, count: int, seed: int = 0, spec: SceneSpec = SceneSpec()) -> Path:
-    """``<root>/<split>.jsonl`` and ``<root>/<split>/<index>.png``; rows in the training schema plus ``region``,
-    ``id`` and ``category`` (the target colour). Sample ``i`` of a split is ``generate_sample(f"{seed}/{split}/{i}")``."""
+def ask(image: Image.Image, target: Target) -> SyntheticSample:
+    """The question about ``target``: its digit, found by its colour."""
+    return SyntheticSample(image, QUESTION.format(color=target.color, shape=target.shape), list(OPTIONS),
+                           chr(65 + int(target.digit)), target.box, target.region, target.digit, target.color)
+
+
+def generate_sample(seed: int | str, spec: SceneSpec = SceneSpec()) -> SyntheticSample:
+    """One scene and the question about its first shape."""
+    image, targets = generate_scene(seed, spec)
+    return ask(image, targets[0])
+
+
+def write_split(root: str | Path, split: str, count: int, seed: int = 0, spec: SceneSpec = SceneSpec(),
+                questions_per_image: int = 1) -> Path:
+    """``<root>/<split>.jsonl`` and ``<root>/<split>/<index>.png`` for ``count`` images (image ``i`` is
+    ``generate_scene(f"{seed}/{split}/{i}")``), asking about up to ``questions_per_image`` of each image's shapes.
+    Rows are in the training schema plus ``region``, ``id`` and ``category`` (the target colour), ordered by
+    question round: every image's first question, then every image's second, so any prefix covers the images."""
     root = Path(root)
     (root / split).mkdir(parents=True, exist_ok=True)
-    rows = []
+    rounds: list[list[dict]] = [[] for _ in range(questions_per_image)]
     for index in range(count):
-        sample = generate_sample(f"{seed}/{split}/{index}", spec)
+        image, targets = generate_scene(f"{seed}/{split}/{index}", spec)
         image_path = f"{split}/{index:05d}.png"
-        sample.image.save(root / image_path, compress_level=3)
-        rows.append({
-            "id": f"{split}-{index:05d}", "image": image_path, "question": sample.question, "options": sample.options,
-            "answer": sample.answer, "gt_bbox": sample.gt_bbox, "region": sample.region, "category": sample.color,
-        })
+        image.save(root / image_path, compress_level=3)
+        for number, target in enumerate(targets[:questions_per_image]):
+            sample = ask(image, target)
+            rounds[number].append({
+                "id": f"{split}-{index:05d}-{number}", "image": image_path, "question": sample.question,
+                "options": sample.options, "answer": sample.answer, "gt_bbox": sample.gt_bbox,
+                "region": sample.region, "category": sample.color,
+            })
     path = root / f"{split}.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path.write_text("".join(json.dumps(row) + "\n" for rows in rounds for row in rows))
     return path
 
 
-def write_splits(root: str | Path, counts: dict[str, int] = SPLITS, seed: int = 0) -> dict[str, Path]:
-    return {split: write_split(root, split, count, seed) for split, count in counts.items()}
+def write_splits(root: str | Path, counts: dict[str, int] = SPLITS, seed: int = 0,
+                 train_questions_per_image: int = max(SceneSpec.shapes)) -> dict[str, Path]:
+    """The three splits; training asks about every shape of an image, evaluation about one."""
+    return {split: write_split(root, split, count, seed,
+                               questions_per_image=train_questions_per_image if split == "train" else 1)
+            for split, count in counts.items()}
 
 
 def _backdrop(size: int) -> Image.Image:
@@ -170,12 +196,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: list[int], color: tu
         draw.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=color)
 
 
-def _draw_label(draw: ImageDraw.ImageDraw, digit: str, box: list[int], height: int) -> None:
-    """A white label with a black seven-segment digit, centred on the shape."""
-    width, stroke = height * 5 // 9, max(2, height // 6)
+def _draw_label(draw: ImageDraw.ImageDraw, digit: str, box: list[int], height: int, patch: int) -> None:
+    """A white label with a black seven-segment digit, near the shape's centre, the digit inside one patch cell."""
+    width, stroke = height * 7 // 12, max(2, height // 6)
     cx, cy = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
-    left, top = cx - width // 2, cy - height // 2
-    draw.rectangle((left - 5, top - 5, left + width + 5, top + height + 5), fill=(255, 255, 255))
+    left = cx // patch * patch + (patch - width) // 2
+    top = cy // patch * patch + (patch - height) // 2
+    draw.rectangle((left - 5, top - 5, left + width + 4, top + height + 4), fill=(255, 255, 255))
     half = height // 2
     spans = {
         "a": (left, top, left + width, top + stroke), "d": (left, top + height - stroke, left + width, top + height),

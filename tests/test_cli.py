@@ -67,7 +67,17 @@ def test_missing_model_is_reported(tmp_path, capsys):
 
 
 def test_demo_runs_offline_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--budget", "64"]) == 0
+    """`make demo`: the shipped trained model on a generated image, with the answer, the region and the pictures."""
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out
-    assert "random weights" in printed and "region:" in printed and "none (" not in printed
-    assert (tmp_path / "demo" / "scene.png").is_file()
+    for label in ("trained on the synthetic task", "answer:", "region:", "correct:", "verdict:", "vision tokens:"):
+        assert label in printed
+    assert "none (" not in printed  # stage 1 named a usable region
+    assert (tmp_path / "demo" / "scene.png").is_file() and (tmp_path / "demo" / "crop.png").is_file()
+
+
+def test_demo_without_a_model_says_how_to_build_one(tmp_path):
+    from ergo_vqa.demo import run
+
+    with pytest.raises(FileNotFoundError, match="python -m training.synthetic"):
+        run(tmp_path / "out", model_dir=tmp_path / "missing")

@@ -25,7 +25,7 @@ def test_two_stage_example_is_the_inference_layout_with_replies_labelled(process
     ids, labels, (types, pixels, grid) = collator.example(row)
     box = coarse_box(row["region"], (1344, 1344), (224, 224))  # 64 tokens: the 1344 px square becomes 224 px
     letter = row["answer"]
-    digit = row["options"]["ABCD".index(letter)].split(") ")[1]
+    digit = row["options"][ord(letter) - ord("A")].split(") ")[1]
     assert _labelled_text(processor, ids, labels) == (
         STAGE1_REPLY.format(*box) + "<|im_end|>" + STAGE2_REPLY.format(digit, letter) + "<|im_end|>")
     assert grid.shape[0] == 2 and len(ids) == len(labels) == len(types)  # coarse view and crop
