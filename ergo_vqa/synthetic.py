@@ -40,8 +40,7 @@ SEGMENTS = {
 QUESTION = "What number is written on the {color} {shape}?"
 OPTIONS = [f"({chr(65 + digit)}) {digit}" for digit in range(10)]
 """Every question offers the ten digits in order, (A) 0 to (J) 9: answering is reading, not option matching."""
-SPLITS = {"train": 800, "validation": 100, "test": 200}
-"""Images per split; ``write_split`` asks one question per image, or one per shape (``questions_per_image``)."""
+SPLITS = {"train": 1000, "validation": 100, "test": 200}
 
 
 @dataclass(frozen=True)
@@ -64,15 +63,6 @@ class SceneSpec:
 
 
 @dataclass
-class Target:
-    box: list[int]
-    region: list[int]
-    color: str
-    shape: str
-    digit: str
-
-
-@dataclass
 class SyntheticSample:
     image: Image.Image
     question: str
@@ -86,8 +76,8 @@ class SyntheticSample:
     color: str
 
 
-def generate_scene(seed: int | str, spec: SceneSpec = SceneSpec()) -> tuple[Image.Image, list[Target]]:
-    """An image and its labelled shapes, fully determined by ``seed``."""
+def generate_sample(seed: int | str, spec: SceneSpec = SceneSpec()) -> SyntheticSample:
+    """One scene and its question, fully determined by ``seed``."""
     rng = random.Random(seed)
     image = _backdrop(spec.size)
     draw = ImageDraw.Draw(image)
@@ -95,66 +85,46 @@ def generate_scene(seed: int | str, spec: SceneSpec = SceneSpec()) -> tuple[Imag
         _draw_clutter(draw, rng, spec.size)
     count = rng.randint(*spec.shapes)
     cells = rng.sample(range(spec.grid * spec.grid), count)
-    colors = rng.sample(sorted(COLORS), count)
     digits = rng.sample(sorted(SEGMENTS), count)
-    targets = []
-    for cell, color, digit in zip(cells, colors, digits):
-        shape, side = rng.choice(SHAPES), rng.randint(*spec.shape_side)
+    color = rng.choice(sorted(COLORS))
+    shapes = [rng.choice(SHAPES) for _ in range(count)]
+    boxes = []
+    for index, (cell, digit, shape) in enumerate(zip(cells, digits, shapes)):
+        side = rng.randint(*spec.shape_side)
         row, column = divmod(cell, spec.grid)
         margin = 8
         x = column * spec.cell + rng.randint(margin, spec.cell - side - margin)
         y = row * spec.cell + rng.randint(margin, spec.cell - side - margin)
-        box = [x, y, x + side, y + side]
-        _draw_shape(draw, shape, box, COLORS[color])
-        _draw_label(draw, digit, box, spec.digit_height, spec.patch)
-        region = [column * spec.cell, row * spec.cell, (column + 1) * spec.cell, (row + 1) * spec.cell]
-        targets.append(Target(box, region, color, shape, digit))
-    return image, targets
+        boxes.append([x, y, x + side, y + side])
+        _draw_shape(draw, shape, boxes[-1], COLORS[color] if index == 0 else _muted(rng))
+        _draw_label(draw, digit, boxes[-1], spec.digit_height, spec.patch)
+    row, column = divmod(cells[0], spec.grid)
+    region = [column * spec.cell, row * spec.cell, (column + 1) * spec.cell, (row + 1) * spec.cell]
+    return SyntheticSample(image, QUESTION.format(color=color, shape=shapes[0]), list(OPTIONS),
+                           chr(65 + int(digits[0])), boxes[0], region, digits[0], color)
 
 
-def ask(image: Image.Image, target: Target) -> SyntheticSample:
-    """The question about ``target``: its digit, found by its colour."""
-    return SyntheticSample(image, QUESTION.format(color=target.color, shape=target.shape), list(OPTIONS),
-                           chr(65 + int(target.digit)), target.box, target.region, target.digit, target.color)
-
-
-def generate_sample(seed: int | str, spec: SceneSpec = SceneSpec()) -> SyntheticSample:
-    """One scene and the question about its first shape."""
-    image, targets = generate_scene(seed, spec)
-    return ask(image, targets[0])
-
-
-def write_split(root: str | Path, split: str, count: int, seed: int = 0, spec: SceneSpec = SceneSpec(),
-                questions_per_image: int = 1) -> Path:
-    """``<root>/<split>.jsonl`` and ``<root>/<split>/<index>.png`` for ``count`` images (image ``i`` is
-    ``generate_scene(f"{seed}/{split}/{i}")``), asking about up to ``questions_per_image`` of each image's shapes.
-    Rows are in the training schema plus ``region``, ``id`` and ``category`` (the target colour), ordered by
-    question round: every image's first question, then every image's second, so any prefix covers the images."""
+def write_split(root: str | Path, split: str, count: int, seed: int = 0, spec: SceneSpec = SceneSpec()) -> Path:
+    """``<root>/<split>.jsonl`` and ``<root>/<split>/<index>.png``; rows in the training schema plus ``region``,
+    ``id`` and ``category`` (the target colour). Sample ``i`` of a split is ``generate_sample(f"{seed}/{split}/{i}")``."""
     root = Path(root)
     (root / split).mkdir(parents=True, exist_ok=True)
-    rounds: list[list[dict]] = [[] for _ in range(questions_per_image)]
+    rows = []
     for index in range(count):
-        image, targets = generate_scene(f"{seed}/{split}/{index}", spec)
+        sample = generate_sample(f"{seed}/{split}/{index}", spec)
         image_path = f"{split}/{index:05d}.png"
-        image.save(root / image_path, compress_level=3)
-        for number, target in enumerate(targets[:questions_per_image]):
-            sample = ask(image, target)
-            rounds[number].append({
-                "id": f"{split}-{index:05d}-{number}", "image": image_path, "question": sample.question,
-                "options": sample.options, "answer": sample.answer, "gt_bbox": sample.gt_bbox,
-                "region": sample.region, "category": sample.color,
-            })
+        sample.image.save(root / image_path, compress_level=3)
+        rows.append({
+            "id": f"{split}-{index:05d}", "image": image_path, "question": sample.question, "options": sample.options,
+            "answer": sample.answer, "gt_bbox": sample.gt_bbox, "region": sample.region, "category": sample.color,
+        })
     path = root / f"{split}.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for rows in rounds for row in rows))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
-def write_splits(root: str | Path, counts: dict[str, int] = SPLITS, seed: int = 0,
-                 train_questions_per_image: int = max(SceneSpec.shapes)) -> dict[str, Path]:
-    """The three splits; training asks about every shape of an image, evaluation about one."""
-    return {split: write_split(root, split, count, seed,
-                               questions_per_image=train_questions_per_image if split == "train" else 1)
-            for split, count in counts.items()}
+def write_splits(root: str | Path, counts: dict[str, int] = SPLITS, seed: int = 0) -> dict[str, Path]:
+    return {split: write_split(root, split, count, seed) for split, count in counts.items()}
 
 
 def _backdrop(size: int) -> Image.Image:
@@ -169,10 +139,15 @@ def _backdrop(size: int) -> Image.Image:
     return Image.fromarray(pixels.round().astype(np.uint8), "RGB")
 
 
-def _draw_clutter(draw: ImageDraw.ImageDraw, rng: random.Random, size: int) -> None:
-    """A muted (low-saturation) rectangle, ellipse or line, so no clutter shares a target colour."""
+def _muted(rng: random.Random) -> tuple[int, int, int]:
+    """A low-saturation colour: never one of the target colours."""
     grey = rng.randint(60, 200)
-    color = tuple(min(255, max(0, grey + rng.randint(-18, 18))) for _ in range(3))
+    return tuple(min(255, max(0, grey + rng.randint(-18, 18))) for _ in range(3))
+
+
+def _draw_clutter(draw: ImageDraw.ImageDraw, rng: random.Random, size: int) -> None:
+    """A muted rectangle, ellipse or line."""
+    color = _muted(rng)
     x, y = rng.randrange(size), rng.randrange(size)
     w, h = rng.randint(8, 70), rng.randint(8, 70)
     kind = rng.random()

@@ -46,7 +46,9 @@ def test_box_written_in_coarse_pixels_covers_the_region(dataset):
 
 def test_single_turn_examples_answer_with_the_letter(processor, dataset):
     collator = ErgoSFTCollator(processor, coarse_budget=64)
-    for kind, images_tokens in (("crop", 64), ("full", 48 * 48)):
+    side = dataset[2]["gt_bbox"][2] - dataset[2]["gt_bbox"][0]
+    evidence_tokens = round(side / 28) ** 2  # the shape's box at native resolution, sides rounded to 28 px
+    for kind, images_tokens in (("crop", 64), ("full", 48 * 48), ("evidence", evidence_tokens)):
         row = {**dataset[2], "kind": kind, "zoom_region": dataset[2]["region"]}
         ids, labels, (_, _, grid) = collator.example(row)
         assert _labelled_text(processor, ids, labels) == row["answer"] + "<|im_end|>"
@@ -54,14 +56,17 @@ def test_single_turn_examples_answer_with_the_letter(processor, dataset):
 
 
 def test_example_shares_and_missing_regions(dataset):
-    rows = sft_rows(dataset, {"ergo": 1.0, "crop": 0.5, "full": 0.25}, coarse_budget=64)
-    assert sorted(rows["kind"]) == ["crop"] * 2 + ["ergo"] * 4 + ["full"]
+    rows = sft_rows(dataset, {"ergo": 1.0, "crop": 0.5, "full": 0.25, "evidence": 0.25}, coarse_budget=64)
+    assert sorted(rows["kind"]) == ["crop"] * 2 + ["ergo"] * 4 + ["evidence", "full"]
     # Lengths the trainer groups batches by: vision tokens (a 336 px cell is 144 tokens, capped at the budget).
-    assert set(zip(rows["kind"], rows["length"])) == {("ergo", 64 + 64), ("crop", 64), ("full", 48 * 48)}
+    lengths = set(zip(rows["kind"], rows["length"]))
+    assert {("ergo", 64 + 64), ("crop", 64), ("full", 48 * 48)} < lengths and len(lengths) == 4
     without = dataset.remove_columns(["region"]).map(lambda row, i: {"gt_bbox": None if i == 1 else row["gt_bbox"]},
                                                      with_indices=True)
-    with pytest.raises(ValueError, match=r"rows \[1\] have no region"):
+    with pytest.raises(ValueError, match=r"rows \[1\] have no gt_bbox"):
         sft_rows(without, {"ergo": 1.0})
+    with pytest.raises(ValueError, match=r"rows \[1\] have no gt_bbox: 'evidence'"):
+        sft_rows(without, {"evidence": 1.0})
     assert len(sft_rows(without, {"full": 1.0})) == 4  # single full-image turns need no region
     with pytest.raises(ValueError, match="shares"):
         ErgoSFTConfig(output_dir="unused", full_share=1.5)

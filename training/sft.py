@@ -9,7 +9,9 @@ examples of three kinds, each from a share of the rows (``ErgoSFTConfig.ergo_sha
   crop is exactly the one inference would cut for that box;
 * ``crop``: one plain turn over the crop alone, answered with the letter: what r_region's frozen reward model is
   asked, so the warm-up model can serve as that reward model;
-* ``full``: one plain turn over the whole image at native resolution: the single-pass baseline's skill.
+* ``full``: one plain turn over the whole image at native resolution: the single-pass baseline's skill;
+* ``evidence``: one plain turn over the ``gt_bbox`` crop alone, a few vision tokens: the cheapest way for a model
+  trained from scratch to learn to read the detail before it has learned where to look.
 
 Replies: stage 1 ``<think> ... </think> <zoom>[box in coarse pixels]</zoom>``; stage 2 ``<think> The enlarged image
 shows <option text>. </think> <answer><letter></answer>``; single turns the letter alone (the prompt asks for it).
@@ -49,6 +51,8 @@ class ErgoSFTConfig(SFTConfig):
     crop_share: float = field(default=1.0, metadata={"help": "Share of rows giving a crop-only single turn."})
     full_share: float = field(default=1.0, metadata={"help": "Share of rows giving a full-resolution single turn "
                                                                  "(the costly kind: every vision token of the image)."})
+    evidence_share: float = field(default=0.0, metadata={"help": "Share of rows giving a single turn over the "
+                                                                     "gt_bbox crop alone (needs gt_bbox)."})
     multiple_choice_postfix: str = field(default=MULTIPLE_CHOICE_POSTFIX)
     remove_unused_columns: bool = False  # the collator reads the raw rows
     dataset_kwargs: dict = field(default_factory=lambda: {"skip_prepare_dataset": True})
@@ -62,30 +66,37 @@ class ErgoSFTConfig(SFTConfig):
 
     @property
     def shares(self) -> dict[str, float]:
-        return {"ergo": self.ergo_share, "crop": self.crop_share, "full": self.full_share}
+        return {"ergo": self.ergo_share, "crop": self.crop_share, "full": self.full_share,
+                "evidence": self.evidence_share}
 
 
 def sft_rows(dataset: Dataset, shares: dict[str, float], coarse_budget: int = 640, crop_budget: int | None = None) -> Dataset:
     """The examples, one row per (dataset row, kind) with the kind in column ``kind`` and the vision tokens it will
     hold in ``length`` (what the trainer groups batches by). Kind ``k`` comes from the first
-    ``round(shares[k] * len(dataset))`` rows. Rows the ``ergo`` or ``crop`` kind needs must have a region: a missing
-    one raises rather than silently shrinking the dataset."""
+    ``round(shares[k] * len(dataset))`` rows. Those rows must have the box their kind needs (``ergo``, ``crop``: a
+    region; ``evidence``: a ``gt_bbox``)."""
     counts = {kind: round(share * len(dataset)) for kind, share in shares.items() if share > 0}
     region_column = "region" if "region" in dataset.column_names else "gt_bbox"
-    needing_region = max(counts.get("ergo", 0), counts.get("crop", 0))
-    if needing_region:
-        regions = dataset[region_column] if region_column in dataset.column_names else [None] * len(dataset)
-        missing = [index for index, region in enumerate(regions[:needing_region]) if region is None]
-        if missing:
-            raise ValueError(f"rows {missing[:10]} have no region: 'ergo' and 'crop' examples need a `region` or "
-                             "`gt_bbox` (original pixels)")
+    _check_boxes(dataset, region_column, max(counts.get("ergo", 0), counts.get("crop", 0)), "'ergo' and 'crop'")
+    _check_boxes(dataset, "gt_bbox", counts.get("evidence", 0), "'evidence'")
     pairs = [(index, kind) for kind, count in counts.items() for index in range(count)]
     rows = dataset.select([index for index, _ in pairs])
     rows = rows.add_column("kind", [kind for _, kind in pairs])
-    if region_column in rows.column_names:
-        rows = rows.rename_column(region_column, "zoom_region")
+    regions = dataset[region_column] if region_column in dataset.column_names else [None] * len(dataset)
+    rows = rows.add_column("zoom_region", [regions[index] for index, _ in pairs])
     return rows.map(lambda row: {"length": _vision_tokens(row, coarse_budget, crop_budget or coarse_budget)},
                     desc="sizing examples")
+
+
+def _check_boxes(dataset: Dataset, column: str, rows: int, kinds: str) -> None:
+    """The first ``rows`` rows must have a box in ``column``: a missing one raises rather than silently shrinking
+    the dataset."""
+    if not rows:
+        return
+    boxes = dataset[column][:rows] if column in dataset.column_names else [None] * rows
+    missing = [index for index, box in enumerate(boxes) if box is None]
+    if missing:
+        raise ValueError(f"rows {missing[:10]} have no {column}: {kinds} examples need one (original pixels)")
 
 
 def _vision_tokens(row: dict, coarse_budget: int, crop_budget: int) -> int:
@@ -94,7 +105,7 @@ def _vision_tokens(row: dict, coarse_budget: int, crop_budget: int) -> int:
         width, height = image.size
     if row["kind"] == "full":
         return min(vision_tokens(width, height), FULL_RESOLUTION_BUDGET)
-    x1, y1, x2, y2 = row["zoom_region"]
+    x1, y1, x2, y2 = row["gt_bbox"] if row["kind"] == "evidence" else row["zoom_region"]
     crop = min(max(4, (x2 - x1) * (y2 - y1) // 784), crop_budget)
     return crop + (coarse_budget if row["kind"] == "ergo" else 0)
 
@@ -130,8 +141,8 @@ class ErgoSFTCollator:
         stem, full = stage_questions(row["question"], options, self.postfix if options else "")
         if row["kind"] == "ergo":
             return self._two_stage(image, row["question"], options, row["zoom_region"], letter, shown)
-        if row["kind"] == "crop":
-            prompt = self._crop_prompt(image, full, row["zoom_region"])
+        if row["kind"] in ("crop", "evidence"):
+            prompt = self._crop_prompt(image, full, row["zoom_region" if row["kind"] == "crop" else "gt_bbox"])
         else:
             prompt = single_pass_inputs(self.processor, [image], [full])
         return self._with_reply(prompt, letter)
@@ -161,7 +172,7 @@ class ErgoSFTCollator:
         return ids, labels, (types, pixels, grid)
 
     def _crop_prompt(self, image, full, region):
-        """The crop the ``ergo`` example of this row would cut, alone under the plain single-turn prompt."""
+        """The crop an ``ergo`` example zooming on ``region`` would cut, alone under the plain single-turn prompt."""
         coarse = resize_to_budget(image, budget_to_pixels(self.coarse_budget))
         sample = ErgoSample(image, coarse.size, full)
         context = ErgoContext(self.processor, [sample], budget_to_pixels(self.crop_budget), "resize",

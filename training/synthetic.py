@@ -65,15 +65,15 @@ Load it with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_cod
 class Recipe:
     """The sizes behind the published table (README, "Synthetic proof")."""
 
-    splits: tuple[tuple[str, int], ...] = (("train", 800), ("validation", 100), ("test", 200))
-    """Images per split; training asks about every shape of an image (about 3600 questions), the others about one."""
+    splits: tuple[tuple[str, int], ...] = (("train", 1000), ("validation", 100), ("test", 200))
     budget: int = 144
     """Coarse and crop budget, vision tokens: the 1344x1344 image shrinks 4x in the coarse view."""
     sft_epochs: float = 2.0
     sft_learning_rate: float = 1e-3
-    ergo_share: float = 0.35
-    crop_share: float = 0.6
-    full_share: float = 0.04
+    ergo_share: float = 1.0
+    crop_share: float = 1.0
+    evidence_share: float = 1.0
+    full_share: float = 0.1
     grpo_steps: int = 40
     grpo_learning_rate: float = 1e-4
     seed: int = 0
@@ -94,11 +94,7 @@ def run(out: Path, recipe: Recipe = Recipe()) -> dict:
         supervised_warm_up(init, data / "train.jsonl", sft, recipe)
     grpo = out / "grpo" / "ergo"
     if not (grpo / "config.json").is_file():
-        # GRPO sees a few hundred prompts: one question per training image (the file's first rows) is plenty.
-        images = dict(recipe.splits)["train"]
-        first_questions = data / "train-first-questions.jsonl"
-        first_questions.write_text("".join((data / "train.jsonl").read_text().splitlines(keepends=True)[:images]))
-        grpo_main(grpo_arguments(sft, first_questions, out / "grpo", recipe))
+        grpo_main(grpo_arguments(sft, data / "train.jsonl", out / "grpo", recipe))
     return evaluate_all({"SFT": sft, "SFT + GRPO": grpo}, data, out / "eval", recipe.budget)
 
 
@@ -107,7 +103,7 @@ def supervised_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recip
     model = ErgoForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
     args = ErgoSFTConfig(
         output_dir=str(folder.parent / "sft-run"), coarse_budget=recipe.budget, ergo_share=recipe.ergo_share,
-        crop_share=recipe.crop_share, full_share=recipe.full_share,
+        crop_share=recipe.crop_share, evidence_share=recipe.evidence_share, full_share=recipe.full_share,
         num_train_epochs=recipe.sft_epochs, learning_rate=recipe.sft_learning_rate, lr_scheduler_type="cosine",
         warmup_steps=0.05, per_device_train_batch_size=8, weight_decay=0.0, logging_steps=10, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
