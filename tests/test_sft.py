@@ -8,6 +8,7 @@ from modeling_ergo import ErgoForConditionalGeneration
 from processing_ergo.geometry_ergo import parse_zoom_box
 from training.data import load_training_data
 from training.sft import STAGE1_REPLY, STAGE2_REPLY, ErgoSFTCollator, ErgoSFTConfig, build_sft_trainer, coarse_box, sft_rows
+from training.vision_warmup import warm_up_vision
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +85,15 @@ def test_sft_trainer_learns_from_the_examples(tiny_folder, processor, dataset, t
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     changed = [name for name, weight in trainer.model.named_parameters() if not torch.equal(weight, before[name])]
     assert any("visual" in name for name in changed) and any("language_model" in name for name in changed)
+
+
+def test_vision_warm_up_trains_the_vision_tower_only(tiny_folder, processor, dataset):
+    model = ErgoForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32)
+    before = {name: weight.clone() for name, weight in model.named_parameters()}
+    accuracy = warm_up_vision(model, processor, dataset, steps=3, batch_size=2, crop_budget=64)
+    assert len(accuracy) == 3 and all(0.0 <= value <= 1.0 for value in accuracy)
+    changed = {name for name, weight in model.named_parameters() if not torch.equal(weight, before[name])}
+    assert changed and all(".visual." in name for name in changed)
+    assert any("merger" in name for name in changed) and any("patch_embed" in name for name in changed)
+    with pytest.raises(ValueError, match="region or gt_bbox"):
+        warm_up_vision(model, processor, dataset.remove_columns(["region", "gt_bbox"]), steps=1)

@@ -7,7 +7,8 @@ Each step writes a folder under OUT and is skipped when that folder is complete,
 
 1. ``data``: the synthetic splits (``ergo_vqa.synthetic``), in the training schema;
 2. ``init``: a ``DEMO``-shape Qwen2.5-VL built from config, random weights, offline tokenizer;
-3. ``sft``: the two-turn warm-up (``training.sft``, TRL's SFTTrainer), written as an ERGO Hub folder;
+3. ``sft``: the vision warm-up (``training.vision_warmup``), then the two-turn supervised warm-up
+   (``training.sft``, TRL's SFTTrainer), written as an ERGO Hub folder;
 4. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the SFT model, which is also the frozen reward
    model of r_region; its ERGO folder is ``grpo/ergo``;
 5. ``eval``: ``ergo_vqa.evaluation`` on the test split, the same samples for every mode: coarse-only and
@@ -37,6 +38,7 @@ from processing_ergo import ErgoProcessor
 from .data import load_training_data
 from .grpo import main as grpo_main
 from .sft import ErgoSFTConfig, build_sft_trainer
+from .vision_warmup import warm_up_vision
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "ergo_vqa" / "demo_model"
 SHIPPED_CARD = """---
@@ -73,7 +75,8 @@ class Recipe:
     ergo_share: float = 1.0
     crop_share: float = 1.0
     evidence_share: float = 1.0
-    full_share: float = 0.1
+    full_share: float = 0.05
+    vision_warmup_steps: int = 300
     grpo_steps: int = 40
     grpo_learning_rate: float = 1e-4
     seed: int = 0
@@ -101,6 +104,9 @@ def run(out: Path, recipe: Recipe = Recipe()) -> dict:
 def supervised_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe) -> Path:
     processor = ErgoProcessor.from_pretrained(init, coarse_budget=recipe.budget)
     model = ErgoForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    dataset = load_training_data(str(train_file))
+    warm_up_vision(model, processor, dataset, steps=recipe.vision_warmup_steps, batch_size=16,
+                   crop_budget=recipe.budget, seed=recipe.seed)
     args = ErgoSFTConfig(
         output_dir=str(folder.parent / "sft-run"), coarse_budget=recipe.budget, ergo_share=recipe.ergo_share,
         crop_share=recipe.crop_share, evidence_share=recipe.evidence_share, full_share=recipe.full_share,
@@ -109,7 +115,7 @@ def supervised_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recip
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
         dataloader_num_workers=0, max_length=None,
     )
-    trainer = build_sft_trainer(model, processor, load_training_data(str(train_file)), args)
+    trainer = build_sft_trainer(model, processor, dataset, args)
     trainer.train()
     save_hub_folder(trainer.model, processor, folder, base_model="synthetic-init")
     return folder
