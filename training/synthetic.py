@@ -76,7 +76,7 @@ class Recipe:
     crop_share: float = 1.0
     evidence_share: float = 1.0
     full_share: float = 0.05
-    vision_warmup_steps: int = 300
+    vision_warmup_steps: int = 400
     grpo_steps: int = 40
     grpo_learning_rate: float = 1e-4
     seed: int = 0
@@ -105,8 +105,7 @@ def supervised_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recip
     processor = ErgoProcessor.from_pretrained(init, coarse_budget=recipe.budget)
     model = ErgoForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
     dataset = load_training_data(str(train_file))
-    warm_up_vision(model, processor, dataset, steps=recipe.vision_warmup_steps, batch_size=16,
-                   crop_budget=recipe.budget, seed=recipe.seed)
+    warm_up_vision(model, processor, dataset, steps=recipe.vision_warmup_steps, batch_size=32, seed=recipe.seed)
     args = ErgoSFTConfig(
         output_dir=str(folder.parent / "sft-run"), coarse_budget=recipe.budget, ergo_share=recipe.ergo_share,
         crop_share=recipe.crop_share, evidence_share=recipe.evidence_share, full_share=recipe.full_share,

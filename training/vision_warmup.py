@@ -4,9 +4,10 @@ Released Qwen2.5-VL models start from a pre-trained vision tower; a model built 
 language model's loss reaches the tower too weakly to shape it: on the synthetic task a from-scratch model stayed at
 chance through hundreds of supervised steps, while the same steps after this warm-up learned to read within one
 hundred (README, "Synthetic proof"). The warm-up trains only the vision tower (patch embedding, blocks, merger) and a
-throw-away linear head on each of the merger's output tokens, to classify each row's answer from the crop of its
-region (``region``, else ``gt_bbox``; cut and sized as an inference crop is); an image's score per answer is its best
-token's (the detail sits in one token). The head is discarded; the language model is untouched.
+throw-away linear head on each of the merger's output tokens, to classify each row's answer from its evidence crop:
+``gt_bbox`` widened to the 28 px token grid of the original, so the crop is taken at native resolution and never
+resampled, and the original's pixels meet the same patches. An image's score per answer is its best token's (the
+detail sits in one token). The head is discarded; the language model is untouched.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import random
 import torch
 from datasets import Dataset
 
-from processing_ergo.geometry_ergo import budget_to_pixels, crop_region, crop_size
 from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import ErgoProcessor
 
@@ -25,24 +25,21 @@ logger = logging.getLogger(__name__)
 
 
 def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int = 300, batch_size: int = 32,
-                   learning_rate: float = 3e-3, crop_budget: int = 640, seed: int = 0) -> list[float]:
+                   learning_rate: float = 3e-3, seed: int = 0) -> list[float]:
     """Trains ``model.model.visual`` in place; returns the per-step training accuracy of the linear head."""
-    column = "region" if "region" in dataset.column_names else "gt_bbox"
-    if column not in dataset.column_names or any(box is None for box in dataset[column]):
-        raise ValueError("the vision warm-up needs a region or gt_bbox on every row")
+    if "gt_bbox" not in dataset.column_names or any(box is None for box in dataset["gt_bbox"]):
+        raise ValueError("the vision warm-up needs a gt_bbox on every row")
     answers = sorted(set(dataset["answer"]))
     crops, labels = [], []
     for row in dataset:
         image = load_image(row["image"], name="training image")
-        region = tuple(row[column])
-        crops.append(crop_region(image, region, crop_size(region, budget_to_pixels(crop_budget))))
+        crops.append(image.crop(_on_token_grid(row["gt_bbox"], image.size)))
         labels.append(answers.index(row["answer"]))
 
     vision = model.model.visual
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(answers))
     parameters = list(vision.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
     merge = processor.image_processor.merge_size ** 2
     accuracy = []
@@ -60,9 +57,17 @@ def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        schedule.step()
         optimizer.zero_grad()
         accuracy.append((logits.argmax(-1) == target).float().mean().item())
         if step % 25 == 0 or step == steps - 1:
             logger.warning("vision warm-up step %d: loss %.3f, accuracy %.2f", step, loss.item(), accuracy[-1])
     return accuracy
+
+
+def _on_token_grid(box: list[int], size: tuple[int, int], grid: int = 28) -> tuple[int, int, int, int]:
+    """``box`` widened outwards to multiples of ``grid`` (at least 2x2 tokens), inside the image."""
+    width, height = size
+    x1, y1 = box[0] // grid * grid, box[1] // grid * grid
+    x2 = min(width // grid * grid, max(x1 + 2 * grid, -(-box[2] // grid) * grid))
+    y2 = min(height // grid * grid, max(y1 + 2 * grid, -(-box[3] // grid) * grid))
+    return x1, y1, x2, y2
