@@ -53,6 +53,8 @@ class ErgoSFTConfig(SFTConfig):
                                                                  "(the costly kind: every vision token of the image)."})
     evidence_share: float = field(default=0.0, metadata={"help": "Share of rows giving a single turn over the "
                                                                      "gt_bbox crop alone (needs gt_bbox)."})
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "Train the language model only (keeps a "
+                                                                      "warmed-up or pre-trained tower as it is)."})
     multiple_choice_postfix: str = field(default=MULTIPLE_CHOICE_POSTFIX)
     remove_unused_columns: bool = False  # the collator reads the raw rows
     dataset_kwargs: dict = field(default_factory=lambda: {"skip_prepare_dataset": True})
@@ -213,4 +215,6 @@ def build_sft_trainer(model, processor: ErgoProcessor, dataset: Dataset, args: E
     """TRL's SFTTrainer over ``dataset`` (training schema, with regions) expanded into the examples above."""
     collator = ErgoSFTCollator(processor, args.coarse_budget, args.crop_budget, args.multiple_choice_postfix)
     rows = sft_rows(dataset, args.shares, args.coarse_budget, args.crop_budget)
+    if args.freeze_vision_tower:
+        model.model.visual.requires_grad_(False)
     return SFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor)

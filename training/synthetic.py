@@ -74,7 +74,7 @@ class Recipe:
     sft_learning_rate: float = 1e-3
     ergo_share: float = 1.0
     crop_share: float = 1.0
-    evidence_share: float = 1.0
+    evidence_share: float = 0.0
     full_share: float = 0.05
     vision_warmup_steps: int = 400
     grpo_steps: int = 40
@@ -109,6 +109,7 @@ def supervised_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recip
     args = ErgoSFTConfig(
         output_dir=str(folder.parent / "sft-run"), coarse_budget=recipe.budget, ergo_share=recipe.ergo_share,
         crop_share=recipe.crop_share, evidence_share=recipe.evidence_share, full_share=recipe.full_share,
+        freeze_vision_tower=True,
         num_train_epochs=recipe.sft_epochs, learning_rate=recipe.sft_learning_rate, lr_scheduler_type="cosine",
         warmup_steps=0.05, per_device_train_batch_size=8, weight_decay=0.0, logging_steps=10, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
