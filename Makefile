@@ -21,6 +21,6 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# Rebuild the shipped demo model from nothing (data, SFT, GRPO, evaluation): about 45 minutes on 2 CPU cores.
+# Rebuild the shipped demo model from nothing (data, SFT, GRPO, evaluation): about 30 minutes on 2 CPU cores.
 demo-model: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m training.synthetic runs/synthetic --ship

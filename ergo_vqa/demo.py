@@ -8,27 +8,41 @@ question it has not seen: it looks at the coarse view, picks a region, reads the
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from hub_card.folder import copy_remote_code
 from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
 
 from .inference import answer, draw_region, load, summary
 from .synthetic import generate_sample
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+"""Weights, configs and tokenizer of the demo model; its remote code is added by ``hub_folder`` (no second copy
+of the package's code in the repository)."""
+
+
+def hub_folder(out_dir: str | Path, model_dir: str | Path = DEMO_MODEL) -> Path:
+    """The demo model as a complete Hub folder under ``out_dir`` (written once): the shipped files plus the
+    installed remote code, so it loads with ``trust_remote_code`` exactly as a Hub download does."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no demo model in {model_dir}: rebuild it with `python -m training.synthetic "
+                                f"runs/synthetic --ship` (about 30 minutes on 2 CPU cores)")
+    folder = Path(out_dir) / "model"
+    if not (folder / "config.json").is_file():
+        shutil.copytree(model_dir, folder, dirs_exist_ok=True)
+        copy_remote_code(folder)
+    return folder
 
 
 def run(out_dir: str | Path = "ergo-demo", budget: int | None = None, seed: int = 0,
         model_dir: str | Path = DEMO_MODEL) -> str:
     """Answer one generated question; write the scene with the region, the coarse view and the crop as PNGs under
     ``out_dir``. Returns the report. ``budget`` defaults to the one the model was trained at."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no demo model in {model_dir}: rebuild it with `python -m training.synthetic "
-                                f"runs/synthetic --ship` (about 45 minutes on 2 CPU cores)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = load(str(model_dir), device="cpu")
+    folder = hub_folder(out_dir, model_dir)
+    model, processor = load(str(folder), device="cpu")
     budget = budget or processor.coarse_budget
     sample = generate_sample(f"demo/{seed}")
     question = "\n".join([sample.question, *sample.options])
@@ -38,7 +52,7 @@ def run(out_dir: str | Path = "ergo-demo", budget: int | None = None, seed: int 
     resize_to_budget(sample.image, budget_to_pixels(budget)).save(coarse_path)
     lines = [
         f"ERGO demo: {sample.image.width}x{sample.image.height} generated image, budget {budget} vision tokens",
-        f"model:         {model_dir} (trained on the synthetic task, loaded with trust_remote_code)",
+        f"model:         {folder} (trained on the synthetic task, loaded with trust_remote_code)",
         f"question:      {question!r}",
         f"correct:       {sample.answer} (the digit {sample.digit}, on the shape inside {sample.gt_bbox})",
         summary(result),

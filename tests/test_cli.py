@@ -72,8 +72,7 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     for label in ("trained on the synthetic task", "answer:", "region:", "correct:", "verdict:", "vision tokens:"):
         assert label in printed
-    assert "none (" not in printed  # stage 1 named a usable region
-    assert (tmp_path / "demo" / "scene.png").is_file() and (tmp_path / "demo" / "crop.png").is_file()
+    assert (tmp_path / "demo" / "scene.png").is_file() and (tmp_path / "demo" / "coarse.png").is_file()
 
 
 def test_demo_without_a_model_says_how_to_build_one(tmp_path):

@@ -97,3 +97,14 @@ def test_vision_warm_up_trains_the_vision_tower_only(tiny_folder, processor, dat
     assert any("merger" in name for name in changed) and any("patch_embed" in name for name in changed)
     with pytest.raises(ValueError, match="gt_bbox"):
         warm_up_vision(model, processor, dataset.remove_columns(["region", "gt_bbox"]), steps=1)
+
+
+def test_frozen_vision_tower_stays_as_it_was(tiny_folder, processor, dataset, tmp_path):
+    model = ErgoForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32)
+    before = {name: weight.clone() for name, weight in model.named_parameters()}
+    args = ErgoSFTConfig(output_dir=str(tmp_path), coarse_budget=64, full_share=0.0, max_steps=1,
+                         per_device_train_batch_size=2, learning_rate=1e-3, save_strategy="no", report_to="none",
+                         use_cpu=True, bf16=False, gradient_checkpointing=False, freeze_vision_tower=True)
+    build_sft_trainer(model, processor, dataset, args).train()
+    changed = {name for name, weight in model.named_parameters() if not torch.equal(weight, before[name])}
+    assert changed and not any(".visual." in name for name in changed)
