@@ -80,3 +80,13 @@ def test_demo_without_a_model_says_how_to_build_one(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="python -m training.synthetic"):
         run(tmp_path / "out", model_dir=tmp_path / "missing")
+
+
+def test_eval_reads_the_synthetic_split(tiny_folder, tmp_path, capsys):
+    from ergo_vqa.synthetic import write_split
+
+    write_split(tmp_path / "data", "test", 2)
+    assert main(["eval", "--model", str(tiny_folder), "--dataset", "synthetic", "--data-root", str(tmp_path / "data"),
+                 "--mode", "coarse", "--budget", "64", "--max-new-tokens", "3", "--out", str(tmp_path / "eval")]) == 0
+    summary = json.loads((tmp_path / "eval" / "synthetic-coarse-64.summary.json").read_text())
+    assert summary["samples"] == 2 and "| synthetic | coarse |" in capsys.readouterr().out
