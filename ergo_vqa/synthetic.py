@@ -1,20 +1,20 @@
 """A synthetic high-resolution VQA task on which the ERGO effect can be measured offline.
 
-Each image (1344x1344 by default) holds a backdrop, clutter and a few coloured shapes, each carrying a small
-seven-segment digit on a white label. The question names one shape by its colour and asks for its digit:
+Each image (1344x1344 by default) holds a shaded backdrop, muted clutter and 3-6 labelled shapes, one per cell of
+a 4x4 grid, each carrying a 12 px seven-segment digit on a white label. One shape, the target, has a saturated
+colour; the others are muted. The question names the target by its colour and asks for its digit, with the ten
+digits as options:
 
-* the digit is about 18 px tall in the original; the coarse view at 144 vision tokens shrinks the image 4x, which
-  leaves a 4-5 px smudge (unreadable), while a crop at native resolution shows it as drawn;
-* the shape itself stays easy to find in the coarse view (its colour is unique in the scene, the clutter is muted),
-  so stage 1 can point at it: the paper's "reasoning-driven perception".
+* the coarse view at 144 vision tokens shrinks the image 4x and leaves the digit a 3 px smudge (unreadable), while
+  the target's grid cell cropped at native resolution (``region``, 336x336 px, 144 tokens) shows it as drawn;
+* the target stays easy to find in the coarse view (the one saturated thing in the scene), so stage 1 can point
+  at it: the paper's "reasoning-driven perception". ``gt_bbox`` is the target's own box.
 
-Shapes sit inside the cells of a 4x4 grid (one per cell); the cell holding the target is ``region`` (336x336 px, the
-zoom target the supervised warm-up teaches) and the shape's own box is ``gt_bbox``. The backdrop shades from left to
-right and top to bottom, as photos do (sky above, ground below): Qwen2.5-VL's vision tower has no absolute position
-embedding, and a from-scratch model this small learns where things are far faster with that cue.
-
-Everything is drawn with Pillow primitives (no fonts), so a seed gives the same pixels on every machine.
-Splits are written in the training schema (``training/data.py``) that ``ergo eval --dataset synthetic`` also reads.
+Learnability aids for a from-scratch model this small, deliberate: digits sit inside one cell of the 14 px patch
+grid; the backdrop shades from left to right and top to bottom (Qwen2.5-VL's vision tower has no absolute position
+embedding); the options are the digits in order. Everything is drawn with Pillow primitives (no fonts), so a seed
+gives the same pixels on every machine. Splits are written in the training schema (``training/data.py``) that
+``ergo eval --dataset synthetic`` also reads.
 """
 
 from __future__ import annotations

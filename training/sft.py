@@ -2,7 +2,7 @@
 
 GRPO can only reward regions a policy already writes, so a model that has never produced ``<zoom>[...]</zoom>`` is
 first shown the format. Each dataset row with a region (``region``, else ``gt_bbox``, in original pixels) gives
-examples of three kinds, each from a share of the rows (``ErgoSFTConfig.ergo_share`` and so on):
+examples of four kinds, each from a share of the rows (``ErgoSFTConfig.ergo_share`` and so on):
 
 * ``ergo``: the two-stage conversation, token for token as ``ErgoForConditionalGeneration.generate`` builds it
   (``ErgoProcessor.prepare``, the stage-1 reply, ``plan_stage2`` on that reply, ``stage2_turn``, the answer), so the
@@ -10,8 +10,7 @@ examples of three kinds, each from a share of the rows (``ErgoSFTConfig.ergo_sha
 * ``crop``: one plain turn over the crop alone, answered with the letter: what r_region's frozen reward model is
   asked, so the warm-up model can serve as that reward model;
 * ``full``: one plain turn over the whole image at native resolution: the single-pass baseline's skill;
-* ``evidence``: one plain turn over the ``gt_bbox`` crop alone, a few vision tokens: the cheapest way for a model
-  trained from scratch to learn to read the detail before it has learned where to look.
+* ``evidence``: one plain turn over the ``gt_bbox`` crop alone (a few vision tokens), cut as an inference crop is.
 
 Replies: stage 1 ``<think> ... </think> <zoom>[box in coarse pixels]</zoom>``; stage 2 ``<think> The enlarged image
 shows <option text>. </think> <answer><letter></answer>``; single turns the letter alone (the prompt asks for it).
