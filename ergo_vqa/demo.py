@@ -14,6 +14,7 @@ from pathlib import Path
 from hub_card.folder import copy_remote_code
 from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
 
+from .evaluation import is_correct
 from .inference import answer, draw_region, load, summary
 from .synthetic import generate_sample
 
@@ -56,7 +57,7 @@ def run(out_dir: str | Path = "ergo-demo", budget: int | None = None, seed: int 
         f"question:      {question!r}",
         f"correct:       {sample.answer} (the digit {sample.digit}, on the shape inside {sample.gt_bbox})",
         summary(result),
-        f"verdict:       {'correct' if (result.answer or '').strip() == sample.answer else 'wrong'}",
+        f"verdict:       {'correct' if is_correct(result.final_text, sample.answer) else 'wrong'}",
         f"picture:       {scene_path} (region outlined in red); coarse view the model saw first: {coarse_path}",
     ]
     if result.region:

@@ -139,9 +139,9 @@ class ErgoSFTCollator:
         image = load_image(row["image"], name="training image")
         letter, shown = _answer(row)
         options = row["options"] or []
-        stem, full = stage_questions(row["question"], options, self.postfix if options else "")
         if row["kind"] == "ergo":
             return self._two_stage(image, row["question"], options, row["zoom_region"], letter, shown)
+        _, full = stage_questions(row["question"], options, self.postfix if options else "")
         if row["kind"] in ("crop", "evidence"):
             prompt = self._crop_prompt(image, full, row["zoom_region" if row["kind"] == "crop" else "gt_bbox"])
         else:
@@ -154,12 +154,8 @@ class ErgoSFTCollator:
         stage1 = processor.prepare([image], [question], options=[options], postfixes=[postfix],
                                    coarse_budget=self.coarse_budget, crop_budget=self.crop_budget, fallback="resize")
         context: ErgoContext = stage1["ergo_context"]
-        full = context.samples[0].stage2_question
-        reply1 = STAGE1_REPLY.format(*coarse_box(region, image.size, context.samples[0].coarse_size))
-        decision = processor.plan_stage2(context, [reply1])[0]
-        if decision.fallback is not None:
-            raise ValueError(f"region {region} gives no crop ({decision.fallback})")
-        turn = processor.stage2_turn(decision, full, context.stage2_template)
+        reply1, decision = self._zoom(context, region)
+        turn = processor.stage2_turn(decision, context.samples[0].stage2_question, context.stage2_template)
         reply1_ids = self._tokens(reply1)
         reply2_ids = self._tokens(STAGE2_REPLY.format(shown, letter)) + [self.end_of_turn]
         prompt_ids, turn_ids = stage1["input_ids"][0].tolist(), turn["input_ids"][0].tolist()
@@ -175,12 +171,19 @@ class ErgoSFTCollator:
     def _crop_prompt(self, image, full, region):
         """The crop an ``ergo`` example zooming on ``region`` would cut, alone under the plain single-turn prompt."""
         coarse = resize_to_budget(image, budget_to_pixels(self.coarse_budget))
-        sample = ErgoSample(image, coarse.size, full)
-        context = ErgoContext(self.processor, [sample], budget_to_pixels(self.crop_budget), "resize",
-                              self.processor.stage2_template)
-        box = coarse_box(region, image.size, coarse.size)
-        decision = self.processor.plan_stage2(context, [STAGE1_REPLY.format(*box)])[0]
+        context = ErgoContext(self.processor, [ErgoSample(image, coarse.size, full)], budget_to_pixels(self.crop_budget),
+                              "resize", self.processor.stage2_template)
+        _, decision = self._zoom(context, region)
         return single_pass_inputs(self.processor, [decision.image], [full], coarse_budget=self.crop_budget)
+
+    def _zoom(self, context: ErgoContext, region: list[int]):
+        """(stage-1 reply naming ``region``, the crop decision inference makes for it) for the context's sample."""
+        sample = context.samples[0]
+        reply = STAGE1_REPLY.format(*coarse_box(region, sample.image.size, sample.coarse_size))
+        decision = self.processor.plan_stage2(context, [reply])[0]
+        if decision.fallback is not None:
+            raise ValueError(f"region {region} gives no crop ({decision.fallback})")
+        return reply, decision
 
     def _with_reply(self, prompt, letter: str):
         prompt_ids = prompt["input_ids"][0].tolist()

@@ -179,7 +179,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="folder for data, checkpoints and results")
     parser.add_argument("--ship", action="store_true", help=f"copy the SFT + GRPO model to {SHIPPED_MODEL}")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     result = run(args.out)
     print(result["table"])
     if args.ship:
