@@ -14,6 +14,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 import modeling_ergo.configuration_ergo
+import modeling_ergo.generation_ergo
 import modeling_ergo.modeling_ergo
 import processing_ergo.geometry_ergo
 import processing_ergo.images_ergo
@@ -26,6 +27,7 @@ from .card import build_model_card
 
 REMOTE_CODE_MODULES = (
     modeling_ergo.configuration_ergo,
+    modeling_ergo.generation_ergo,
     modeling_ergo.modeling_ergo,
     processing_ergo.geometry_ergo,
     processing_ergo.images_ergo,

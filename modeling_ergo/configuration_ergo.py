@@ -28,12 +28,22 @@ class ErgoConfig(Qwen2_5_VLConfig):
     skip_answered_stage2 (`bool`, *optional*, defaults to `False`):
         Early exit: when stage 1 already gives an ``<answer>`` and no region, that is the answer and stage 2 is
         skipped. Off by default because the reference always runs stage 2 (a fallback image) in that case.
+    vision_attention (`str`, *optional*, defaults to `"auto"`):
+        ``"auto"``: during generation on CUDA in half precision, a vision tower loaded with SDPA runs all its
+        attention windows in one call of PyTorch's varlen (flash) attention instead of one SDPA call per window;
+        elsewhere it keeps what it was loaded with. ``"loaded"``: always keep what it was loaded with (to use
+        ``flash_attention_2``, load with ``attn_implementation={"vision_config": "flash_attention_2"}``).
     """
 
     stage1_generation_kwargs: dict | None = None
     stage2_generation_kwargs: dict | None = None
     reuse_stage1_cache: bool = True
     skip_answered_stage2: bool = False
+    vision_attention: str = "auto"
+
+    def validate_vision_attention(self):
+        if self.vision_attention not in VISION_ATTENTION_CHOICES:
+            raise ValueError(f"vision_attention must be one of {VISION_ATTENTION_CHOICES}, got {self.vision_attention!r}")
 
     def to_dict(self) -> dict:
         output = super().to_dict()
@@ -44,6 +54,8 @@ class ErgoConfig(Qwen2_5_VLConfig):
         return output
 
 
+VISION_ATTENTION_CHOICES = ("auto", "loaded")
+
 AUTO_MAP = {
     "AutoConfig": "configuration_ergo.ErgoConfig",
     "AutoModel": "modeling_ergo.ErgoForConditionalGeneration",
@@ -53,4 +65,4 @@ AUTO_MAP = {
 ErgoConfig.register_for_auto_class()
 
 
-__all__ = ["ErgoConfig", "AUTO_MAP"]
+__all__ = ["ErgoConfig", "AUTO_MAP", "VISION_ATTENTION_CHOICES"]

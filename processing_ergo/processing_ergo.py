@@ -22,6 +22,7 @@ from transformers.processing_utils import ProcessorMixin
 from .geometry_ergo import (
     MIN_PIXELS,
     MAX_ASPECT_RATIO,
+    PIXELS_PER_TOKEN,
     Box,
     budget_to_pixels,
     crop_region,
@@ -270,10 +271,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
     def stage2_turn(self, decision: ZoomDecision, stage2_question: str, stage2_template: str) -> BatchFeature:
         """Tokens that follow stage 1's generated text: the end of that assistant turn, the new user turn (second
         image, stage-2 prompt) and the assistant header; plus that image's pixel values."""
-        turn = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": stage2_prompt(stage2_question, stage2_template)}]}
-        ]
-        text = self._render(_SENTINEL_TURN + turn)
+        text = self._render(_SENTINEL_TURN + self._stage2_messages(stage2_question, stage2_template))
         following = text.split(_SENTINEL, 1)[1]
         end_of_turn = self.tokenizer.eos_token or "<|im_end|>"
         if not following.startswith(end_of_turn):
@@ -284,6 +282,27 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
             return_tensors="pt",
             images_kwargs={"size": decision.processor_size},
         )
+
+    def max_stage2_turn_tokens(self, context: ErgoContext) -> int:
+        """An upper bound on the tokens ``stage2_turn`` can add for any sample of ``context``, so that a static cache
+        for both stages can be sized before stage 1 runs."""
+        # smart_resize rounds each side, so a crop may land above its budget, but never at twice its tokens.
+        image_tokens = 2 * context.crop_max_pixels // PIXELS_PER_TOKEN
+        if context.fallback == "reference":  # the unresized original, under the image processor's own limit
+            image_tokens = max([image_tokens] + [
+                self.image_tokens(*sample.image.size, self.image_processor.size["longest_edge"])
+                for sample in context.samples if within_aspect_limit(*sample.image.size)
+            ])
+        texts = [self._render(_SENTINEL_TURN + self._stage2_messages(sample.stage2_question, context.stage2_template))
+                 for sample in context.samples]
+        text_tokens = max(len(self.tokenizer(text.split(_SENTINEL, 1)[1])["input_ids"]) for text in texts)
+        return text_tokens + image_tokens
+
+    @staticmethod
+    def _stage2_messages(stage2_question: str, stage2_template: str) -> list[dict]:
+        """The stage-2 user turn: the second image before the stage-2 prompt."""
+        text = stage2_prompt(stage2_question, stage2_template)
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
     # ------------------------------------------------------------------ accounting
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, GRPOTrainer
 
-from modeling_ergo.modeling_ergo import _until_stop
+from modeling_ergo.generation_ergo import tokens_until_stop
 from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
 from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import ErgoContext, ErgoSample
@@ -93,7 +93,7 @@ class ErgoGRPOTrainer(GRPOTrainer):
 
         stop_ids = set(self.eos_token_ids) | {tokenizer.pad_token_id}
         stage1_ids = [list(ids) for ids in stage1_ids]
-        stage1_tokens = [_until_stop(ids, stop_ids) for ids in stage1_ids]
+        stage1_tokens = [tokens_until_stop(ids, stop_ids) for ids in stage1_ids]
         stage1_texts = tokenizer.batch_decode(stage1_tokens, skip_special_tokens=True)
         samples = [ErgoSample(image, view.size, row["stage2_question"])
                    for image, view, row in zip(originals, coarse_views, self._batch_rows)]
@@ -130,7 +130,7 @@ class ErgoGRPOTrainer(GRPOTrainer):
         for index, answer in enumerate(stage2_ids):
             completion_ids[index] += list(answer)
             loss_mask[index] += [1] * len(answer)
-            stage2_texts.append(tokenizer.decode(_until_stop(list(answer), stop_ids), skip_special_tokens=True))
+            stage2_texts.append(tokenizer.decode(tokens_until_stop(list(answer), stop_ids), skip_special_tokens=True))
         finished = time.perf_counter()
 
         completions = [[{"role": "assistant", "content": first}, {"role": "assistant", "content": second}]

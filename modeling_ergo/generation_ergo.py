@@ -1,0 +1,431 @@
+"""ERGO's two-stage generation loop, as a mixin over transformers' ``generate`` (the way transformers keeps
+Whisper's long-form loop in ``generation_whisper.py``).
+
+``ErgoGenerationMixin.generate`` takes ``ErgoProcessor`` inputs (they carry an ``ergo_context``) and:
+
+1. **stage 1**: generates on the coarse view (reasoning and a ``<zoom>[x1, y1, x2, y2]</zoom>`` region);
+2. **zoom**: asks the processor to map the region to the original image and crop it at native resolution (or to
+   apply the fallback policy), and builds stage 2's input as a continuation of the same conversation;
+3. **stage 2**: generates the answer, continuing stage 1's KV cache when it can (only the new turn is prefilled);
+4. **accounting**: returns the caller's ``input_ids`` followed by the answer, or an ``ErgoGenerateOutput``.
+
+Any other inputs (a trainer's rollout, a multi-image chat) get plain Qwen2.5-VL generation.
+
+Caches. With the default dynamic cache, stage 2 continues stage 1's ``DynamicCache`` (rows that skip stage 2 are
+dropped from it). With ``cache_implementation="static"`` (per call or in ``generation_config``), one ``StaticCache``
+sized for both stages is allocated before stage 1 and kept on the model for later calls of the same batch size;
+stage 2 continues in it, so transformers' compiled decode step serves both stages and every call of that size.
+Rows that skip stage 2 stay in a static batch (its shape is what the compiled step was built for) and are ended at
+their first token. Beam search and other cache kinds re-encode the whole conversation for stage 2.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.utils import ModelOutput
+
+STATIC_CACHE_BUCKET = 256
+"""Static caches are sized in multiples of this many tokens, so that calls of similar length share one cache and
+one compiled decode step instead of recompiling for every length."""
+
+
+class ErgoSampleLike(Protocol):
+    image: Image.Image
+    stage2_question: str
+
+
+class ErgoZoomDecisionLike(Protocol):
+    region: tuple[int, int, int, int] | None
+    image: Image.Image | None
+    fallback: str | None
+
+
+class ErgoContextLike(Protocol):
+    """What ``generate`` reads from ``processing_ergo.ErgoContext`` (a structural type: the remote-code modeling
+    files do not import the processor's files, which a Hub folder may ship without)."""
+
+    processor: Any  # ErgoProcessor: plan_stage2, stage2_turn, max_stage2_turn_tokens, batch_decode, accounting
+    samples: list[ErgoSampleLike]
+    fallback: str
+    stage2_template: str
+
+
+@dataclass
+class ErgoGenerateOutput(ModelOutput):
+    """``generate(..., return_dict_in_generate=True)`` on ERGO inputs. Lists hold one entry per sample.
+
+    Args:
+        sequences: the caller's ``input_ids`` followed by the final answer's tokens (right-padded).
+        stage1_texts: stage 1's decoded output (reasoning and zoom request).
+        regions: the region in original-image pixels ``(x1, y1, x2, y2)``, or None when a fallback was taken.
+        crop_sizes: ``(width, height)`` of the image stage 2 saw, or None when stage 2 was skipped.
+        vision_tokens: ``{"stage1", "stage2", "total", "full_resolution"}`` LLM vision tokens; the last is what
+            one pass over the whole image at 16384 tokens (the paper's baseline) would cost (None when that
+            baseline cannot take the image: flatter than 200:1).
+        fallbacks: None when the region was used, else ``"no_region"``, ``"degenerate_box"`` or ``"answered"`` (early
+            exit: stage 1 answered without a region and ``config.skip_answered_stage2`` is on).
+        fallback_policy: the policy applied to those samples (``resize``, ``reference`` or ``coarse``).
+        stage2_prefill_tokens: tokens stage 2's prefill processed for the sample (0 when skipped): the whole
+            conversation when re-prefilling, only the new turn when continuing from stage 1's cache.
+        cache: how stage 2 got its context: ``"dynamic"`` or ``"static"`` (continued stage 1's cache of that kind)
+            or ``"re-prefill"`` (re-encoded the conversation).
+        timings: seconds per step, ``{"stage1", "zoom", "stage2", "total"}``; the batch is generated together,
+            so every sample of a batch reports the batch's figures.
+    """
+
+    sequences: torch.LongTensor | None = None
+    stage1_texts: list[str] | None = None
+    regions: list[tuple[int, int, int, int] | None] | None = None
+    crop_sizes: list[tuple[int, int] | None] | None = None
+    vision_tokens: list[dict[str, int]] | None = None
+    fallbacks: list[str | None] | None = None
+    fallback_policy: str | None = None
+    stage2_prefill_tokens: list[int] | None = None
+    cache: str | None = None
+    timings: list[dict[str, float]] | None = None
+
+
+class ErgoGenerationMixin:
+    """Adds ERGO's two-stage ``generate`` to a Qwen2.5-VL generation class (put it first among the bases)."""
+
+    def generate(
+        self,
+        *args,
+        ergo_context: ErgoContextLike | list[ErgoContextLike] | None = None,
+        stage1_generate_kwargs: dict | None = None,
+        stage2_generate_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """Two-stage ERGO generation for ``ErgoProcessor`` inputs, plain Qwen2.5-VL generation otherwise.
+
+        Standard generation arguments apply to both stages; ``stage1_generate_kwargs`` / ``stage2_generate_kwargs``
+        override them per stage (over ``config.stage{1,2}_generation_kwargs`` defaults).
+        """
+        with self._generation_vision_attention():
+            if ergo_context is None:
+                return super().generate(*args, **kwargs)
+            if args:
+                raise TypeError("pass ERGO inputs as keyword arguments: model.generate(**inputs)")
+            if isinstance(ergo_context, (list, tuple)):  # requests batched by a collator, e.g. pipeline(batch_size=N)
+                ergo_context = type(ergo_context[0]).merge(list(ergo_context))
+            return self._generate_two_stage(ergo_context, stage1_generate_kwargs, stage2_generate_kwargs, **kwargs)
+
+    @contextmanager
+    def _generation_vision_attention(self):
+        """Hook for the model class: the vision tower's attention during generation (unchanged here)."""
+        yield
+
+    @torch.no_grad()
+    def _generate_two_stage(
+        self, context: ErgoContextLike, stage1_overrides: dict | None, stage2_overrides: dict | None, **kwargs
+    ) -> torch.LongTensor | ErgoGenerateOutput:
+        # ---------------------------------------------------------------- set-up
+        return_dict = kwargs.pop("return_dict_in_generate", False)
+        caller_input_ids = kwargs.pop("input_ids")
+        attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(caller_input_ids)
+        vision = {key: kwargs.pop(key) for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
+        if kwargs.get("generation_config") is None:
+            kwargs.pop("generation_config", None)  # passing it with other arguments is deprecated; leave it out
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        stage1_kwargs = _stage_kwargs(kwargs, self.config.stage1_generation_kwargs, stage1_overrides)
+        stage2_kwargs = _stage_kwargs(kwargs, self.config.stage2_generation_kwargs, stage2_overrides)
+        processor = context.processor
+        stop_ids = _stop_token_ids(generation_config, processor)
+        pad_id = _pad_token_id(generation_config, processor)
+        # Generation needs left padding; collators may have padded on the right.
+        input_ids, attention_mask, vision["mm_token_type_ids"] = _left_align(
+            [caller_input_ids, attention_mask, vision["mm_token_type_ids"]], attention_mask, [pad_id, 0, 0]
+        )
+        prompt_length = input_ids.shape[1]
+        reuse = self._reusable_cache_kind(stage1_kwargs, stage2_kwargs, generation_config)
+        if reuse == "static":
+            capacity = (prompt_length + _new_token_limit(stage1_kwargs, generation_config, prompt_length)
+                        + processor.max_stage2_turn_tokens(context)
+                        + _new_token_limit(stage2_kwargs, generation_config, prompt_length))
+            stage1_kwargs.update(past_key_values=self._static_cache(len(input_ids), capacity), cache_implementation=None)
+
+        # ---------------------------------------------------------------- stage 1: coarse view
+        started = time.perf_counter()
+        stage1 = super().generate(input_ids=input_ids, attention_mask=attention_mask, **vision, **stage1_kwargs)
+        completions = [tokens_until_stop(row, stop_ids) for row in stage1.sequences[:, prompt_length:]]
+        stage1_texts = processor.batch_decode(completions, skip_special_tokens=True)
+        stage1_done = time.perf_counter()
+
+        # ---------------------------------------------------------------- zoom: region, crop, stage-2 input
+        decisions = processor.plan_stage2(context, stage1_texts, skip_answered=self.config.skip_answered_stage2)
+        rows = [index for index, decision in enumerate(decisions) if decision.image is not None]
+        turns = {
+            index: processor.stage2_turn(
+                decisions[index], context.samples[index].stage2_question, context.stage2_template
+            ).to(input_ids.device)
+            for index in rows
+        }
+        cache, stage1.past_key_values = stage1.past_key_values, None
+        if reuse == "static" and rows:
+            needed = stage1.sequences.shape[1] + max(len(turn["input_ids"][0]) for turn in turns.values())
+            needed += _new_token_limit(stage2_kwargs, generation_config, needed)
+            if needed > cache.layers[0].max_cache_len:  # cannot happen with the processor's bound; re-encode if it does
+                reuse = None
+        stage2_inputs, used = {}, "re-prefill"
+        if not rows:
+            pass
+        elif reuse is None or not isinstance(cache, (DynamicCache, StaticCache)):
+            stage2_inputs = self._stage2_prefill(turns, input_ids, attention_mask, vision, completions, pad_id)
+        else:
+            # A static batch keeps its rows (its shape is what the compiled decode step was built for); rows that
+            # skip stage 2 get an empty turn and are ended at once. A dynamic cache simply drops them.
+            batch_rows = list(range(len(decisions))) if reuse == "static" else rows
+            if len(batch_rows) != len(decisions):
+                cache.batch_select_indices(torch.tensor(batch_rows, device=input_ids.device))
+            stage2_inputs = self._stage2_continuation(
+                [turns.get(index) for index in batch_rows], batch_rows, stage1.sequences, attention_mask, vision,
+                completions, cache, pad_id,
+            )
+            stage2_kwargs.update(cache_implementation=None)  # the cache is given
+            idle = [row for row, index in enumerate(batch_rows) if index not in turns]
+            if idle:
+                end_id = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+                stage2_kwargs["logits_processor"] = LogitsProcessorList(
+                    [*stage2_kwargs.get("logits_processor", []), EndRows(idle, end_id)])
+            rows, used = batch_rows, reuse
+        prefill_tokens = stage2_inputs.pop("prefill_tokens", [0] * len(rows))
+        zoom_done = time.perf_counter()
+
+        # ---------------------------------------------------------------- stage 2: the crop, same conversation
+        answers = [stage1.sequences[index, prompt_length:] for index in range(len(decisions))]
+        if stage2_inputs:
+            if "crop_pixel_values" in stage2_inputs:  # continuation: encode only the crops (stage 2's vision work)
+                stage2_inputs["mm_encoder_outputs"] = {"image": self.model.get_image_features(
+                    stage2_inputs.pop("crop_pixel_values"), stage2_inputs.pop("crop_grid_thw"), return_dict=True)}
+            stage2 = super().generate(**stage2_inputs, **stage2_kwargs).sequences
+            for row, index in enumerate(rows):
+                if index in turns:
+                    answers[index] = stage2[row, stage2_inputs["input_ids"].shape[1]:]
+        finished = time.perf_counter()
+
+        # ---------------------------------------------------------------- accounting
+        sequences = torch.cat([caller_input_ids, pad_rows(answers, pad_id, left=False)[0]], dim=1)
+        if not return_dict:
+            return sequences
+        timings = {
+            "stage1": stage1_done - started,
+            "zoom": zoom_done - stage1_done,
+            "stage2": finished - zoom_done,
+            "total": finished - started,
+        }
+        stage1_tokens = (vision["image_grid_thw"].prod(dim=-1) // processor.image_processor.merge_size**2).tolist()
+        tokens = []
+        for index, (sample, decision) in enumerate(zip(context.samples, decisions)):
+            second = processor.second_image_tokens(decision)
+            tokens.append({
+                "stage1": stage1_tokens[index],
+                "stage2": second,
+                "total": stage1_tokens[index] + second,
+                "full_resolution": processor.full_resolution_tokens(sample.image),
+            })
+        prefill_by_sample = [0] * len(decisions)
+        for value, index in zip(prefill_tokens, rows):
+            prefill_by_sample[index] = value if index in turns else 0
+        return ErgoGenerateOutput(
+            sequences=sequences,
+            stage1_texts=stage1_texts,
+            regions=[decision.region for decision in decisions],
+            crop_sizes=[decision.image.size if decision.image is not None else None for decision in decisions],
+            vision_tokens=tokens,
+            fallbacks=[decision.fallback for decision in decisions],
+            fallback_policy=context.fallback,
+            stage2_prefill_tokens=prefill_by_sample,
+            cache=used if turns else None,
+            timings=[dict(timings) for _ in decisions],
+        )
+
+    # -------------------------------------------------------------------- caches
+
+    def _reusable_cache_kind(self, stage1_kwargs: dict, stage2_kwargs: dict, generation_config: GenerationConfig) -> str | None:
+        """``"dynamic"`` or ``"static"`` when stage 2 can continue stage 1's cache; None to re-prefill.
+
+        Reuse needs ``config.reuse_stage1_cache``, one row per sample in order (no beam search in either stage, as
+        beams reorder and multiply rows) and the same cache kind in both stages, dynamic or static; other kinds
+        (offloaded, quantized, ...) re-prefill."""
+        if not self.config.reuse_stage1_cache:
+            return None
+        kinds, beams = [], []
+        for stage in (stage1_kwargs, stage2_kwargs):
+            kinds.append(stage.get("cache_implementation", generation_config.cache_implementation) or "dynamic")
+            beams.append(stage.get("num_beams", generation_config.num_beams) or 1)
+        if beams != [1, 1] or kinds[0] != kinds[1] or kinds[0] not in ("dynamic", "static"):
+            return None
+        return kinds[0]
+
+    def _static_cache(self, batch_size: int, tokens: int) -> StaticCache:
+        """An empty ``StaticCache`` for ``batch_size`` rows of at least ``tokens``, reusing the model's previous one
+        when it fits, so that its shape, and the decode step compiled for it, stay the same across calls."""
+        length = -(-tokens // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+        shape = (batch_size, self.dtype, self.device)
+        previous_shape, cache = getattr(self, "_ergo_static_cache", (None, None))
+        if previous_shape == shape and cache.layers[0].max_cache_len >= length:
+            cache.reset()
+            return cache
+        if previous_shape == shape:
+            length = max(length, cache.layers[0].max_cache_len)
+        cache = StaticCache(config=self.config.get_text_config(decoder=True), max_cache_len=length)
+        self._ergo_static_cache = (shape, cache)
+        return cache
+
+    # -------------------------------------------------------------------- stage-2 inputs
+
+    def _stage2_prefill(self, turns: dict, input_ids, attention_mask, vision, completions, pad_id) -> dict:
+        """Stage 2 from scratch, for the samples in ``turns``: each sample's stage-1 prompt and answer as they were,
+        then its new turn (end of the stage-1 turn, user turn with the second image, assistant header)."""
+        sequences, token_types, pixels, grids = [], [], [], []
+        image_pixels = vision["pixel_values"].split(vision["image_grid_thw"].prod(dim=-1).tolist())
+        for index, turn in turns.items():
+            keep = attention_mask[index].bool()
+            sequences.append(torch.cat([input_ids[index][keep], completions[index], turn["input_ids"][0]]))
+            token_types.append(torch.cat([
+                vision["mm_token_type_ids"][index][keep],
+                torch.zeros_like(completions[index]),
+                turn["mm_token_type_ids"][0],
+            ]))
+            pixels += [image_pixels[index], turn["pixel_values"]]
+            grids += [vision["image_grid_thw"][index:index + 1], turn["image_grid_thw"]]
+        ids, mask = pad_rows(sequences, pad_id)
+        types, _ = pad_rows(token_types, 0)
+        pixel_values = vision["pixel_values"]
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "mm_token_type_ids": types,
+            "pixel_values": torch.cat([p.to(pixel_values.device, pixel_values.dtype) for p in pixels]),
+            "image_grid_thw": torch.cat(grids),
+            "prefill_tokens": [len(sequence) for sequence in sequences],
+        }
+
+    def _stage2_continuation(self, turns: list, rows: list[int], stage1_sequences, prompt_mask, vision, completions,
+                             cache, pad_id) -> dict:
+        """Stage 2 as a continuation of stage 1's KV cache (which holds ``rows``): only the new turns are prefilled.
+
+        The history is stage 1's own batch (prompt, generated tokens), with everything from each sample's stop token
+        on masked out, so cached positions are reused as they are; the new turns follow, left-padded to a common
+        width (a row whose turn is None gets one token and is discarded). M-RoPE positions are computed by transformers over the
+        whole sequence (``image_grid_thw`` lists every row's images); only the crops go through the vision encoder.
+        """
+        device = stage1_sequences.device
+        generated = stage1_sequences.shape[1] - prompt_mask.shape[1]
+        kept = torch.zeros(len(completions), generated, dtype=prompt_mask.dtype, device=device)
+        for index, completion in enumerate(completions):
+            kept[index, : len(completion)] = 1
+        history_mask = torch.cat([prompt_mask, kept], dim=1)[rows]
+        history_types = torch.cat([vision["mm_token_type_ids"], torch.zeros_like(kept)], dim=1)[rows]
+        # A row without a turn gets one end token, so that no row ends in padding (its output is discarded).
+        idle = stage1_sequences.new_full((1,), pad_id)
+        turn_ids, turn_mask = pad_rows([turn["input_ids"][0] if turn else idle for turn in turns], pad_id)
+        turn_types, _ = pad_rows([turn["mm_token_type_ids"][0] if turn else idle * 0 for turn in turns], 0)
+        grids = []
+        for turn, index in zip(turns, rows):
+            grids += [vision["image_grid_thw"][index:index + 1]] + ([turn["image_grid_thw"]] if turn else [])
+        active = [turn for turn in turns if turn]
+        return {
+            "input_ids": torch.cat([stage1_sequences[rows], turn_ids], dim=1),
+            "attention_mask": torch.cat([history_mask, turn_mask], dim=1),
+            "mm_token_type_ids": torch.cat([history_types, turn_types], dim=1),
+            "image_grid_thw": torch.cat(grids),
+            "crop_pixel_values": torch.cat([turn["pixel_values"] for turn in active]),
+            "crop_grid_thw": torch.cat([turn["image_grid_thw"] for turn in active]),
+            "past_key_values": cache,
+            # each row's new turn, plus its last stage-1 token, which generation never fed back
+            "prefill_tokens": [len(turn["input_ids"][0]) + 1 if turn else 0 for turn in turns],
+        }
+
+
+class EndRows(LogitsProcessor):
+    """Makes the given batch rows emit ``end_id`` at every step, so they finish at their first token."""
+
+    def __init__(self, rows: list[int], end_id: int):
+        self.rows, self.end_id = rows, end_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[self.rows] = float("-inf")
+        scores[self.rows, self.end_id] = 0.0
+        return scores
+
+
+def _stage_kwargs(shared: dict, config_defaults: dict | None, overrides: dict | None) -> dict:
+    merged = {**(config_defaults or {}), **shared, **(overrides or {})}
+    if merged.get("num_return_sequences", 1) != 1:
+        raise ValueError("ERGO generates one answer per request; num_return_sequences must be 1")
+    merged["return_dict_in_generate"] = True
+    return merged
+
+
+def _new_token_limit(stage_kwargs: dict, generation_config: GenerationConfig, prompt_length: int) -> int:
+    """The most tokens a stage may generate: ``max_new_tokens``, else what ``max_length`` leaves after the prompt."""
+    limit = stage_kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+    if limit is not None:
+        return limit
+    max_length = stage_kwargs.get("max_length", generation_config.max_length) or 20
+    return max(max_length - prompt_length, 1)
+
+
+def _stop_token_ids(generation_config: GenerationConfig, processor) -> set[int]:
+    eos = generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    ids.add(processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token))
+    if generation_config.pad_token_id is not None:
+        ids.add(generation_config.pad_token_id)
+    return ids
+
+
+def tokens_until_stop(tokens, stop_ids: set[int]):
+    """The generated tokens (a tensor or a list) before the first end-of-sequence or padding token."""
+    for position, token in enumerate(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens):
+        if token in stop_ids:
+            return tokens[:position]
+    return tokens
+
+
+def _pad_token_id(generation_config: GenerationConfig, processor) -> int:
+    for candidate in (generation_config.pad_token_id, processor.tokenizer.pad_token_id):
+        if candidate is not None:
+            return candidate
+    return processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+
+
+def _left_align(tensors: list[torch.Tensor], attention_mask: torch.Tensor, fills: list[int]) -> list[torch.Tensor]:
+    """``tensors`` (batch x length, aligned with ``attention_mask``) with every row's real tokens moved right."""
+    if bool(attention_mask[:, -1].all()):
+        return tensors
+    keep = attention_mask.bool()
+    lengths = keep.sum(dim=1).tolist()
+    aligned = []
+    for tensor, fill in zip(tensors, fills):
+        out = torch.full_like(tensor, fill)
+        for row, length in enumerate(lengths):
+            out[row, tensor.shape[1] - length:] = tensor[row][keep[row]]
+        aligned.append(out)
+    return aligned
+
+
+def pad_rows(rows: list[torch.Tensor], fill: int, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` stacked with padding on the left (generation inputs) or right (answers), and the attention mask."""
+    width = max(len(row) for row in rows)
+    out = rows[0].new_full((len(rows), width), fill)
+    mask = torch.zeros_like(out)
+    for index, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        out[index, span] = row
+        mask[index, span] = 1
+    return out, mask
+
+
+__all__ = ["ErgoGenerationMixin", "ErgoGenerateOutput", "ErgoContextLike", "EndRows", "tokens_until_stop", "pad_rows"]
