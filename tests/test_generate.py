@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
+from torch._dynamo.utils import counters
+from transformers import CompileConfig, Qwen2_5_VLForConditionalGeneration
 
 from conftest import noise_image
 from ergo_vqa.scripted import scripted_stage1, zoom_text
@@ -27,19 +28,31 @@ def image_prefills(model):
     def hook(module, args, kwargs):
         ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
         if ids is not None and bool((ids[0] == vision_start).any()):
+            past = int(cache.get_seq_length()) if cache is not None else 0
             mask = kwargs.get("attention_mask")  # generate drops it when nothing is padded
-            attended = mask[0, -ids.shape[1]:].bool() if mask is not None else torch.ones_like(ids[0], dtype=torch.bool)
-            seen.append((ids[0][attended].tolist(), cache.get_seq_length() if cache is not None else 0))
+            if isinstance(mask, dict):  # a static cache gets 4D masks per layer type
+                mask = next(iter(mask.values()))
+            if mask is None:
+                attended = torch.ones_like(ids[0], dtype=torch.bool)
+            elif mask.dim() == 2:
+                attended = mask[0, -ids.shape[1]:].bool()
+            else:  # 4D over the whole cache: the last query's row, where the new tokens follow the cached ones
+                row = mask[0, 0, -1]
+                attended = (row if row.dtype == torch.bool else row == 0)[past: past + ids.shape[1]]
+            seen.append((ids[0][attended].tolist(), past))
 
     return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-@pytest.fixture(params=[True, False], ids=["reuse_cache", "re_prefill"])
+@pytest.fixture(params=["dynamic", "static", "re_prefill"])
 def cache_mode(request, model):
-    """Runs the test with stage 2 continuing stage 1's KV cache, then with stage 2 re-prefilled."""
-    model.config.reuse_stage1_cache = request.param
+    """Runs the test with stage 2 continuing stage 1's dynamic cache, then its static cache (asked for in
+    ``model.generation_config``, as a user would), then with stage 2 re-prefilled."""
+    model.config.reuse_stage1_cache = request.param != "re_prefill"
+    model.generation_config.cache_implementation = "static" if request.param == "static" else None
     yield request.param
     model.config.reuse_stage1_cache = True
+    model.generation_config.cache_implementation = None
 
 
 @pytest.fixture
@@ -85,12 +98,13 @@ def test_scripted_region_is_mapped_cropped_and_continued_in_the_same_conversatio
     conversation = tokenizer(expected, add_special_tokens=False)["input_ids"]
     new_turn = tokenizer(expected[expected.index(zoom_text(box)) + len(zoom_text(box)):], add_special_tokens=False)
     prompt, stage2 = inputs["input_ids"].shape[1], seen[-1]
-    if cache_mode:  # only the new turn is prefilled; the cache holds the prompt and stage 1's tokens
+    if cache_mode != "re_prefill":  # only the new turn is prefilled; the cache holds the prompt and stage 1's tokens
         assert stage2[0] == new_turn["input_ids"] and stage2[1] == len(conversation) - len(new_turn["input_ids"])
+        assert out.cache == cache_mode
         assert out.stage2_prefill_tokens == [len(new_turn["input_ids"]) + 1]  # + stage 1's last, masked stop token
     else:
         assert stage2 == (conversation, 0)
-        assert out.stage2_prefill_tokens == [len(conversation)]
+        assert out.stage2_prefill_tokens == [len(conversation)] and out.cache == "re-prefill"
     assert len(seen) == 2 and seen[0] == (inputs["input_ids"][0].tolist(), 0) and prompt < len(conversation)
 
     # The returned sequences are the caller's prompt followed by the stage-2 answer.
@@ -121,10 +135,11 @@ def test_greedy_batch_equals_one_by_one(model, processor):
     assert batch.fallbacks == [None, "no_region", "degenerate_box"]
 
 
-@pytest.mark.parametrize("fallback", ["resize", "coarse"])
+@pytest.mark.parametrize("fallback", ["resize", "coarse", "reference"])
 def test_cache_reuse_answers_exactly_as_re_prefill(model, processor, fallback):
-    """Greedy fp32: continuing stage 1's cache and re-encoding the whole conversation give the same tokens, for a
-    padded batch mixing a region, no region, a degenerate box and a stage 1 cut off by max_new_tokens."""
+    """Greedy fp32: continuing stage 1's dynamic or static cache and re-encoding the whole conversation give the same
+    tokens, for a padded batch mixing a region, no region, a degenerate box and a stage 1 cut off by max_new_tokens
+    (under ``coarse``, two rows skip stage 2: a static batch keeps and ends them, a dynamic one drops them)."""
     images = [noise_image(1400, 900, 11), noise_image(500, 1700, 12), noise_image(640, 480, 13), noise_image(900, 900, 14)]
     texts = [zoom_text((10, 8, 60, 40)), "<think>no idea</think>", zoom_text((30, 30, 10, 10)),
              zoom_text((0, 0, 30, 30), thought="a much longer look at the whole scene first, then the region")]
@@ -133,17 +148,60 @@ def test_cache_reuse_answers_exactly_as_re_prefill(model, processor, fallback):
     stage1 = scripted_stage1(processor, texts)
     stage1["max_new_tokens"] -= 1  # the longest text ends without a stop token
     outputs = {}
-    for reuse in (True, False):
+    for mode, reuse, cache in [("dynamic", True, "dynamic"), ("static", True, "static"), ("re-prefill", False, None)]:
         model.config.reuse_stage1_cache = reuse
-        outputs[reuse] = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, return_dict_in_generate=True,
-                                        stage1_generate_kwargs=dict(stage1))
+        outputs[mode] = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, return_dict_in_generate=True,
+                                       stage1_generate_kwargs=dict(stage1), cache_implementation=cache)
     model.config.reuse_stage1_cache = True
-    assert torch.equal(outputs[True].sequences, outputs[False].sequences)
-    assert outputs[True].fallbacks == [None, "no_region", "degenerate_box", None]
-    stage2_rows = [index for index, size in enumerate(outputs[True].crop_sizes) if size is not None]
-    assert stage2_rows == ([0, 1, 2, 3] if fallback == "resize" else [0, 3])
-    for index in stage2_rows:
-        assert 0 < outputs[True].stage2_prefill_tokens[index] < outputs[False].stage2_prefill_tokens[index] / 2
+    assert [outputs[mode].cache for mode in outputs] == list(outputs)
+    assert torch.equal(outputs["static"].sequences, outputs["dynamic"].sequences)
+    assert torch.equal(outputs["static"].sequences, outputs["re-prefill"].sequences)
+    assert outputs["static"].fallbacks == [None, "no_region", "degenerate_box", None]
+    stage2_rows = [index for index, size in enumerate(outputs["static"].crop_sizes) if size is not None]
+    assert stage2_rows == ([0, 3] if fallback == "coarse" else [0, 1, 2, 3])
+    for index in range(4):
+        reused = outputs["static"].stage2_prefill_tokens[index]
+        assert reused == outputs["dynamic"].stage2_prefill_tokens[index]
+        if index in stage2_rows:
+            # re-encoding also feeds the sample's prompt and stage-1 text, which the cache already holds
+            prompt = int(inputs["attention_mask"][index].sum())
+            assert 0 < reused <= outputs["re-prefill"].stage2_prefill_tokens[index] - prompt + 1
+        else:
+            assert reused == 0 == outputs["re-prefill"].stage2_prefill_tokens[index]
+
+
+def test_static_cache_compiles_one_decode_step_for_both_stages_and_later_calls(model, processor):
+    """transformers compiles the decode step for a static cache. ERGO keeps one cache per batch size, so stage 2 and
+    later calls of the same batch size (whatever their lengths) run that same compiled step without recompiling.
+    (The eager backend on CPU: dynamo traces and guards exactly as with inductor on CUDA, without generating code.)"""
+    torch._dynamo.reset()
+    counters.clear()
+    compile_config = CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told otherwise
+    model.generation_config.compile_config, model.generation_config.cache_implementation = compile_config, "static"
+    calls, expected = [], 0
+    try:
+        for call, texts in enumerate([[zoom_text((10, 8, 60, 40)), "<think>no</think>"],
+                                      [zoom_text((1, 1, 30, 40)), zoom_text((3, 3, 50, 50), thought="a longer look")],
+                                      ["<think>none</think>", zoom_text((3, 3, 50, 50))]]):
+            inputs = processor.prepare([noise_image(1400, 900, call), noise_image(500, 1700, call + 10)],
+                                       ["What is it?", f"Which one, call {call}?"])
+            stage1 = scripted_stage1(processor, texts)
+            compiled = model.__dict__.get("_compiled_call")
+            if compiled is not None:  # from the second call on, count the compiled step's calls
+                model._compiled_call = lambda *args, _step=compiled, **kwargs: calls.append(1) or _step(*args, **kwargs)
+                expected += (stage1["max_new_tokens"] - 1) + (5 - 1)  # decode steps after each stage's prefill
+            out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True,
+                                 stage1_generate_kwargs=stage1)
+            if compiled is not None:
+                model._compiled_call = compiled
+            assert out.cache == "static" and all(out.stage2_prefill_tokens)
+    finally:
+        model.generation_config.compile_config = model.generation_config.cache_implementation = None
+        model.__dict__.pop("_compiled_call", None)
+        torch._dynamo.reset()
+    assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1  # compiled once
+    assert len(calls) == expected > 0  # every decode step of both stages of calls 2 and 3 ran through it
 
 
 def test_early_exit_answers_from_stage1_when_it_gives_an_answer_and_no_region(model, processor, early_exit):
@@ -171,6 +229,26 @@ def test_beam_search_re_prefills_and_answers_as_without_cache_reuse(model, proce
                                       stage1_generate_kwargs=scripted_stage1(processor, [zoom_text((5, 5, 40, 40))] * 2)))
     model.config.reuse_stage1_cache = True
     assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
+
+
+@pytest.mark.parametrize("stage1, stage2", [
+    ({"cache_implementation": "static", "num_beams": 2}, {"cache_implementation": "static"}),
+    ({"cache_implementation": "static"}, {"cache_implementation": "static", "num_beams": 2}),
+    ({"cache_implementation": "static"}, {"cache_implementation": "dynamic"}),
+    ({"cache_implementation": "dynamic"}, {"cache_implementation": "static"}),
+], ids=["static_beams_stage1", "static_beams_stage2", "static_then_dynamic", "dynamic_then_static"])
+def test_caches_stage2_cannot_continue_re_prefill_and_answer_the_same(model, processor, stage1, stage2):
+    inputs = processor.prepare([noise_image(900, 600, 20), noise_image(600, 900, 21)], ["What is it?", "Which color?"])
+    texts = [zoom_text((5, 5, 40, 40)), "<think>no idea</think>"]
+    outputs = []
+    for reuse in (True, False):
+        model.config.reuse_stage1_cache = reuse
+        outputs.append(model.generate(**inputs, max_new_tokens=6, return_dict_in_generate=True,
+                                      stage1_generate_kwargs={**scripted_stage1(processor, texts), **stage1},
+                                      stage2_generate_kwargs=stage2))
+    model.config.reuse_stage1_cache = True
+    assert [out.cache for out in outputs] == ["re-prefill", "re-prefill"]
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
 
 
 def test_an_explicit_cache_implementation_still_reuses_the_cache(model, processor):
