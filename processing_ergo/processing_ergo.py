@@ -12,7 +12,11 @@ Works without torchvision: image-only (no video processor), PIL image backend.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import torch
 
 from PIL import Image
 from transformers import Qwen2_5_VLProcessor
@@ -167,11 +171,10 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         self._check_settings(coarse_budget, crop_budget, stage2_template, fallback)
         coarse_pixels, crop_pixels = budget_to_pixels(coarse_budget), budget_to_pixels(crop_budget)
 
-        samples, coarse_images, texts = [], [], []
-        for index, (source, question) in enumerate(zip(images, questions)):
-            image = load_image(source, name=f"sample {index}")
+        def load_and_view(index: int) -> tuple[ErgoSample, Image.Image, str]:
+            image = load_image(images[index], name=f"sample {index}")
             try:
-                stem, full_question = stage_questions(question, options[index], postfixes[index])
+                stem, full_question = stage_questions(questions[index], options[index], postfixes[index])
             except ValueError as error:
                 raise ValueError(f"sample {index}: {error}") from None
             for pixels in (coarse_pixels, crop_pixels):
@@ -182,12 +185,12 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
                         f"budget, flatter than Qwen2.5-VL's {MAX_ASPECT_RATIO}:1 limit; pad or split it first"
                     )
             coarse = resize_to_budget(image, coarse_pixels)
-            samples.append(ErgoSample(image=image, coarse_size=coarse.size, stage2_question=full_question))
-            coarse_images.append(coarse)
-            texts.append(self._render(self.stage1_messages(stem)))
+            return ErgoSample(image=image, coarse_size=coarse.size, stage2_question=full_question), coarse, stem
 
-        inputs = self._encode(texts, coarse_images)
-        inputs["ergo_context"] = ErgoContext(self, samples, crop_pixels, fallback, stage2_template)
+        samples, coarse_images, stems = zip(*parallel_map(load_and_view, range(len(images))))
+        texts = [self._render(self.stage1_messages(stem)) for stem in stems]
+        inputs = self._encode(texts, list(coarse_images))
+        inputs["ergo_context"] = ErgoContext(self, list(samples), crop_pixels, fallback, stage2_template)
         return inputs
 
     @staticmethod
@@ -212,6 +215,16 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
             return_tensors="pt",
             images_kwargs={"size": {"shortest_edge": MIN_PIXELS, "longest_edge": max(largest, MIN_PIXELS)}},
         )
+
+    def _process_images(self, images, **kwargs):
+        """The image processor per image on a thread pool (PIL resampling and numpy normalisation release the GIL),
+        so a batch's images are processed side by side; the result is the same as one call over the batch."""
+        flat = isinstance(images, (list, tuple)) and all(isinstance(image, Image.Image) for image in images)
+        if not (flat and len(images) > 1 and kwargs.get("return_tensors") == "pt"):
+            return super()._process_images(images, **kwargs)
+        parts = parallel_map(lambda image: self.image_processor([image], **kwargs), images)
+        processed = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        return processed, [self.replace_image_token(processed, image_idx=index) for index in range(len(images))]
 
     def apply_chat_template(self, conversation, chat_template=None, ergo: bool | None = None, **kwargs):
         """Qwen2.5-VL's ``apply_chat_template``, except that an ERGO request becomes ERGO's stage-1 input.
@@ -248,7 +261,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         With ``skip_answered``, a stage-1 text that gives a complete, non-empty ``<answer>…</answer>`` and no region
         ends there (early exit).
         """
-        return [self._decide(sample, text, context, skip_answered) for sample, text in zip(context.samples, stage1_texts)]
+        return parallel_map(lambda pair: self._decide(*pair, context, skip_answered), list(zip(context.samples, stage1_texts)))
 
     def _decide(self, sample: ErgoSample, stage1_text: str, context: ErgoContext, skip_answered: bool) -> ZoomDecision:
         box = parse_zoom_box(stage1_text)
@@ -328,6 +341,15 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
 
 _SENTINEL = "\x00ERGO_STAGE1_ANSWER\x00"
 _SENTINEL_TURN = [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}]
+
+
+def parallel_map(function, items) -> list:
+    """``[function(item) for item in items]``, on a thread pool when there is more than one item."""
+    items = list(items)
+    if len(items) < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
+        return list(pool.map(function, items))
 
 
 def _keep_size(image: Image.Image) -> dict:

@@ -89,7 +89,7 @@ def test_folder_files_and_remote_code_are_self_contained(tiny_folder):
                 if line.startswith(("import ", "from ")) and not line.startswith("from __future__"):
                     top = line.split()[1].split(".")[0]
                     assert top in {"", "torch", "transformers", "PIL", "huggingface_hub", "re", "math", "os", "io",
-                                   "base64", "time", "json", "dataclasses", "contextlib", "typing"}, (name, line)
+                                   "base64", "time", "json", "dataclasses", "contextlib", "typing", "concurrent"}, (name, line)
             assert "eval(" not in source and "pickle" not in source
     config = json.loads((tiny_folder / "config.json").read_text())
     assert config["model_type"] == "qwen2_5_vl"

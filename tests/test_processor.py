@@ -113,3 +113,15 @@ def test_settings_survive_save_and_load(processor, tmp_path):
     assert torch.equal(
         loaded(text=["hi"], return_tensors="pt")["input_ids"], processor(text=["hi"], return_tensors="pt")["input_ids"]
     )
+
+
+def test_a_batch_processed_in_parallel_equals_one_image_processor_call(processor):
+    """The processor runs the image processor per image on a thread pool; the tensors must be those of one call."""
+    images = [noise_image(300, 200, 1), noise_image(200, 500, 2), noise_image(420, 420, 3)]
+    texts = [f"<|vision_start|><|image_pad|><|vision_end|>{text}" for text in ("a", "bb", "ccc")]
+    ours = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    stock = processor.image_processor(images, return_tensors="pt")
+    assert torch.equal(ours["pixel_values"], stock["pixel_values"])
+    assert torch.equal(ours["image_grid_thw"], stock["image_grid_thw"])
+    pads = (ours["input_ids"] == processor.image_token_id).sum(dim=1)
+    assert pads.tolist() == (stock["image_grid_thw"].prod(dim=-1) // 4).tolist()
