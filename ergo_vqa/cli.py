@@ -12,6 +12,8 @@ from processing_ergo.geometry_ergo import budget_to_pixels
 from processing_ergo.images_ergo import ErgoImageError, load_image
 from processing_ergo.prompts_ergo import stage_questions
 
+from .inference import CACHE_CHOICES
+
 
 def _budget(text: str) -> int:
     try:
@@ -29,7 +31,7 @@ def _infer(args: argparse.Namespace) -> int:
     image = load_image(args.image, name=args.image)
     if not Path(args.model).exists() and args.model.count("/") != 1:
         raise FileNotFoundError(f"model not found: {args.model} (a local folder or a Hub id like org/name)")
-    model, processor = load(args.model, device=args.device)
+    model, processor = load(args.model, device=args.device, cache=args.cache)
     result = answer(model, processor, image, args.question, budget=args.budget, max_new_tokens=args.max_new_tokens)
     print(result.to_json() if args.json else summary(result))
     if args.viz:
@@ -54,7 +56,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .inference import load
 
     samples = load_benchmark(args.dataset, args.data_root, limit=args.limit, split=args.split)
-    model, processor = load(args.model, device=args.device)
+    model, processor = load(args.model, device=args.device, cache=args.cache)
     out = Path(args.out)
     for mode in args.mode:
         evaluate(model, processor, samples, mode, out, args.dataset, budget=args.budget, batch_size=args.batch_size,
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--budget", type=_budget, default=None, help="vision tokens for the coarse view and the crop")
     infer.add_argument("--max-new-tokens", type=int, default=1024, help="per stage (default 1024, as the reference)")
     infer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    infer.add_argument("--cache", choices=CACHE_CHOICES, default="auto",
+                       help="KV cache; auto: static (compiled decode) on CUDA, dynamic elsewhere")
     infer.add_argument("--viz", metavar="OUT.png", help="write the image with the region drawn")
     infer.add_argument("--json", action="store_true", help="print the result as JSON")
     infer.set_defaults(run=_infer)
@@ -113,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="ERGO mode without a usable region (default: the reference's, the whole original)")
     evaluation.add_argument("--max-new-tokens", type=int, default=1024, help="per stage (default 1024)")
     evaluation.add_argument("--device", default="auto")
+    evaluation.add_argument("--cache", choices=CACHE_CHOICES, default="auto",
+                            help="KV cache; auto: static (compiled decode) on CUDA, dynamic elsewhere")
     evaluation.add_argument("--out", required=True, help="folder for per-sample records, summaries and the plot")
     evaluation.set_defaults(run=_eval)
 

@@ -32,9 +32,17 @@ class ErgoResult:
         return json.dumps(asdict(self), indent=2)
 
 
-def load(model_id: str, device: str = "auto", dtype: str = "auto", **processor_settings):
+CACHE_CHOICES = ("auto", "dynamic", "static")
+
+
+def load(model_id: str, device: str = "auto", dtype: str = "auto", cache: str = "auto", **processor_settings):
     """(model, processor) from an ERGO folder (through ``trust_remote_code``, like any Hub user) or from a stock
-    Qwen2.5-VL folder (through the installed ERGO classes, which read it as is)."""
+    Qwen2.5-VL folder (through the installed ERGO classes, which read it as is).
+
+    ``cache="auto"`` generates with a static cache on CUDA (transformers then compiles the decode step, which both
+    ERGO stages share) and with a dynamic one elsewhere (where nothing is compiled and a dynamic cache is faster)."""
+    if cache not in CACHE_CHOICES:
+        raise ValueError(f"cache must be one of {CACHE_CHOICES}, got {cache!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
@@ -46,6 +54,8 @@ def load(model_id: str, device: str = "auto", dtype: str = "auto", **processor_s
     else:
         model = ErgoForConditionalGeneration.from_pretrained(model_id, dtype=torch_dtype)
         processor = ErgoProcessor.from_pretrained(model_id, **processor_settings)
+    static = cache == "static" or (cache == "auto" and device.startswith("cuda"))
+    model.generation_config.cache_implementation = "static" if static else None
     return model.to(device).eval(), processor
 
 

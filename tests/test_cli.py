@@ -34,6 +34,19 @@ def test_infer_json(tiny_folder, tmp_path, capsys):
     assert set(result) >= {"answer", "region", "fallback", "vision_tokens", "seconds", "stage1_text"}
 
 
+def test_infer_with_a_static_cache_answers_as_with_a_dynamic_one(tiny_folder, tmp_path, capsys):
+    """``--cache static`` (the CUDA default) on CPU: same answer, region and tokens as ``--cache dynamic``."""
+    image_path = tmp_path / "photo.png"
+    noise_image(900, 700, 3).save(image_path)
+    results = []
+    for cache in ("dynamic", "static"):
+        assert main(["infer", "--model", str(tiny_folder), "--image", str(image_path), "--question", "Why?",
+                     "--budget", "16", "--max-new-tokens", "6", "--json", "--cache", cache]) == 0
+        result = json.loads(capsys.readouterr().out)
+        results.append({key: value for key, value in result.items() if key != "seconds"})
+    assert results[0] == results[1]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
