@@ -1,29 +1,42 @@
-"""How much faster is ERGO than one full-resolution pass? Four modes, one process, the same shapes and lengths.
+"""How much faster is ERGO than one full-resolution pass? Five modes, one process, the same shapes and lengths.
 
-    python benchmarks/two_stage_speed.py --shape cpu-proxy            # CPU, a few minutes
-    python benchmarks/two_stage_speed.py --shape qwen2.5-vl-7b        # GPU: bf16, SDPA, the real 7B shape
+    python benchmarks/two_stage_speed.py --shape cpu-proxy            # CPU, about 10 minutes
+    python benchmarks/two_stage_speed.py --shape qwen2.5-vl-7b        # GPU: bf16, static cache, varlen vision
+    python benchmarks/two_stage_speed.py --shape qwen2.5-vl-7b --caches dynamic,static --vision-attention sdpa,varlen
 
 Modes, all on the same random-weight model:
-  (a) ergo_kv         ERGO, stage 2 continues stage 1's KV cache (the default)
-  (b) ergo_reprefill  ERGO, stage 2 re-encodes the whole conversation (the reference transformers path)
-  (c) full_resolution one pass over the whole image at 16384 vision tokens (the paper's Qwen2.5-VL baseline)
-  (d) coarse_only     one pass over the coarse image alone
+  (a)  ergo_kv           ERGO, stage 2 continues stage 1's KV cache (the default)
+  (b)  ergo_reprefill    ERGO, stage 2 re-encodes the whole conversation (the reference transformers path)
+  (c)  full_resolution   one pass over the whole image at 16384 vision tokens (the paper's Qwen2.5-VL baseline),
+                         answering directly (answer tokens)
+  (c2) full_same_length  the same pass generating as many tokens as ERGO does (stage 1 + answer): what a model
+                         that reasons at full resolution pays
+  (d)  coarse_only       one pass over the coarse image alone
+
+Dimensions: the KV cache (``--caches``: dynamic, or static, where transformers compiles the decode step on GPU) and
+the vision tower's attention (``--vision-attention``: sdpa, one call per attention window, or varlen, all windows in
+one call of PyTorch's flash varlen attention; CUDA only). Every combination runs every mode, so each ERGO row has
+baselines under the same settings.
 
 Random weights generate random text, so lengths are forced: stage 1 emits exactly ``--stage1-tokens`` tokens
 ending in a ``<zoom>`` box sized so the crop costs ``--crop-tokens`` vision tokens; every answer (ERGO's stage 2,
-(c), (d)) is exactly ``--answer-tokens`` long. Wall time is end to end (image preprocessing included); "outside
-forward" is the share of it not spent in the model's forward passes (vision encoder and language model):
-image preprocessing ("preproc", also shown alone), transformers' per-token generation loop, and for ERGO the work
-between the stages (decoding, parsing, cropping, building stage 2).
-Peak memory is the CUDA allocator's peak on GPU and the process's peak RSS on CPU (both reset per run).
+(c), (d)) is exactly ``--answer-tokens`` long, and (c2) is ``--stage1-tokens + --answer-tokens`` long.
+Wall time is end to end (image preprocessing included), the median of ``--repeats`` runs after one untimed run
+(allocations, kernel selection and, for static caches, compilation). "preproc" is the share of it spent preparing
+images: stage-1 inputs, plus for ERGO the zoom step between the stages (parsing, cropping, stage-2 inputs).
+Decode ms/token comes from one more run that timestamps every generation step (synchronised), as the median step,
+next to the floor set by reading the language model's weights once per step at the memory bandwidth measured here
+by a device-to-device copy. Peak memory is the CUDA allocator's peak on GPU and the process's peak RSS on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import random
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -32,11 +45,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
+from ergo_vqa.evaluation import single_pass_inputs
 from ergo_vqa.scripted import ScriptedText
 from ergo_vqa.tiny import TINY, ModelShape, build_model, build_processor, build_tokenizer
-from ergo_vqa.evaluation import single_pass_inputs
+from modeling_ergo.modeling_ergo import varlen_available
 from processing_ergo.geometry_ergo import budget_to_pixels, smart_resize
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET
 
@@ -52,7 +66,9 @@ SHAPES = {
         full_attention_blocks=(7, 15, 23, 31), vocab_size=152064,
     ),
 }
-MODES = ("ergo_kv", "ergo_reprefill", "full_resolution", "coarse_only")
+MODES = ("ergo_kv", "ergo_reprefill", "full_resolution", "full_same_length", "coarse_only")
+LABELS = {"ergo_kv": "(a)", "ergo_reprefill": "(b)", "full_resolution": "(c)", "full_same_length": "(c2)",
+          "coarse_only": "(d)"}
 QUESTION = "What is the color of the small sign?\n(A) red\n(B) blue\n(C) green\n(D) white"
 
 
@@ -63,30 +79,38 @@ class Lengths:
     crop_tokens: int = 384
 
 
-class ForwardClock:
-    """Seconds spent inside forward passes of the model and of its vision encoder (outermost calls only)."""
+@dataclass(frozen=True)
+class Setting:
+    """One combination of the benchmark's dimensions."""
 
-    def __init__(self, model, synchronize):
-        self.seconds, self._depth, self._start, self._synchronize = 0.0, 0, 0.0, synchronize
-        modules = (model, model.model.visual)
-        self._handles = [m.register_forward_pre_hook(self._enter) for m in modules]
-        self._handles += [m.register_forward_hook(self._leave) for m in modules]
+    cache: str
+    vision_attention: str
 
-    def _enter(self, *_):
-        if self._depth == 0:
-            self._synchronize()
-            self._start = time.perf_counter()
-        self._depth += 1
+    @property
+    def name(self) -> str:
+        return f"{self.cache}/{self.vision_attention}"
 
-    def _leave(self, *_):
-        self._depth -= 1
-        if self._depth == 0:
-            self._synchronize()
-            self.seconds += time.perf_counter() - self._start
+    def apply(self, model) -> None:
+        model.generation_config.cache_implementation = "static" if self.cache == "static" else None
+        model.config.vision_attention = "auto" if self.vision_attention == "varlen" else "loaded"
 
-    def remove(self):
-        for handle in self._handles:
-            handle.remove()
+
+class StepClock(LogitsProcessor):
+    """Timestamps every generation step (after synchronising the device); leaves the scores alone."""
+
+    def __init__(self, synchronize):
+        self.synchronize, self.stamps = synchronize, []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.synchronize()
+        self.stamps.append((input_ids.shape[1], time.perf_counter()))
+        return scores
+
+    def decode_seconds(self) -> list[float]:
+        """Seconds of each decode step: between two stamps one token apart (a stage's first step follows its
+        prefill, and a new ``generate`` call starts from another length)."""
+        return [later - earlier for (length, earlier), (next_length, later) in zip(self.stamps, self.stamps[1:])
+                if next_length == length + 1]
 
 
 class PeakMemory:
@@ -141,12 +165,16 @@ def forced_text(processor, ending: str, length: int) -> list[int]:
     return head + (filler * missing)[:missing] + tail
 
 
-def run_once(mode, model, processor, images, scripts, lengths, coarse_budget, device, clock, memory) -> dict:
+def run_once(mode, model, processor, images, scripts, lengths, coarse_budget, device, memory,
+             clock: StepClock | None = None) -> dict:
+    """One timed run of ``mode``; with ``clock``, every generation step is also timestamped."""
     tokenizer = processor.tokenizer
     end_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    answer = {"max_new_tokens": lengths.answer_tokens, "min_new_tokens": lengths.answer_tokens}
+    answer_tokens = lengths.answer_tokens + (lengths.stage1_tokens if mode == "full_same_length" else 0)
+    answer = {"max_new_tokens": answer_tokens, "min_new_tokens": answer_tokens}
+    if clock is not None:
+        answer["logits_processor"] = LogitsProcessorList([clock])
     memory.reset()
-    clock.seconds = 0.0
     _synchronize(device)
     started = time.perf_counter()
     if mode.startswith("ergo"):
@@ -154,83 +182,114 @@ def run_once(mode, model, processor, images, scripts, lengths, coarse_budget, de
         inputs = processor.prepare(images, [QUESTION] * len(images), coarse_budget=coarse_budget).to(device)
         preprocessed = time.perf_counter()
         stage1 = {
-            "logits_processor": LogitsProcessorList([ScriptedText(scripts, end_id)]),
+            "logits_processor": LogitsProcessorList([ScriptedText(scripts, end_id)] + ([clock] if clock else [])),
             "max_new_tokens": max(len(script) for script in scripts) + 1,
         }
         output = model.generate(**inputs, stage1_generate_kwargs=stage1, stage2_generate_kwargs=answer,
                                 return_dict_in_generate=True)
+        preprocess = preprocessed - started + output.timings[0]["zoom"]
         vision = [tokens["total"] for tokens in output.vision_tokens]
         prefill = [int(inputs["attention_mask"][row].sum()) + output.stage2_prefill_tokens[row]
                    for row in range(len(images))]
-        early_exits = output.fallbacks.count("answered")
+        generated = lengths.stage1_tokens + 1 + lengths.answer_tokens  # stage 1's text and its end token
+        early_exits, cache = output.fallbacks.count("answered"), output.cache
     else:
         view_budget = coarse_budget if mode == "coarse_only" else None  # coarse_only: ERGO's own coarse view
         inputs = single_pass_inputs(processor, images, [QUESTION] * len(images), coarse_budget=view_budget).to(device)
-        preprocessed = time.perf_counter()
+        preprocess = time.perf_counter() - started
         model.generate(**inputs, **answer)
         merge = processor.image_processor.merge_size**2
         vision = (inputs["image_grid_thw"].prod(dim=-1) // merge).tolist()
         prefill = inputs["attention_mask"].sum(dim=1).tolist()
-        early_exits = 0
+        generated, early_exits, cache = answer_tokens, 0, None
     _synchronize(device)
-    wall = time.perf_counter() - started
     return {
-        "wall_s": wall,
-        "forward_s": clock.seconds,
-        "preprocess_s": preprocessed - started,
+        "wall_s": time.perf_counter() - started,
+        "preprocess_s": preprocess,
         "vision_tokens": statistics.mean(vision),
         "prefill_tokens": statistics.mean(prefill),
+        "generated_tokens": generated,
         "peak_mib": memory.peak_mib(),
         "early_exits": early_exits,
+        "stage2_cache": cache,
     }
 
 
-def measure(mode, model, processor, images, scripts, lengths, args, device, clock, memory) -> dict:
-    runs = [run_once(mode, model, processor, images, scripts, lengths, args.coarse_budget, device, clock, memory)
-            for _ in range(args.repeats)]
-    wall = statistics.median(run["wall_s"] for run in runs)
-    forward = statistics.median(run["forward_s"] for run in runs)
-    preprocess = statistics.median(run["preprocess_s"] for run in runs)
-    peaks = [run["peak_mib"] for run in runs if run["peak_mib"] is not None]
+def measure(mode, model, processor, images, scripts, lengths, args, device, memory) -> dict:
+    """Median of ``args.repeats`` timed runs after one untimed run, then one run with step timestamps."""
+    run = lambda clock=None: run_once(mode, model, processor, images, scripts, lengths, args.coarse_budget, device,
+                                      memory, clock)
+    run()
+    runs = [run() for _ in range(args.repeats)]
+    clock = StepClock(lambda: _synchronize(device))
+    run(clock)
+    wall = statistics.median(r["wall_s"] for r in runs)
+    peaks = [r["peak_mib"] for r in runs if r["peak_mib"] is not None]
+    decode = clock.decode_seconds()
     return {
         "mode": mode,
         "batch": len(images),
         "vision_tokens": runs[0]["vision_tokens"],
         "prefill_tokens": runs[0]["prefill_tokens"],
+        "generated_tokens": runs[0]["generated_tokens"],
         "wall_s": wall,
         "per_sample_s": wall / len(images),
         "samples_per_s": len(images) / wall,
-        "outside_forward_share": max(0.0, 1 - forward / wall),
-        "preprocess_share": preprocess / wall,
+        "preprocess_share": statistics.median(r["preprocess_s"] for r in runs) / wall,
+        "decode_ms_per_token": 1000 * statistics.median(decode) if decode else None,
         "peak_mib": max(peaks) if peaks else None,
         "early_exits": runs[0]["early_exits"],
+        "stage2_cache": runs[0]["stage2_cache"],
     }
 
 
 def with_ratios(results: list[dict]) -> list[dict]:
-    """Adds, per row, speed-up and token shares against the full-resolution pass of the same size and batch."""
+    """Adds, per row, speed-ups against (c) and (c2) and the vision-token share against (c), each of the same
+    setting, size and batch."""
     for row in results:
-        base = next(r for r in results if r["mode"] == "full_resolution"
-                    and (r["size"], r["batch"]) == (row["size"], row["batch"]))
-        row["speedup_vs_full"] = base["wall_s"] / row["wall_s"]
-        row["vision_share_vs_full"] = row["vision_tokens"] / base["vision_tokens"]
-        row["prefill_share_vs_full"] = row["prefill_tokens"] / base["prefill_tokens"]
+        same = lambda mode: next(r for r in results if r["mode"] == mode
+                                 and (r["setting"], r["size"], r["batch"]) == (row["setting"], row["size"], row["batch"]))
+        row["speedup_vs_full"] = same("full_resolution")["wall_s"] / row["wall_s"]
+        row["speedup_vs_full_same_length"] = same("full_same_length")["wall_s"] / row["wall_s"]
+        row["vision_share_vs_full"] = row["vision_tokens"] / same("full_resolution")["vision_tokens"]
     return results
 
 
 def table(results: list[dict]) -> str:
-    header = (f"{'size':>10} {'B':>2} {'mode':<16}{'vision':>8}{'prefill':>9}{'wall s':>9}{'per smp s':>10}"
-              f"{'smp/s':>7}{'outside':>8}{'preproc':>8}{'peak MiB':>9}{'speedup':>8}{'vis%':>6}{'exits':>6}")
+    header = (f"{'setting':<15}{'size':>10} {'B':>2} {'mode':<22}{'vision':>7}{'prefill':>8}{'gen':>5}{'wall s':>8}"
+              f"{'per smp s':>10}{'preproc':>8}{'ms/tok':>7}{'peak MiB':>9}{'vs (c)':>7}{'vs (c2)':>8}{'vis%':>5}")
     lines = [header, "-" * len(header)]
     for r in results:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        decode = f"{r['decode_ms_per_token']:.1f}" if r["decode_ms_per_token"] is not None else "-"
         lines.append(
-            f"{r['size']:>10} {r['batch']:>2} {r['mode']:<16}{r['vision_tokens']:>8.0f}{r['prefill_tokens']:>9.0f}"
-            f"{r['wall_s']:>9.3f}{r['per_sample_s']:>10.3f}{r['samples_per_s']:>7.2f}"
-            f"{100 * r['outside_forward_share']:>7.1f}%{100 * r['preprocess_share']:>7.1f}%{peak:>9}{r['speedup_vs_full']:>7.2f}x"
-            f"{100 * r['vision_share_vs_full']:>5.0f}%{r['early_exits']:>6}"
+            f"{r['setting']:<15}{r['size']:>10} {r['batch']:>2} {LABELS[r['mode']] + ' ' + r['mode']:<22}"
+            f"{r['vision_tokens']:>7.0f}{r['prefill_tokens']:>8.0f}{r['generated_tokens']:>5}{r['wall_s']:>8.3f}"
+            f"{r['per_sample_s']:>10.3f}{100 * r['preprocess_share']:>7.1f}%{decode:>7}{peak:>9}"
+            f"{r['speedup_vs_full']:>6.2f}x{r['speedup_vs_full_same_length']:>7.2f}x{100 * r['vision_share_vs_full']:>4.0f}%"
         )
     return "\n".join(lines)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second one device-to-device copy moves (read plus write), best of five."""
+    size = 2**30 if device.type == "cuda" else 2**28
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(5):
+        _synchronize(device)
+        started = time.perf_counter()
+        target.copy_(source)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size / best
+
+
+def language_model_bytes(model) -> int:
+    """Bytes of the weights every decode step reads: the language model and the LM head."""
+    modules = (model.model.language_model, model.lm_head)
+    return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -242,6 +301,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu-proxy")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--caches", type=lambda t: t.split(","), help="dynamic,static (default: static on GPU, "
+                        "dynamic on CPU, where nothing is compiled)")
+    parser.add_argument("--vision-attention", type=lambda t: t.split(","),
+                        help="sdpa,varlen (default: varlen on GPU, sdpa on CPU; varlen needs CUDA and half precision)")
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("2246x1582,3840x2160,7680x4320"),
                         help="image sizes WxH for the batch-1 comparison (2246x1582 is V*'s mean)")
     parser.add_argument("--throughput-size", type=parse_sizes, default=parse_sizes("2246x1582"),
@@ -262,42 +325,47 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    settings = [Setting(cache, attention) for cache, attention in itertools.product(
+        args.caches or ["static" if gpu else "dynamic"], args.vision_attention or ["varlen" if gpu else "sdpa"])]
+    if any(s.vision_attention == "varlen" for s in settings) and not varlen_available(device, dtype):
+        raise SystemExit("varlen vision attention needs CUDA, half precision and PyTorch >= 2.10")
     lengths = Lengths(args.stage1_tokens, args.answer_tokens, args.crop_tokens)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     model = build_model(tokenizer, SHAPES[args.shape], device=device, dtype=dtype)
     model.config.skip_answered_stage2 = args.early_exit
-    clock, memory = ForwardClock(model, lambda: _synchronize(device)), PeakMemory(device)
+    torch._dynamo.config.recompile_limit = 64  # one decode graph per cache shape: every size and batch here
+    memory = PeakMemory(device)
+    floor_ms = 1000 * language_model_bytes(model) / copy_bandwidth(device)
 
     plan = [(size, 1) for size in args.sizes]
     plan += [(args.throughput_size[0], batch) for batch in args.batch_sizes if (args.throughput_size[0], batch) not in plan]
-    warmup = [synthetic_image(448, 448, 0)]
-    for mode in MODES:  # first calls pay one-time costs (allocator, kernels); keep them out of the figures
-        run_once(mode, model, processor, warmup, [stage1_script(processor, warmup[0], args.coarse_budget, lengths)],
-                 lengths, args.coarse_budget, device, clock, memory)
-
     results = []
-    for (width, height), batch in plan:
-        images = [synthetic_image(width, height, seed) for seed in range(batch)]
-        answered = round(args.answered_share * batch)
-        scripts = [forced_text(processor, "<answer>A</answer>", lengths.stage1_tokens) if index < answered
-                   else stage1_script(processor, image, args.coarse_budget, lengths)
-                   for index, image in enumerate(images)]
-        for mode in MODES:
-            row = measure(mode, model, processor, images, scripts, lengths, args, device, clock, memory)
-            results.append({"size": f"{width}x{height}", **row})
-    clock.remove()
+    for setting in settings:
+        setting.apply(model)
+        for (width, height), batch in plan:
+            images = [synthetic_image(width, height, seed) for seed in range(batch)]
+            answered = round(args.answered_share * batch)
+            scripts = [forced_text(processor, "<answer>A</answer>", lengths.stage1_tokens) if index < answered
+                       else stage1_script(processor, image, args.coarse_budget, lengths)
+                       for index, image in enumerate(images)]
+            for mode in MODES:
+                row = measure(mode, model, processor, images, scripts, lengths, args, device, memory)
+                results.append({"setting": setting.name, "size": f"{width}x{height}", **row})
     results = with_ratios(results)
 
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": _machine(device),
+        "torch": torch.__version__,
         "shape": args.shape,
         "model_shape": asdict(SHAPES[args.shape]),
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(dtype).removeprefix("torch."),
-        "attention": model.config._attn_implementation,
+        "settings": [s.name for s in settings],
+        "decode_floor_ms_per_token": floor_ms,
         "coarse_budget": args.coarse_budget,
         "full_resolution_budget": FULL_RESOLUTION_BUDGET,
         "lengths": asdict(lengths),
@@ -306,11 +374,12 @@ def main(argv=None) -> dict:
         "repeats": args.repeats,
         "results": results,
     }
-    print(f"{args.shape} on {report['machine']}, {report['dtype']}, {report['attention']}; coarse budget "
-          f"{args.coarse_budget}; stage 1 {lengths.stage1_tokens} tokens, answers {lengths.answer_tokens} tokens, "
-          f"crop ~{lengths.crop_tokens} vision tokens; median of {args.repeats}")
+    print(f"{args.shape} on {report['machine']}, {report['dtype']}; coarse budget {args.coarse_budget}; stage 1 "
+          f"{lengths.stage1_tokens} tokens, answers {lengths.answer_tokens} tokens ((c2): "
+          f"{lengths.stage1_tokens + lengths.answer_tokens}), crop ~{lengths.crop_tokens} vision tokens; median of "
+          f"{args.repeats}; decode floor (LM weights / measured copy bandwidth) {floor_ms:.2f} ms/token")
     print(table(results))
-    output = args.output or Path(__file__).parent / "results" / f"{args.shape}-{device.type}.json"
+    output = args.output or Path(__file__).parent / "results" / f"{args.shape}-{_device_slug(device)}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")
@@ -320,6 +389,13 @@ def main(argv=None) -> dict:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _device_slug(device: torch.device) -> str:
+    """``cpu``, or the GPU's name in lower case with dashes (``nvidia-h100-80gb-hbm3``)."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
 def _machine(device: torch.device) -> str:
