@@ -23,4 +23,4 @@ test: setup
 
 # Rebuild the shipped demo model from nothing (data, SFT, GRPO, evaluation): about 30 minutes on 2 CPU cores.
 demo-model: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m training.synthetic runs/synthetic --ship
+	HF_HUB_OFFLINE=1 $(BIN)/python -m training.synthetic_recipe runs/synthetic --ship

@@ -47,11 +47,10 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ergo_vqa.evaluation import single_pass_inputs
-from ergo_vqa.scripted import ScriptedText
+from ergo_vqa.testing_utils import ScriptedText
 from ergo_vqa.tiny import TINY, ModelShape, build_model, build_processor, build_tokenizer
 from modeling_ergo.modeling_ergo import varlen_available
-from processing_ergo.geometry_ergo import budget_to_pixels, smart_resize
+from processing_ergo.geometry_ergo import PAPER_BUDGET, budget_to_pixels, smart_resize
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET
 
 SHAPES = {
@@ -195,7 +194,7 @@ def run_once(mode, model, processor, images, scripts, lengths, coarse_budget, de
         early_exits, cache = output.fallbacks.count("answered"), output.cache
     else:
         view_budget = coarse_budget if mode == "coarse_only" else None  # coarse_only: ERGO's own coarse view
-        inputs = single_pass_inputs(processor, images, [QUESTION] * len(images), coarse_budget=view_budget).to(device)
+        inputs = processor.single_pass(images, [QUESTION] * len(images), budget=view_budget).to(device)
         preprocess = time.perf_counter() - started
         model.generate(**inputs, **answer)
         merge = processor.image_processor.merge_size**2
@@ -310,7 +309,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--throughput-size", type=parse_sizes, default=parse_sizes("2246x1582"),
                         help="image size for the batch-size sweep")
     parser.add_argument("--batch-sizes", type=lambda t: [int(b) for b in t.split(",")], default=[1, 4, 8])
-    parser.add_argument("--coarse-budget", type=int, default=640)
+    parser.add_argument("--coarse-budget", type=int, default=PAPER_BUDGET)
     parser.add_argument("--stage1-tokens", type=int, default=Lengths.stage1_tokens)
     parser.add_argument("--answer-tokens", type=int, default=Lengths.answer_tokens)
     parser.add_argument("--crop-tokens", type=int, default=Lengths.crop_tokens)

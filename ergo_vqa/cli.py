@@ -8,10 +8,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from processing_ergo.geometry_ergo import budget_to_pixels
+from processing_ergo.geometry_ergo import PAPER_BUDGET, budget_to_pixels
+from hub_card.card import BENCHMARKS
 from processing_ergo.images_ergo import ErgoImageError, load_image
+from processing_ergo.processing_ergo import FALLBACK_POLICIES
 from processing_ergo.prompts_ergo import stage_questions
 
+from .evaluation import MODES
 from .inference import CACHE_CHOICES
 
 
@@ -51,8 +54,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
+    from hub_card.card import results_table
+
     from .eval_data import load_benchmark
-    from .evaluation import evaluate, markdown_table, plot
+    from .evaluation import evaluate, plot
     from .inference import load
 
     samples = load_benchmark(args.dataset, args.data_root, limit=args.limit, split=args.split)
@@ -63,7 +68,7 @@ def _eval(args: argparse.Namespace) -> int:
                  max_new_tokens=args.max_new_tokens, fallback=args.fallback)
     # The combined table and plot cover every mode and budget evaluated into this folder so far.
     summaries = [json.loads(path.read_text()) for path in sorted(out.glob(f"{args.dataset}-*.summary.json"))]
-    table = markdown_table(summaries)
+    table = results_table(summaries)
     (out / f"{args.dataset}-summary.md").write_text(table)
     (out / f"{args.dataset}-summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
     plot(summaries, out / f"{args.dataset}-accuracy-vs-tokens.png")
@@ -104,16 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="accuracy, vision tokens and latency on a benchmark")
     evaluation.add_argument("--model", required=True, help="ERGO or Qwen2.5-VL folder, or Hub id")
-    evaluation.add_argument("--dataset", required=True, choices=["vstar", "hrbench", "mmerwl", "synthetic"])
+    evaluation.add_argument("--dataset", required=True, choices=[*BENCHMARKS, "synthetic"])
     evaluation.add_argument("--data-root", required=True,
                             help="folder holding the downloaded benchmark (synthetic: the folder of split files)")
     evaluation.add_argument("--split", default="test", help="synthetic only: which split file (default test)")
-    evaluation.add_argument("--mode", nargs="+", choices=["ergo", "full", "coarse"], default=["ergo"],
+    evaluation.add_argument("--mode", nargs="+", choices=MODES, default=["ergo"],
                             help="ergo (two stages), full (16384-token single pass), coarse (coarse view only)")
-    evaluation.add_argument("--budget", type=_budget, default=640, help="coarse and crop budget (default 640)")
+    evaluation.add_argument("--budget", type=_budget, default=PAPER_BUDGET,
+                            help=f"coarse and crop budget (default {PAPER_BUDGET}, the paper's headline)")
     evaluation.add_argument("--limit", type=int, default=None, help="first K samples only")
     evaluation.add_argument("--batch-size", type=int, default=1)
-    evaluation.add_argument("--fallback", choices=["reference", "resize", "coarse"], default="reference",
+    evaluation.add_argument("--fallback", choices=FALLBACK_POLICIES, default="reference",
                             help="ERGO mode without a usable region (default: the reference's, the whole original)")
     evaluation.add_argument("--max-new-tokens", type=int, default=1024, help="per stage (default 1024)")
     evaluation.add_argument("--device", default="auto")
@@ -123,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.set_defaults(run=_eval)
 
     fetch = commands.add_parser("eval-download", help="download a benchmark from the Hub (needs network)")
-    fetch.add_argument("dataset", choices=["vstar", "hrbench", "mmerwl"])
+    fetch.add_argument("dataset", choices=list(BENCHMARKS))
     fetch.add_argument("--data-root", required=True)
     fetch.set_defaults(run=_eval_download)
     return parser

@@ -1,7 +1,7 @@
 """The embedded default: ERGO end to end on a generated high-resolution image, offline, with the shipped model.
 
 The model in ``ergo_vqa/demo_model`` is a 1.6M-parameter Qwen2.5-VL trained from scratch on the synthetic task
-(``ergo_vqa.synthetic``) by this project's own recipe (``python -m training.synthetic``). It is loaded the way a
+(``ergo_vqa.synthetic_task``) by this project's own recipe (``python -m training.synthetic_recipe``). It is loaded the way a
 Hub model is (``AutoModelForImageTextToText`` / ``AutoProcessor`` with ``trust_remote_code``) and answers a test
 question it has not seen: it looks at the coarse view, picks a region, reads the digit in the native-resolution crop.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 from hub_card.folder import copy_remote_code
 from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
 
-from .evaluation import is_correct
+from .evaluation import letters_match
 from .inference import answer, draw_region, load, summary
-from .synthetic import generate_sample
+from .synthetic_task import generate_sample
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 """Weights, configs and tokenizer of the demo model; its remote code is added by ``hub_folder`` (no second copy
@@ -28,7 +28,7 @@ def hub_folder(out_dir: str | Path, model_dir: str | Path = DEMO_MODEL) -> Path:
     installed remote code, so it loads with ``trust_remote_code`` exactly as a Hub download does."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no demo model in {model_dir}: rebuild it with `python -m training.synthetic "
+        raise FileNotFoundError(f"no demo model in {model_dir}: rebuild it with `python -m training.synthetic_recipe "
                                 f"runs/synthetic --ship` (about 30 minutes on 2 CPU cores)")
     folder = Path(out_dir) / "model"
     if not (folder / "config.json").is_file():
@@ -57,7 +57,7 @@ def run(out_dir: str | Path = "ergo-demo", budget: int | None = None, seed: int 
         f"question:      {question!r}",
         f"correct:       {sample.answer} (the digit {sample.digit}, on the shape inside {sample.gt_bbox})",
         summary(result),
-        f"verdict:       {'correct' if is_correct(result.final_text, sample.answer) else 'wrong'}",
+        f"verdict:       {'correct' if letters_match(result.final_text, sample.answer) else 'wrong'}",
         f"picture:       {scene_path} (region outlined in red); coarse view the model saw first: {coarse_path}",
     ]
     if result.region:

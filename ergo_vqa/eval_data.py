@@ -24,11 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-HUB_DATASETS = {
-    "vstar": ("craigwu/vstar_bench", "vstar_bench"),
-    "hrbench": ("DreamMr/HR-Bench", "HR-Bench"),
-    "mmerwl": ("yifanzhang114/MME-RealWorld-lite-lmms-eval", "MME-RealWorld-lite-lmms-eval"),
-}
+from hub_card.card import BENCHMARKS
+
+HUB_DATASETS = {name: (dataset_id, dataset_id.split("/")[1]) for name, (dataset_id, _) in BENCHMARKS.items()}
+"""Benchmark name -> (Hub dataset id, the folder under ``--data-root`` it is downloaded to)."""
 LETTER_POSTFIX = " Answer with the option's letter from the given choices directly."
 """HR-Bench's and MME-RealWorld's postfix in the reference, leading space included."""
 MULTIPLE_CHOICE_POSTFIX = LETTER_POSTFIX.strip()
@@ -53,7 +52,7 @@ class EvalSample:
 
 def load_benchmark(name: str, data_root: str | Path, limit: int | None = None, split: str = "test") -> list[EvalSample]:
     """The benchmark's samples in file order; ``limit`` stops reading after that many (the files can be large).
-    ``synthetic`` reads ``<data_root>/<split>.jsonl`` as ``ergo_vqa.synthetic`` writes it."""
+    ``synthetic`` reads ``<data_root>/<split>.jsonl`` as ``ergo_vqa.synthetic_task`` writes it."""
     loaders = {"vstar": _vstar, "hrbench": _hrbench, "mmerwl": _mmerwl}
     if name == "synthetic":
         return list(itertools.islice(_synthetic(Path(data_root) / f"{split}.jsonl"), limit))
@@ -97,7 +96,7 @@ def _hrbench(folder: Path) -> Iterator[EvalSample]:
 def _synthetic(path: Path) -> Iterator[EvalSample]:
     """Rows in the training schema (``training/data.py``) with ``id`` and ``category``; images relative to the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: write the splits with `python -m training.synthetic`")
+        raise FileNotFoundError(f"{path} not found: write the splits with `python -m training.synthetic_recipe`")
     with open(path, encoding="utf-8") as lines:
         for index, line in enumerate(lines):
             if line.strip():

@@ -18,24 +18,27 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from transformers.feature_extraction_utils import BatchFeature
 
-from processing_ergo.geometry_ergo import MIN_PIXELS, budget_to_pixels, resize_to_budget
+from processing_ergo.geometry_ergo import PAPER_BUDGET
 from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET
 from processing_ergo.prompts_ergo import answer_letters, stage_questions
+
+from hub_card.card import results_table
 
 from .eval_data import MMERWL_CATEGORIES, EvalSample
 
 MODES = ("ergo", "full", "coarse")
 
 
-def is_correct(reply: str, answer: str) -> bool:
+def letters_match(reply: str, answer: str) -> bool:
+    """The reference evaluation's rule: the reply's answer letters equal the answer letter, ignoring case (every
+    benchmark here is multiple choice; the training rewards also score free-form answers)."""
     return answer_letters(reply).lower() == answer.strip().lower()
 
 
 def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: str | Path, benchmark: str,
-             budget: int = 640, batch_size: int = 1, max_new_tokens: int = 1024, fallback: str = "reference",
+             budget: int = PAPER_BUDGET, batch_size: int = 1, max_new_tokens: int = 1024, fallback: str = "reference",
              progress: bool = True) -> dict:
     """Runs the samples without a successful record in ``<out>/<benchmark>-<mode>-<budget>.jsonl`` (failed ones
     run again), appends their records and returns the summary of ``samples``. ``fallback`` (ERGO mode) defaults to
@@ -92,33 +95,18 @@ def _generate(model, processor, batch: list[EvalSample], mode, budget, max_new_t
                                    fallback=fallback)
         out = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
                              return_dict_in_generate=True)
-        replies = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        replies = processor.post_process_image_text_to_text(out.sequences, prompt_length=inputs["input_ids"].shape[1])
         seconds = (time.perf_counter() - started) / len(batch)
         return [_record(sample, mode, reply, seconds, out.vision_tokens[i], out.regions[i], out.fallbacks[i])
                 for i, (sample, reply) in enumerate(zip(batch, replies))]
     questions = [stage_questions(s.stem, s.options, s.postfix)[1] for s in batch]
-    inputs = single_pass_inputs(processor, images, questions, coarse_budget=budget if mode == "coarse" else None)
+    inputs = processor.single_pass(images, questions, budget=budget if mode == "coarse" else None)
     output = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
-    replies = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    replies = processor.post_process_image_text_to_text(output, prompt_length=inputs["input_ids"].shape[1])
     seconds = (time.perf_counter() - started) / len(batch)
     tokens = (inputs["image_grid_thw"].prod(dim=-1) // processor.image_processor.merge_size**2).tolist()
     return [_record(sample, mode, reply, seconds, {"stage1": count, "stage2": 0, "total": count})
             for sample, reply, count in zip(batch, replies, tokens)]
-
-
-def single_pass_inputs(processor, images: list[Image.Image], questions: list[str],
-                       coarse_budget: int | None = None) -> BatchFeature:
-    """One plain Qwen2.5-VL user turn per (image, question), no ERGO prompt: the whole image at the paper's
-    16384-token baseline, or with ``coarse_budget`` ERGO's coarse view (which the image processor keeps as is)."""
-    max_pixels = budget_to_pixels(FULL_RESOLUTION_BUDGET)
-    if coarse_budget is not None:
-        images = [resize_to_budget(image, budget_to_pixels(coarse_budget)) for image in images]
-        max_pixels = max(image.width * image.height for image in images)
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        ergo=False, tokenize=False, add_generation_prompt=True) for question in questions]
-    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt",
-                     images_kwargs={"size": {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}})
 
 
 def _record(sample: EvalSample, mode: str, reply: str | None = None, seconds: float | None = None,
@@ -127,7 +115,7 @@ def _record(sample: EvalSample, mode: str, reply: str | None = None, seconds: fl
     return {
         "id": sample.id, "category": sample.category, "mode": mode, "answer": sample.answer,
         "reply": reply, "prediction": answer_letters(reply) if reply else None,
-        "correct": failure is None and is_correct(reply, sample.answer),
+        "correct": failure is None and letters_match(reply, sample.answer),
         "failure": failure, "region": list(region) if region else None, "fallback": fallback,
         "vision_tokens": {k: v for k, v in (vision_tokens or {}).items() if k != "full_resolution"},
         "seconds": seconds,
@@ -159,18 +147,6 @@ def summarize(records: list[dict], benchmark: str, mode: str, budget: int) -> di
     }
 
 
-def markdown_table(summaries: list[dict]) -> str:
-    lines = ["| benchmark | mode | accuracy (failures wrong) | reference protocol | samples | failures | vision tokens | s / sample |",
-             "|---|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        lines.append(f"| {s['benchmark']} | {s['mode']} | {_percent(s['accuracy'])} | "
-                     f"{_percent(s['accuracy_reference_protocol'])} | {s['samples']} | {len(s['failures'])} | "
-                     f"{_number(s['mean_vision_tokens'], '.0f')} | {_number(s['mean_seconds'], '.2f')} |")
-        for name, category in s["categories"].items():
-            lines.append(f"| | {name} | {_percent(category['accuracy'])} | | {category['samples']} | | | |")
-    return "\n".join(lines) + "\n"
-
-
 def plot(summaries: list[dict], path: str | Path) -> Path:
     """Accuracy against mean vision tokens, one point per (benchmark, mode), as a PNG (Pillow only)."""
     width, height, margin = 640, 420, 60
@@ -197,14 +173,6 @@ def plot(summaries: list[dict], path: str | Path) -> Path:
 
 def _accuracy(records: list[dict]) -> float | None:
     return sum(r["correct"] for r in records) / len(records) if records else None
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def _number(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _read_records(path: Path) -> list[dict]:

@@ -65,7 +65,7 @@ def answer(model, processor, image, question: str, budget: int | None = None, ma
     inputs = processor.prepare([image], [question], coarse_budget=budget, crop_budget=budget).to(model.device)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
                          stage1_generate_kwargs=stage1_generate_kwargs)
-    final_text = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    final_text = processor.post_process_image_text_to_text(out.sequences, prompt_length=inputs["input_ids"].shape[1])[0]
     return ErgoResult(
         answer=extract_answer(final_text),
         final_text=final_text,

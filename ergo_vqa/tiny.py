@@ -124,7 +124,7 @@ TINY = ModelShape()
 DEMO = ModelShape(hidden_size=128, intermediate_size=384, layers=4, heads=4, kv_heads=2, vision_depth=4,
                   vision_hidden=96, vision_intermediate=192, vision_heads=3, full_attention_blocks=(),
                   initializer_range=0.02)
-"""The synthetic demo model (``training.synthetic``): 1.6M parameters, trains on 2 CPU cores. Windowed vision
+"""The synthetic demo model (``training.synthetic_recipe``): 1.6M parameters, trains on 2 CPU cores. Windowed vision
 attention only, so a 1344x1344 full-resolution pass stays affordable."""
 DEMO_VOCAB_SIZE = 1000
 """BPE merges for the demo model's tokenizer: ERGO's prompts in about 40% fewer tokens than the tests' 400."""

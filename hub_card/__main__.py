@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from processing_ergo import FALLBACK_POLICIES, ErgoProcessor
+from processing_ergo.geometry_ergo import INFERENCE_BUDGET
 from processing_ergo.prompts_ergo import STAGE2_TEMPLATES
 
 from .folder import convert_checkpoint, push_folder, write_card
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hub_card", description=__doc__)
     parser.add_argument("source", help="local Qwen2.5-VL or ERGO checkpoint folder (safetensors)")
     parser.add_argument("out", help="folder to write")
-    parser.add_argument("--coarse-budget", type=int, default=1280, help="stage-1 vision tokens (default 1280)")
+    parser.add_argument("--coarse-budget", type=int, default=INFERENCE_BUDGET,
+                        help=f"stage-1 vision tokens (default {INFERENCE_BUDGET})")
     parser.add_argument("--crop-budget", type=int, default=None, help="crop vision tokens (default: coarse budget)")
     parser.add_argument("--stage2-template", choices=sorted(STAGE2_TEMPLATES), default="reference")
     parser.add_argument("--fallback", choices=FALLBACK_POLICIES, default="resize")

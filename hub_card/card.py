@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-DATASETS = {"vstar": ("craigwu/vstar_bench", "V* Bench"), "hrbench": ("DreamMr/HR-Bench", "HR-Bench"),
-            "mmerwl": ("yifanzhang114/MME-RealWorld-lite-lmms-eval", "MME-RealWorld-lite")}
+BENCHMARKS = {
+    "vstar": ("craigwu/vstar_bench", "V* Bench"),
+    "hrbench": ("DreamMr/HR-Bench", "HR-Bench"),
+    "mmerwl": ("yifanzhang114/MME-RealWorld-lite-lmms-eval", "MME-RealWorld-lite"),
+}
+"""Benchmark name -> (Hub dataset id, display name): where ``ergo eval-download`` fetches each benchmark and how the
+card's model-index names it."""
 
 RESULTS_TEMPLATE = """## Results
 
@@ -40,7 +45,7 @@ messages = [{{"role": "user", "content": [{{"type": "image", "image": "photo.jpg
 inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                        return_dict=True, return_tensors="pt").to(model.device)
 out = model.generate(**inputs, max_new_tokens=512)
-print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
+print(processor.post_process_image_text_to_text(out, prompt_length=inputs["input_ids"].shape[1])[0])
 
 pipe = pipeline("image-text-to-text", model=REPO, trust_remote_code=True)
 ```
@@ -73,15 +78,13 @@ def build_model_card(base_model: str | None, coarse_budget: int, results: list[d
                      model_name: str = "ERGO") -> ModelCard:
     """A model card with metadata (pipeline tag, library, base model), usage and, given ``ergo eval`` summaries,
     a results table and the model-index entries the Hub shows (the ``ergo`` mode's accuracy per benchmark)."""
-    from ergo_vqa.evaluation import markdown_table
-
     results = results or []
     eval_results = [
-        EvalResult(task_type="visual-question-answering", dataset_type=DATASETS[s["benchmark"]][0],
-                   dataset_name=DATASETS[s["benchmark"]][1], metric_type="accuracy",
+        EvalResult(task_type="visual-question-answering", dataset_type=BENCHMARKS[s["benchmark"]][0],
+                   dataset_name=BENCHMARKS[s["benchmark"]][1], metric_type="accuracy",
                    metric_value=round(100 * s["accuracy"], 2),
                    metric_name=f"accuracy ({s['budget']} vision tokens, failures counted wrong)")
-        for s in results if s["mode"] == "ergo" and s["accuracy"] is not None and s["benchmark"] in DATASETS
+        for s in results if s["mode"] == "ergo" and s["accuracy"] is not None and s["benchmark"] in BENCHMARKS
     ]
     data = ModelCardData(
         library_name="transformers",
@@ -92,5 +95,26 @@ def build_model_card(base_model: str | None, coarse_budget: int, results: list[d
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
     )
-    section = RESULTS_TEMPLATE.format(table=markdown_table(results)) if results else ""
+    section = RESULTS_TEMPLATE.format(table=results_table(results)) if results else ""
     return ModelCard(CARD_TEMPLATE.format(card_data=data.to_yaml(), coarse_budget=coarse_budget, results=section))
+
+
+def results_table(summaries: list[dict]) -> str:
+    """``ergo eval`` summaries as a Markdown table: one row per (benchmark, mode), then one per category."""
+    lines = ["| benchmark | mode | accuracy (failures wrong) | reference protocol | samples | failures | vision tokens | s / sample |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(f"| {s['benchmark']} | {s['mode']} | {_percent(s['accuracy'])} | "
+                     f"{_percent(s['accuracy_reference_protocol'])} | {s['samples']} | {len(s['failures'])} | "
+                     f"{_number(s['mean_vision_tokens'], '.0f')} | {_number(s['mean_seconds'], '.2f')} |")
+        for name, category in s["categories"].items():
+            lines.append(f"| | {name} | {_percent(category['accuracy'])} | | {category['samples']} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

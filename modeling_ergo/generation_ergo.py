@@ -52,7 +52,7 @@ class ErgoContextLike(Protocol):
     """What ``generate`` reads from ``processing_ergo.ErgoContext`` (a structural type: the remote-code modeling
     files do not import the processor's files, which a Hub folder may ship without)."""
 
-    processor: Any  # ErgoProcessor: plan_stage2, stage2_turn, max_stage2_turn_tokens, batch_decode, accounting
+    processor: Any  # ErgoProcessor: plan_stage2, stage2_turn, stage2_sequence, max_stage2_turn_tokens, accounting
     samples: list[ErgoSampleLike]
     fallback: str
     stage2_template: str
@@ -75,8 +75,8 @@ class ErgoGenerateOutput(ModelOutput):
         fallback_policy: the policy applied to those samples (``resize``, ``reference`` or ``coarse``).
         stage2_prefill_tokens: tokens stage 2's prefill processed for the sample (0 when skipped): the whole
             conversation when re-prefilling, only the new turn when continuing from stage 1's cache.
-        cache: how stage 2 got its context: ``"dynamic"`` or ``"static"`` (continued stage 1's cache of that kind)
-            or ``"re-prefill"`` (re-encoded the conversation).
+        cache: how the batch's stage 2 got its context: ``"dynamic"`` or ``"static"`` (continued stage 1's cache of
+            that kind), ``"re-prefill"`` (re-encoded the conversation), or None when no sample had a stage 2.
         timings: seconds per step, ``{"stage1", "zoom", "stage2", "total"}``; the batch is generated together,
             so every sample of a batch reports the batch's figures.
     """
@@ -163,54 +163,33 @@ class ErgoGenerationMixin:
 
         # ---------------------------------------------------------------- zoom: region, crop, stage-2 input
         decisions = processor.plan_stage2(context, stage1_texts, skip_answered=self.config.skip_answered_stage2)
-        rows = [index for index, decision in enumerate(decisions) if decision.image is not None]
         turns = {
-            index: processor.stage2_turn(
-                decisions[index], context.samples[index].stage2_question, context.stage2_template
-            ).to(input_ids.device)
-            for index in rows
+            index: processor.stage2_turn(decision, context.samples[index].stage2_question, context.stage2_template)
+            .to(input_ids.device)
+            for index, decision in enumerate(decisions) if decision.image is not None
         }
         cache, stage1.past_key_values = stage1.past_key_values, None
-        if reuse == "static" and rows:
-            needed = stage1.sequences.shape[1] + max(len(turn["input_ids"][0]) for turn in turns.values())
-            needed += _new_token_limit(stage2_kwargs, generation_config, needed)
-            if needed > cache.layers[0].max_cache_len:  # cannot happen with the processor's bound; re-encode if it does
-                reuse = None
-        stage2_inputs, used = {}, "re-prefill"
-        if not rows:
-            pass
-        elif reuse is None or not isinstance(cache, (DynamicCache, StaticCache)):
-            stage2_inputs = self._stage2_prefill(turns, input_ids, attention_mask, vision, completions, pad_id)
-        else:
-            # A static batch keeps its rows (its shape is what the compiled decode step was built for); rows that
-            # skip stage 2 get an empty turn and are ended at once. A dynamic cache simply drops them.
-            batch_rows = list(range(len(decisions))) if reuse == "static" else rows
-            if len(batch_rows) != len(decisions):
-                cache.batch_select_indices(torch.tensor(batch_rows, device=input_ids.device))
-            stage2_inputs = self._stage2_continuation(
-                [turns.get(index) for index in batch_rows], batch_rows, stage1.sequences, attention_mask, vision,
-                completions, cache, pad_id,
+        stage2_inputs, rows, used = {}, [], None
+        if turns:
+            stage2_inputs, rows, used = self._stage2_inputs(
+                processor, turns, stage1.sequences, input_ids, attention_mask, vision, completions, cache, reuse,
+                stage2_kwargs, generation_config, pad_id,
             )
-            stage2_kwargs.update(cache_implementation=None)  # the cache is given
-            idle = [row for row, index in enumerate(batch_rows) if index not in turns]
-            if idle:
-                end_id = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
-                stage2_kwargs["logits_processor"] = LogitsProcessorList(
-                    [*stage2_kwargs.get("logits_processor", []), EndRows(idle, end_id)])
-            rows, used = batch_rows, reuse
-        prefill_tokens = stage2_inputs.pop("prefill_tokens", [0] * len(rows))
         zoom_done = time.perf_counter()
 
         # ---------------------------------------------------------------- stage 2: the crop, same conversation
         answers = [stage1.sequences[index, prompt_length:] for index in range(len(decisions))]
-        if stage2_inputs:
+        prefill_tokens = [0] * len(decisions)
+        if turns:
+            prefill = stage2_inputs.pop("prefill_tokens")
             if "crop_pixel_values" in stage2_inputs:  # continuation: encode only the crops (stage 2's vision work)
                 stage2_inputs["mm_encoder_outputs"] = {"image": self.model.get_image_features(
                     stage2_inputs.pop("crop_pixel_values"), stage2_inputs.pop("crop_grid_thw"), return_dict=True)}
             stage2 = super().generate(**stage2_inputs, **stage2_kwargs).sequences
             for row, index in enumerate(rows):
-                if index in turns:
+                if index in turns:  # a static batch also holds rows that skip stage 2
                     answers[index] = stage2[row, stage2_inputs["input_ids"].shape[1]:]
+                    prefill_tokens[index] = prefill[row]
         finished = time.perf_counter()
 
         # ---------------------------------------------------------------- accounting
@@ -233,9 +212,6 @@ class ErgoGenerationMixin:
                 "total": stage1_tokens[index] + second,
                 "full_resolution": processor.full_resolution_tokens(sample.image),
             })
-        prefill_by_sample = [0] * len(decisions)
-        for value, index in zip(prefill_tokens, rows):
-            prefill_by_sample[index] = value if index in turns else 0
         return ErgoGenerateOutput(
             sequences=sequences,
             stage1_texts=stage1_texts,
@@ -244,10 +220,40 @@ class ErgoGenerationMixin:
             vision_tokens=tokens,
             fallbacks=[decision.fallback for decision in decisions],
             fallback_policy=context.fallback,
-            stage2_prefill_tokens=prefill_by_sample,
-            cache=used if turns else None,
+            stage2_prefill_tokens=prefill_tokens,
+            cache=used,
             timings=[dict(timings) for _ in decisions],
         )
+
+    def _stage2_inputs(self, processor, turns: dict, stage1_sequences, input_ids, attention_mask, vision, completions,
+                       cache, reuse: str | None, stage2_kwargs: dict, generation_config: GenerationConfig,
+                       pad_id: int) -> tuple[dict, list[int], str]:
+        """Stage 2's ``generate`` inputs, the stage-1 rows they hold, and how the context got there: ``"dynamic"`` /
+        ``"static"`` (continuing stage 1's cache) or ``"re-prefill"``. Updates ``stage2_kwargs`` for a given cache."""
+        if reuse == "static":
+            needed = stage1_sequences.shape[1] + max(len(turn["input_ids"][0]) for turn in turns.values())
+            needed += _new_token_limit(stage2_kwargs, generation_config, needed)
+            if needed > cache.layers[0].max_cache_len:  # cannot happen with the processor's bound; re-encode if it does
+                reuse = None
+        if reuse is None or not isinstance(cache, (DynamicCache, StaticCache)):
+            inputs = self._stage2_prefill(processor, turns, input_ids, attention_mask, vision, completions, pad_id)
+            return inputs, list(turns), "re-prefill"
+        # A static batch keeps every row (its shape is what the compiled decode step was built for), and the rows that
+        # skip stage 2 are ended at their first token; a dynamic cache simply drops them.
+        rows = list(range(len(stage1_sequences))) if reuse == "static" else list(turns)
+        if len(rows) != len(stage1_sequences):
+            cache.batch_select_indices(torch.tensor(rows, device=stage1_sequences.device))
+        inputs = self._stage2_continuation(
+            [turns.get(index) for index in rows], rows, stage1_sequences, attention_mask, vision, completions, cache,
+            pad_id,
+        )
+        stage2_kwargs.update(cache_implementation=None)  # the cache is given
+        idle = [row for row, index in enumerate(rows) if index not in turns]
+        if idle:
+            end_id = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+            stage2_kwargs["logits_processor"] = LogitsProcessorList(
+                [*stage2_kwargs.get("logits_processor", []), EndRows(idle, end_id)])
+        return inputs, rows, reuse
 
     # -------------------------------------------------------------------- caches
 
@@ -284,21 +290,19 @@ class ErgoGenerationMixin:
 
     # -------------------------------------------------------------------- stage-2 inputs
 
-    def _stage2_prefill(self, turns: dict, input_ids, attention_mask, vision, completions, pad_id) -> dict:
+    def _stage2_prefill(self, processor, turns: dict, input_ids, attention_mask, vision, completions, pad_id) -> dict:
         """Stage 2 from scratch, for the samples in ``turns``: each sample's stage-1 prompt and answer as they were,
-        then its new turn (end of the stage-1 turn, user turn with the second image, assistant header)."""
+        then its new turn (end of the stage-1 turn, user turn with the second image, assistant header), laid out by
+        ``processor.stage2_sequence``."""
         sequences, token_types, pixels, grids = [], [], [], []
         image_pixels = vision["pixel_values"].split(vision["image_grid_thw"].prod(dim=-1).tolist())
         for index, turn in turns.items():
-            keep = attention_mask[index].bool()
-            sequences.append(torch.cat([input_ids[index][keep], completions[index], turn["input_ids"][0]]))
-            token_types.append(torch.cat([
-                vision["mm_token_type_ids"][index][keep],
-                torch.zeros_like(completions[index]),
-                turn["mm_token_type_ids"][0],
-            ]))
-            pixels += [image_pixels[index], turn["pixel_values"]]
-            grids += [vision["image_grid_thw"][index:index + 1], turn["image_grid_thw"]]
+            prompt = input_ids[index][attention_mask[index].bool()].tolist()
+            sequence = processor.stage2_sequence(prompt, completions[index].tolist(), turn)
+            sequences.append(input_ids.new_tensor(sequence.input_ids))
+            token_types.append(input_ids.new_tensor(sequence.mm_token_type_ids))
+            pixels += [image_pixels[index], sequence.pixel_values]
+            grids += [vision["image_grid_thw"][index:index + 1], sequence.image_grid_thw]
         ids, mask = pad_rows(sequences, pad_id)
         types, _ = pad_rows(token_types, 0)
         pixel_values = vision["pixel_values"]

@@ -30,6 +30,12 @@ MIN_PIXELS = 4 * PIXELS_PER_TOKEN
 """The reference's lower bound: at least 4 vision tokens."""
 MAX_ASPECT_RATIO = 200
 """Qwen2.5-VL's image processor refuses images flatter than this."""
+INFERENCE_BUDGET = 1280
+"""Default vision-token budget of the coarse view for inference (``ErgoProcessor``, Hub folders): what the released
+ERGO code's inference, demo and evaluation use."""
+PAPER_BUDGET = 640
+"""The paper's headline operating point (V*: 81.7 with 1,025 vision tokens): the default of ``ergo eval``, training
+and the speed benchmark."""
 
 Box = tuple[int, int, int, int]
 
@@ -55,7 +61,7 @@ def smart_resize(
     width: int,
     factor: int = IMAGE_FACTOR,
     min_pixels: int = MIN_PIXELS,
-    max_pixels: int = 1280 * PIXELS_PER_TOKEN,
+    max_pixels: int = INFERENCE_BUDGET * PIXELS_PER_TOKEN,
 ) -> tuple[int, int]:
     """ERGO's round-based ``smart_resize``: (height, width) as multiples of ``factor`` near the pixel budget.
 

@@ -25,6 +25,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from .geometry_ergo import (
     MIN_PIXELS,
+    INFERENCE_BUDGET,
     MAX_ASPECT_RATIO,
     PIXELS_PER_TOKEN,
     Box,
@@ -100,11 +101,27 @@ class ZoomDecision:
     """``size`` for the image processor so that the already-sized second image is not resized again."""
 
 
+@dataclass
+class Stage2Sequence:
+    """One sample's stage-2 conversation, as ``ErgoProcessor.stage2_sequence`` lays it out."""
+
+    input_ids: list[int]
+    mm_token_type_ids: list[int]
+    reply: slice
+    """Positions of stage 1's reply (trained by SFT and GRPO)."""
+    turn: slice
+    """Positions of the turn that closes the reply and brings the second image (its first token, the end of
+    stage 1's turn, is the policy's own when it wrote it; the rest is injected)."""
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    """The second image only; the stage-1 image's tensors come with the stage-1 prompt."""
+
+
 class ErgoProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL processor (image-only) that also formats ERGO's prompts and builds both stages' inputs.
 
     Args:
-        coarse_budget: vision tokens of the stage-1 (coarse) image; the paper uses 1280 and 640.
+        coarse_budget: vision tokens of the stage-1 (coarse) image; the paper uses 1280 and 640 (``PAPER_BUDGET``).
         crop_budget: vision tokens the stage-2 crop may use at most; ``None`` means equal to ``coarse_budget``.
         stage2_template: ``"reference"`` (the published evaluation's string, typo included) or ``"fixed"``.
         fallback: one of ``FALLBACK_POLICIES``.
@@ -115,7 +132,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         image_processor=None,
         tokenizer=None,
         chat_template=None,
-        coarse_budget: int = 1280,
+        coarse_budget: int = INFERENCE_BUDGET,
         crop_budget: int | None = None,
         stage2_template: str = "reference",
         fallback: str = "resize",
@@ -127,12 +144,13 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         self.coarse_budget, self.crop_budget = coarse_budget, crop_budget
         self.stage2_template, self.fallback = stage2_template, fallback
-        self._check_settings(coarse_budget, crop_budget, stage2_template, fallback)
+        self.check_settings(coarse_budget, crop_budget, stage2_template, fallback)
         # Skip Qwen2_5_VLProcessor.__init__: it insists on a video processor, which needs torchvision.
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @staticmethod
-    def _check_settings(coarse_budget, crop_budget, stage2_template, fallback) -> None:
+    def check_settings(coarse_budget, crop_budget, stage2_template, fallback) -> None:
+        """Raises ValueError for a budget, template or fallback policy the processor cannot use."""
         budget_to_pixels(coarse_budget)
         if crop_budget is not None:
             budget_to_pixels(crop_budget)
@@ -164,19 +182,44 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
             raise ValueError(f"got {len(images)} images for {len(questions)} questions; need one each, at least one")
         options = options or [None] * len(images)
         postfixes = postfixes or [""] * len(images)
-        coarse_budget = coarse_budget or self.coarse_budget
-        crop_budget = crop_budget or self.crop_budget or coarse_budget
-        stage2_template = stage2_template or self.stage2_template
-        fallback = fallback or self.fallback
-        self._check_settings(coarse_budget, crop_budget, stage2_template, fallback)
-        coarse_pixels, crop_pixels = budget_to_pixels(coarse_budget), budget_to_pixels(crop_budget)
 
-        def load_and_view(index: int) -> tuple[ErgoSample, Image.Image, str]:
+        def load_and_parse(index: int) -> tuple[Image.Image, str, str]:
             image = load_image(images[index], name=f"sample {index}")
             try:
                 stem, full_question = stage_questions(questions[index], options[index], postfixes[index])
             except ValueError as error:
                 raise ValueError(f"sample {index}: {error}") from None
+            return image, stem, full_question
+
+        originals, stems, full_questions = zip(*parallel_map(load_and_parse, range(len(images))))
+        context, coarse_images = self.make_context(list(originals), list(full_questions), coarse_budget, crop_budget,
+                                                   fallback, stage2_template)
+        inputs = self._encode([self._render(self.stage1_messages(stem)) for stem in stems], coarse_images)
+        inputs["ergo_context"] = context
+        return inputs
+
+    def make_context(
+        self,
+        images: list[Image.Image],
+        stage2_questions: list[str],
+        coarse_budget: int | None = None,
+        crop_budget: int | None = None,
+        fallback: str | None = None,
+        stage2_template: str | None = None,
+    ) -> tuple[ErgoContext, list[Image.Image]]:
+        """The context for loaded full-resolution images (and their stage-2 questions), with their coarse views.
+
+        ``prepare`` builds its inputs on it; a trainer that tokenises stage 1 itself (the GRPO rollout, SFT) takes
+        the coarse views from here. Images that Qwen2.5-VL could not take at either budget raise ``ErgoImageError``.
+        """
+        coarse_budget = coarse_budget or self.coarse_budget
+        crop_budget = crop_budget or self.crop_budget or coarse_budget
+        fallback, stage2_template = fallback or self.fallback, stage2_template or self.stage2_template
+        self.check_settings(coarse_budget, crop_budget, stage2_template, fallback)
+        coarse_pixels, crop_pixels = budget_to_pixels(coarse_budget), budget_to_pixels(crop_budget)
+
+        def coarse_view(index: int) -> Image.Image:
+            image = images[index]
             for pixels in (coarse_pixels, crop_pixels):
                 height, width = smart_resize(image.height, image.width, max_pixels=pixels)
                 if not within_aspect_limit(width, height):
@@ -184,14 +227,12 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
                         f"sample {index}: a {image.width}x{image.height} image becomes {width}x{height} at the "
                         f"budget, flatter than Qwen2.5-VL's {MAX_ASPECT_RATIO}:1 limit; pad or split it first"
                     )
-            coarse = resize_to_budget(image, coarse_pixels)
-            return ErgoSample(image=image, coarse_size=coarse.size, stage2_question=full_question), coarse, stem
+            return resize_to_budget(image, coarse_pixels)
 
-        samples, coarse_images, stems = zip(*parallel_map(load_and_view, range(len(images))))
-        texts = [self._render(self.stage1_messages(stem)) for stem in stems]
-        inputs = self._encode(texts, list(coarse_images))
-        inputs["ergo_context"] = ErgoContext(self, list(samples), crop_pixels, fallback, stage2_template)
-        return inputs
+        coarse_views = parallel_map(coarse_view, range(len(images)))
+        samples = [ErgoSample(image, view.size, question)
+                   for image, view, question in zip(images, coarse_views, stage2_questions)]
+        return ErgoContext(self, samples, crop_pixels, fallback, stage2_template), coarse_views
 
     @staticmethod
     def stage1_messages(question_stem: str) -> list[dict]:
@@ -213,7 +254,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
             padding=True,
             padding_side="left",
             return_tensors="pt",
-            images_kwargs={"size": {"shortest_edge": MIN_PIXELS, "longest_edge": max(largest, MIN_PIXELS)}},
+            images_kwargs={"size": size_up_to(largest)},
         )
 
     def _process_images(self, images, **kwargs):
@@ -225,6 +266,27 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         parts = parallel_map(lambda image: self.image_processor([image], **kwargs), images)
         processed = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
         return processed, [self.replace_image_token(processed, image_idx=index) for index in range(len(images))]
+
+    def single_pass(self, images: list, questions: list[str], budget: int | None = None) -> BatchFeature:
+        """One plain Qwen2.5-VL user turn per (image, question), without ERGO's prompts, left-padded: the whole image
+        at the paper's 16384-token baseline, or with ``budget`` resized as ERGO's coarse view is (the image processor
+        then keeps it as is). The baselines, the reward model and SFT's single turns use it."""
+        images = [load_image(image, name=f"sample {index}") for index, image in enumerate(images)]
+        max_pixels = budget_to_pixels(FULL_RESOLUTION_BUDGET)
+        if budget is not None:
+            images = parallel_map(lambda image: resize_to_budget(image, budget_to_pixels(budget)), images)
+            max_pixels = max(image.width * image.height for image in images)
+        texts = [self._render([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
+                 for question in questions]
+        return self(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt",
+                    images_kwargs={"size": size_up_to(max_pixels)})
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True,
+                                        prompt_length: int | None = None, **kwargs) -> list[str]:
+        """Decoded ``generate`` outputs; with ``prompt_length``, only what follows the prompt (the reply)."""
+        if prompt_length is not None:
+            generated_outputs = generated_outputs[:, prompt_length:]
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def apply_chat_template(self, conversation, chat_template=None, ergo: bool | None = None, **kwargs):
         """Qwen2.5-VL's ``apply_chat_template``, except that an ERGO request becomes ERGO's stage-1 input.
@@ -296,6 +358,23 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
             images_kwargs={"size": decision.processor_size},
         )
 
+    def stage2_sequence(self, prompt_ids: list[int], reply_ids: list[int], turn: BatchFeature) -> Stage2Sequence:
+        """Stage 2's whole conversation for one sample, the one layout inference, the GRPO rollout and SFT share:
+        the stage-1 prompt, the stage-1 reply (up to, not including, its end-of-turn token), then ``turn`` from
+        ``stage2_turn`` (which opens with that end-of-turn token)."""
+        turn_ids = turn["input_ids"][0].tolist()
+        ids = list(prompt_ids) + list(reply_ids) + turn_ids
+        reply_start = len(prompt_ids)
+        turn_start = reply_start + len(reply_ids)
+        return Stage2Sequence(
+            input_ids=ids,
+            mm_token_type_ids=self.create_mm_token_type_ids([ids])[0],
+            reply=slice(reply_start, turn_start),
+            turn=slice(turn_start, len(ids)),
+            pixel_values=turn["pixel_values"],
+            image_grid_thw=turn["image_grid_thw"],
+        )
+
     def max_stage2_turn_tokens(self, context: ErgoContext) -> int:
         """An upper bound on the tokens ``stage2_turn`` can add for any sample of ``context``, so that a static cache
         for both stages can be sized before stage 1 runs."""
@@ -321,8 +400,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
 
     def image_tokens(self, width: int, height: int, max_pixels: int) -> int:
         """Vision tokens the image processor spends on a width x height image under ``max_pixels``."""
-        size = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
-        patches = self.image_processor.get_number_of_image_patches(height, width, {"size": size})
+        patches = self.image_processor.get_number_of_image_patches(height, width, {"size": size_up_to(max_pixels)})
         return patches // self.image_processor.merge_size**2
 
     def full_resolution_tokens(self, image: Image.Image) -> int | None:
@@ -352,8 +430,14 @@ def parallel_map(function, items) -> list:
         return list(pool.map(function, items))
 
 
+def size_up_to(max_pixels: int) -> dict:
+    """The image processor's ``size`` for images of at most ``max_pixels``: an image already sized (28-aligned, within
+    budget) keeps its size, a larger one is resized under the budget by the processor's own rule."""
+    return {"shortest_edge": MIN_PIXELS, "longest_edge": max(max_pixels, MIN_PIXELS)}
+
+
 def _keep_size(image: Image.Image) -> dict:
-    return {"shortest_edge": MIN_PIXELS, "longest_edge": max(image.width * image.height, MIN_PIXELS)}
+    return size_up_to(image.width * image.height)
 
 
 def _is_batch(conversation) -> bool:
@@ -388,4 +472,4 @@ def _ergo_request(messages) -> tuple[object, str] | None:
 
 ErgoProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["ErgoProcessor", "ErgoContext", "ErgoSample", "ZoomDecision", "FALLBACK_POLICIES"]
+__all__ = ["ErgoProcessor", "ErgoContext", "ErgoSample", "Stage2Sequence", "ZoomDecision", "FALLBACK_POLICIES"]

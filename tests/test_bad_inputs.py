@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import noise_image
-from ergo_vqa.scripted import scripted_stage1, zoom_text
+from ergo_vqa.testing_utils import scripted_stage1, zoom_text
 from processing_ergo.images_ergo import ErgoImageError, load_image
 
 

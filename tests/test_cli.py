@@ -91,12 +91,12 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
 def test_demo_without_a_model_says_how_to_build_one(tmp_path):
     from ergo_vqa.demo import run
 
-    with pytest.raises(FileNotFoundError, match="python -m training.synthetic"):
+    with pytest.raises(FileNotFoundError, match="python -m training.synthetic_recipe"):
         run(tmp_path / "out", model_dir=tmp_path / "missing")
 
 
 def test_eval_reads_the_synthetic_split(tiny_folder, tmp_path, capsys):
-    from ergo_vqa.synthetic import write_split
+    from ergo_vqa.synthetic_task import write_split
 
     write_split(tmp_path / "data", "test", 2)
     assert main(["eval", "--model", str(tiny_folder), "--dataset", "synthetic", "--data-root", str(tmp_path / "data"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import noise_image
-from ergo_vqa.scripted import scripted_stage1, zoom_text
+from ergo_vqa.testing_utils import scripted_stage1, zoom_text
 from ergo_vqa.tiny import ModelShape, build_model
 from modeling_ergo.modeling_ergo import VARLEN_ATTENTION, varlen_available
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import noise_image
 from ergo_vqa.cli import main as cli
 from ergo_vqa.eval_data import LETTER_POSTFIX, load_benchmark
-from ergo_vqa.evaluation import evaluate, is_correct, markdown_table, summarize
+from ergo_vqa.evaluation import evaluate, letters_match, summarize
+from hub_card.card import results_table
 from hub_card import build_model_card
 from processing_ergo.prompts_ergo import stage_questions
 
@@ -85,7 +86,7 @@ def test_loaders_read_each_published_format(data_root):
     ("<answer>A. rubber</answer>", False), ("A", True), ("The answer is A", False), ("(A)", True), ("", False),
 ])
 def test_scoring_follows_the_reference(reply, expected):
-    assert is_correct(reply, "A") is expected
+    assert letters_match(reply, "A") is expected
 
 
 def test_end_to_end_in_all_modes_with_a_failure_counted(model, processor, data_root, tmp_path):
@@ -103,7 +104,7 @@ def test_end_to_end_in_all_modes_with_a_failure_counted(model, processor, data_r
     assert coarse < full and coarse < ergo
     records = [json.loads(line) for line in (tmp_path / "out" / "vstar-ergo-64.jsonl").read_text().splitlines()]
     assert records[0]["vision_tokens"]["stage1"] > 0 and records[0]["seconds"] > 0 and records[1]["correct"] is False
-    assert "| vstar | ergo |" in markdown_table(summaries)
+    assert "| vstar | ergo |" in results_table(summaries)
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(model, processor, data_root, tmp_path):

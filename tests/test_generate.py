@@ -6,7 +6,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig, Qwen2_5_VLForConditionalGeneration
 
 from conftest import noise_image
-from ergo_vqa.scripted import scripted_stage1, zoom_text
+from ergo_vqa.testing_utils import scripted_stage1, zoom_text
 from processing_ergo.geometry_ergo import (
     budget_to_pixels,
     crop_size,

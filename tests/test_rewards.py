@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 
 import pytest
 from datasets import Dataset
 
 from conftest import noise_image
 from training.data import DataError, load_training_data, to_grpo_rows
-from training.rewards import accuracy_reward, format_reward, make_box_reward, make_region_reward
+from training.rewards import accuracy_reward, format_reward, get_box_reward, get_region_reward
 
 GOOD_STAGE1 = "<think> the sign is small </think> <zoom>[10, 10, 50, 40]</zoom>"
 GOOD_ANSWER = "<think> I can read it </think> <answer>B</answer>"
@@ -50,10 +51,20 @@ def test_format(stage1, answer, region, expected):
 
 def test_box_reward_is_a_step_at_gamma():
     image = noise_image(100, 100)
-    box = make_box_reward(0.6)
+    box = get_box_reward(0.6)
     regions = [(0, 0, 60, 100), (0, 0, 61, 100), (0, 0, 10, 10), None, (50, 50, 40, 40)]
     assert box(completions(5), image=[image] * 5, region=regions) == [1.0, 0.0, 1.0, 0.0, 1.0]
-    assert make_box_reward(0.005)(completions(1), image=[image], region=[(0, 0, 10, 10)]) == [0.0]
+    assert get_box_reward(0.005)(completions(1), image=[image], region=[(0, 0, 10, 10)]) == [0.0]
+
+
+def test_reward_objects_carry_the_names_trl_logs_and_survive_pickling():
+    """TRL logs ``rewards/<__name__>``; worker processes and checkpoints need picklable rewards."""
+    image = noise_image(100, 100)
+    box = pickle.loads(pickle.dumps(get_box_reward(0.3)))
+    assert (box.__name__, box.threshold) == ("box_reward", 0.3)
+    assert box(completions(2), image=[image] * 2, region=[(0, 0, 30, 100), (0, 0, 31, 100)]) == [1.0, 0.0]
+    region = pickle.loads(pickle.dumps(get_region_reward(FixedReplies({40: "B"}))))
+    assert region.__name__ == "region_reward" and isinstance(region.reward_model, FixedReplies)
 
 
 class FixedReplies:
@@ -71,7 +82,7 @@ def test_region_reward_asks_about_the_crop_only_and_counts_failures():
     model = FixedReplies({40: "<answer>B</answer>", 50: "A", 60: None})
     metrics = {}
     crops = [noise_image(40, 30), noise_image(50, 30), noise_image(60, 30), None]
-    region = make_region_reward(model)
+    region = get_region_reward(model)
     scores = region(completions(4), crop=crops, stage2_question=["q0", "q1", "q2", "q3"], answer=["B"] * 4,
                     options=[["(A) x", "(B) y"]] * 4, region=[(0, 0, 4, 3)] * 3 + [None],
                     log_metric=lambda name, value: metrics.__setitem__(name, value))

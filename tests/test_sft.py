@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from ergo_vqa.synthetic import write_split
+from ergo_vqa.synthetic_task import write_split
 from modeling_ergo import ErgoForConditionalGeneration
 from processing_ergo.geometry_ergo import parse_zoom_box
 from training.data import load_training_data
-from training.sft import STAGE1_REPLY, STAGE2_REPLY, ErgoSFTCollator, ErgoSFTConfig, build_sft_trainer, coarse_box, sft_rows
+from training.config import ErgoSFTConfig
+from training.sft import STAGE1_REPLY, STAGE2_REPLY, ErgoSFTCollator, build_sft_trainer, coarse_box, sft_rows
 from training.vision_warmup import warm_up_vision
 
 
@@ -21,7 +22,7 @@ def _labelled_text(processor, ids, labels):
 
 
 def test_two_stage_example_is_the_inference_layout_with_replies_labelled(processor, dataset):
-    collator = ErgoSFTCollator(processor, coarse_budget=64)
+    collator = ErgoSFTCollator(processor)
     row = {**dataset[0], "kind": "ergo", "zoom_region": dataset[0]["region"]}
     ids, labels, (types, pixels, grid) = collator.example(row)
     box = coarse_box(row["region"], (1344, 1344), (224, 224))  # 64 tokens: the 1344 px square becomes 224 px
@@ -46,7 +47,7 @@ def test_box_written_in_coarse_pixels_covers_the_region(dataset):
 
 
 def test_single_turn_examples_answer_with_the_letter(processor, dataset):
-    collator = ErgoSFTCollator(processor, coarse_budget=64)
+    collator = ErgoSFTCollator(processor)
     side = dataset[2]["gt_bbox"][2] - dataset[2]["gt_bbox"][0]
     evidence_tokens = round(side / 28) ** 2  # the shape's box at native resolution, sides rounded to 28 px
     for kind, images_tokens in (("crop", 64), ("full", 48 * 48), ("evidence", evidence_tokens)):

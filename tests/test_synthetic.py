@@ -8,9 +8,9 @@ import torch
 
 from ergo_vqa.demo import hub_folder
 from ergo_vqa.eval_data import MULTIPLE_CHOICE_POSTFIX, load_benchmark
-from ergo_vqa.evaluation import is_correct, single_pass_inputs
+from ergo_vqa.evaluation import letters_match
 from ergo_vqa.inference import load
-from ergo_vqa.synthetic import COLORS, SceneSpec, generate_sample, write_split
+from ergo_vqa.synthetic_task import COLORS, SceneSpec, generate_sample, write_split
 from processing_ergo.prompts_ergo import stage_questions
 from training.data import load_training_data, to_grpo_rows
 
@@ -69,7 +69,7 @@ def test_split_files_feed_training_and_evaluation_alike(tmp_path):
     assert [s.answer for s in samples] == [r["answer"] for r in rows]
     assert samples[0].stem == rows[0]["question"] and samples[0].options == rows[0]["options"]
     assert samples[0].id == "test-00000"
-    with pytest.raises(FileNotFoundError, match="training.synthetic"):
+    with pytest.raises(FileNotFoundError, match="training.synthetic_recipe"):
         load_benchmark("synthetic", tmp_path, split="validation")
 
 
@@ -85,9 +85,9 @@ def test_shipped_demo_model_reads_the_digit_in_the_target_region_above_chance(tm
     for index in range(QUESTIONS):
         sample = generate_sample(f"check/{index}")
         question = stage_questions(sample.question, sample.options, MULTIPLE_CHOICE_POSTFIX)[1]
-        inputs = single_pass_inputs(processor, [sample.image.crop(sample.region)], [question])
+        inputs = processor.single_pass([sample.image.crop(sample.region)], [question])
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         reply = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct += is_correct(reply, sample.answer)
+        correct += letters_match(reply, sample.answer)
     assert correct / QUESTIONS >= 0.3, f"{correct}/{QUESTIONS} correct (chance: 10%)"

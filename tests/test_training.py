@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForImageTextToText, LogitsProcessorList
 
 from conftest import noise_image
-from ergo_vqa.scripted import ScriptedText, zoom_text
+from ergo_vqa.testing_utils import ScriptedText, zoom_text
 from modeling_ergo import ErgoForConditionalGeneration
 from processing_ergo import ErgoProcessor
 from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
@@ -17,8 +17,9 @@ from processing_ergo.prompts_ergo import stage2_prompt
 from training.data import to_grpo_rows
 from training.grpo import ErgoScriptArguments, build_trainer, export, main
 from training.reward_model import LocalRewardModel
-from training.rewards import accuracy_reward, format_reward, make_box_reward, make_region_reward
-from training.rollout import ErgoGRPOConfig, ErgoGRPOTrainer
+from training.rewards import accuracy_reward, format_reward, get_box_reward, get_region_reward
+from training.config import ErgoGRPOConfig
+from training.rollout import ErgoGRPOTrainer
 
 SMALL_BOX, LARGE_BOX = (4, 4, 40, 30), (0, 0, 250, 170)  # coarse pixels; the large one is most of the image
 STAGE1_TEXTS = [zoom_text(SMALL_BOX, "small"), zoom_text(LARGE_BOX, "large")]  # per rollout of a group: r_box differs, so does the advantage
@@ -75,7 +76,7 @@ class ScriptedTrainer(ErgoGRPOTrainer):
 def recording_rewards(seen: list):
     def box_and_record(completions, **kwargs):
         seen.append(kwargs)
-        return make_box_reward()(completions, **kwargs)
+        return get_box_reward()(completions, **kwargs)
 
     return [accuracy_reward, format_reward, box_and_record]
 
@@ -96,7 +97,7 @@ def test_grpo_steps_train_both_turns_with_the_crop_in_the_loss_forward(policy, t
     assert len(changed) > len(before) // 2
     rewards = seen[0]
     assert rewards["stage1_text"] == STAGE1_TEXTS * 2 and all(region is not None for region in rewards["region"])
-    assert make_box_reward()([None] * 4, **rewards) == [1.0, 0.0, 1.0, 0.0]
+    assert get_box_reward()([None] * 4, **rewards) == [1.0, 0.0, 1.0, 0.0]
 
     # The loss forward sees both images of every rollout: the coarse view and the crop, each at its own size
     # (TRL may reorder the rollouts, so they are compared as a set).
@@ -182,7 +183,7 @@ def test_lora_steps_change_only_the_adapters(policy, tmp_path):
     from peft import LoraConfig
 
     model, processor = policy
-    trainer = ScriptedTrainer(model=model, reward_funcs=[make_box_reward()], args=grpo_config(tmp_path),
+    trainer = ScriptedTrainer(model=model, reward_funcs=[get_box_reward()], args=grpo_config(tmp_path),
                               train_dataset=to_grpo_rows(_dataset()), processing_class=processor,
                               peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                      task_type="CAUSAL_LM"))

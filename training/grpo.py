@@ -25,8 +25,9 @@ from processing_ergo import ErgoProcessor
 
 from .data import MULTIPLE_CHOICE_POSTFIX, load_training_data, to_grpo_rows
 from .reward_model import EndpointRewardModel, LocalRewardModel
-from .rewards import BOX_AREA_THRESHOLD, accuracy_reward, format_reward, make_box_reward, make_region_reward
-from .rollout import ErgoGRPOConfig, ErgoGRPOTrainer
+from .rewards import BOX_AREA_THRESHOLD, accuracy_reward, format_reward, get_box_reward, get_region_reward
+from .config import ErgoGRPOConfig
+from .rollout import ErgoGRPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +53,17 @@ class ErgoScriptArguments:
 
 def build_trainer(script: ErgoScriptArguments, args: ErgoGRPOConfig, model_args: ModelConfig) -> ErgoGRPOTrainer:
     """Dataset, processor, policy, rewards and trainer from the three argument groups."""
-    processor = ErgoProcessor.from_pretrained(model_args.model_name_or_path, coarse_budget=args.coarse_budget,
-                                              crop_budget=args.crop_budget, padding_side="left")
+    processor = ErgoProcessor.from_pretrained(model_args.model_name_or_path, padding_side="left")  # budgets: args
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = ErgoForConditionalGeneration.from_pretrained(
         model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation)
     dataset = to_grpo_rows(load_training_data(script.dataset, script.dataset_split), script.multiple_choice_postfix)
 
-    reward_funcs = [accuracy_reward, format_reward, make_box_reward(script.box_threshold)]
+    reward_funcs = [accuracy_reward, format_reward, get_box_reward(script.box_threshold)]
     args.reward_weights = [script.accuracy_weight, script.format_weight, script.box_weight]
     reward_model = _reward_model(script)
     if reward_model is not None:
-        reward_funcs.append(make_region_reward(reward_model))
+        reward_funcs.append(get_region_reward(reward_model))
         args.reward_weights.append(script.region_weight)
     else:
         logger.warning("no reward model given: r_region is left out of the reward")

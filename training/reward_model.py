@@ -23,7 +23,6 @@ from accelerate import PartialState
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from ergo_vqa.evaluation import single_pass_inputs
 from processing_ergo import ErgoProcessor
 
 logger = logging.getLogger(__name__)
@@ -56,9 +55,9 @@ class LocalRewardModel:
         return replies
 
     def _answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
-        inputs = single_pass_inputs(self.processor, images, questions).to(self.model.device)
+        inputs = self.processor.single_pass(images, questions).to(self.model.device)
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.processor.post_process_image_text_to_text(output, prompt_length=inputs["input_ids"].shape[1])
 
 
 class EndpointRewardModel:

@@ -16,23 +16,14 @@ to see the batch's rows, ``_generate`` to run the stages) and reuses TRL's own s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 from modeling_ergo.generation_ergo import tokens_until_stop
-from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
+from processing_ergo import ErgoProcessor
 from processing_ergo.images_ergo import load_image
-from processing_ergo.processing_ergo import ErgoContext, ErgoSample
 
-
-@dataclass
-class ErgoGRPOConfig(GRPOConfig):
-    """GRPOConfig plus ERGO's rollout settings. ``max_completion_length`` bounds stage 1."""
-
-    coarse_budget: int = field(default=640, metadata={"help": "Vision tokens of the coarse view (paper: 640, 1280)."})
-    crop_budget: int | None = field(default=None, metadata={"help": "Most vision tokens of the crop (default: coarse)."})
-    stage2_max_completion_length: int = field(default=256, metadata={"help": "Most tokens of the stage-2 answer."})
+from .config import ErgoGRPOConfig
 
 
 def _routes_images_per_sample():
@@ -59,7 +50,7 @@ class ErgoGRPOTrainer(GRPOTrainer):
             raise ValueError("ErgoGRPOTrainer generates with transformers; vLLM and continuous batching are not "
                              "supported yet (the two-stage rollout is not wired to them)")
         processor = kwargs.get("processing_class")
-        if processor is None or getattr(processor, "fallback", None) != "resize":
+        if not isinstance(processor, ErgoProcessor) or processor.fallback != "resize":
             # Every rollout must have a second image: ranks then make the same generate calls (no ZeRO-3 hang), and
             # every loss forward takes the same per-image path.
             raise ValueError("ErgoGRPOTrainer needs an ErgoProcessor with fallback='resize' as processing_class")
@@ -69,6 +60,7 @@ class ErgoGRPOTrainer(GRPOTrainer):
         generation_kwargs = dict(args_.generation_kwargs or {})
         generation_kwargs["suppress_tokens"] = sorted(set(generation_kwargs.get("suppress_tokens", [])) | set(vision_ids))
         args_.generation_kwargs = generation_kwargs
+        args_.apply_to(processor)  # the rollout builds its views with the processor's budgets
         super().__init__(*args, **kwargs)
         self.tools = [_routes_images_per_sample]
 
@@ -80,7 +72,7 @@ class ErgoGRPOTrainer(GRPOTrainer):
         processor, tokenizer, args = self.processing_class, self._tokenizer, self.args
         mode = "train" if self.model.training else "eval"
         originals = [load_image(row["image"], name="training image") for row in self._batch_rows]
-        coarse_views = [resize_to_budget(image, budget_to_pixels(args.coarse_budget)) for image in originals]
+        context, coarse_views = processor.make_context(originals, [row["stage2_question"] for row in self._batch_rows])
         prompts = [_with_image(prompt, view) for prompt, view in zip(prompts, coarse_views)]
 
         started = time.perf_counter()
@@ -95,24 +87,21 @@ class ErgoGRPOTrainer(GRPOTrainer):
         stage1_ids = [list(ids) for ids in stage1_ids]
         stage1_tokens = [tokens_until_stop(ids, stop_ids) for ids in stage1_ids]
         stage1_texts = tokenizer.batch_decode(stage1_tokens, skip_special_tokens=True)
-        samples = [ErgoSample(image, view.size, row["stage2_question"])
-                   for image, view, row in zip(originals, coarse_views, self._batch_rows)]
-        crop_pixels = budget_to_pixels(args.crop_budget or args.coarse_budget)
-        context = ErgoContext(processor, samples, crop_pixels, processor.fallback, processor.stage2_template)
         decisions = processor.plan_stage2(context, stage1_texts)
 
         # With the `resize` fallback (checked at init) every rollout has a second image, so every rollout has a stage 2.
         completion_ids, loss_mask, stage2_prompts, stage2_images = [], [], [], []
         end_of_turn = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
         for index, (ids, tokens, decision) in enumerate(zip(stage1_ids, stage1_tokens, decisions)):
-            turn = processor.stage2_turn(decision, samples[index].stage2_question, context.stage2_template)
-            turn_ids = turn["input_ids"][0].tolist()
+            turn = processor.stage2_turn(decision, context.samples[index].stage2_question, context.stage2_template)
+            sequence = processor.stage2_sequence(prompt_ids[index], tokens, turn)
             # The turn opens with <|im_end|>: trained when the policy wrote it, injected (masked) when stage 1 was
             # cut off or stopped on another token, as inference closes the turn either way.
             wrote_end = len(ids) > len(tokens) and ids[len(tokens)] == end_of_turn
-            completion_ids.append(tokens + turn_ids)
-            loss_mask.append([1] * len(tokens) + [int(wrote_end)] + [0] * (len(turn_ids) - 1))
-            stage2_prompts.append(list(prompt_ids[index]) + tokens + turn_ids)
+            turn_length = sequence.turn.stop - sequence.turn.start
+            completion_ids.append(sequence.input_ids[sequence.reply.start:])
+            loss_mask.append([1] * len(tokens) + [int(wrote_end)] + [0] * (turn_length - 1))
+            stage2_prompts.append(sequence.input_ids)
             stage2_images.append([coarse_views[index], decision.image])
         zoom_done = time.perf_counter()
 

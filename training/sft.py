@@ -21,57 +21,25 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
 from PIL import Image
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
-from ergo_vqa.evaluation import single_pass_inputs
-from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget, vision_tokens
+from processing_ergo.geometry_ergo import PAPER_BUDGET, vision_tokens
 from processing_ergo.images_ergo import load_image
-from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET, ErgoContext, ErgoProcessor, ErgoSample
+from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET, ErgoContext, ErgoProcessor
 from processing_ergo.prompts_ergo import stage_questions
 
+from .config import ErgoSFTConfig
 from .data import MULTIPLE_CHOICE_POSTFIX
 
 STAGE1_REPLY = "<think> The question points to one object; zoom in on it. </think> <zoom>[{}, {}, {}, {}]</zoom>"
 STAGE2_REPLY = "<think> The enlarged image shows {}. </think> <answer>{}</answer>"
 
 
-@dataclass
-class ErgoSFTConfig(SFTConfig):
-    """SFTConfig plus the coarse/crop budgets (as at inference) and which example kinds each row gives."""
-
-    coarse_budget: int = field(default=640, metadata={"help": "Vision tokens of the coarse view."})
-    crop_budget: int | None = field(default=None, metadata={"help": "Most vision tokens of the crop (default: coarse)."})
-    ergo_share: float = field(default=1.0, metadata={"help": "Share of rows giving a two-stage example."})
-    crop_share: float = field(default=1.0, metadata={"help": "Share of rows giving a crop-only single turn."})
-    full_share: float = field(default=1.0, metadata={"help": "Share of rows giving a full-resolution single turn "
-                                                                 "(the costly kind: every vision token of the image)."})
-    evidence_share: float = field(default=0.0, metadata={"help": "Share of rows giving a single turn over the "
-                                                                     "gt_bbox crop alone (needs gt_bbox)."})
-    freeze_vision_tower: bool = field(default=False, metadata={"help": "Train the language model only (keeps a "
-                                                                      "warmed-up or pre-trained tower as it is)."})
-    multiple_choice_postfix: str = field(default=MULTIPLE_CHOICE_POSTFIX)
-    remove_unused_columns: bool = False  # the collator reads the raw rows
-    dataset_kwargs: dict = field(default_factory=lambda: {"skip_prepare_dataset": True})
-    # Batches of like-sized examples: a full-resolution example padded into a batch of crops costs 8x its share.
-    train_sampling_strategy: str = "group_by_length"
-
-    def __post_init__(self):
-        if not all(0.0 <= share <= 1.0 for share in self.shares.values()) or not any(self.shares.values()):
-            raise ValueError(f"example shares must lie in [0, 1] and not all be 0, got {self.shares}")
-        super().__post_init__()
-
-    @property
-    def shares(self) -> dict[str, float]:
-        return {"ergo": self.ergo_share, "crop": self.crop_share, "full": self.full_share,
-                "evidence": self.evidence_share}
-
-
-def sft_rows(dataset: Dataset, shares: dict[str, float], coarse_budget: int = 640, crop_budget: int | None = None) -> Dataset:
+def sft_rows(dataset: Dataset, shares: dict[str, float], coarse_budget: int = PAPER_BUDGET, crop_budget: int | None = None) -> Dataset:
     """The examples, one row per (dataset row, kind) with the kind in column ``kind`` and the vision tokens it will
     hold in ``length`` (what the trainer groups batches by). Kind ``k`` comes from the first
     ``round(shares[k] * len(dataset))`` rows. Those rows must have the box their kind needs (``ergo``, ``crop``: a
@@ -114,10 +82,8 @@ def _vision_tokens(row: dict, coarse_budget: int, crop_budget: int) -> int:
 class ErgoSFTCollator:
     """Builds each example's token ids, pixel values and labels (replies only), then pads the batch on the right."""
 
-    def __init__(self, processor: ErgoProcessor, coarse_budget: int, crop_budget: int | None = None,
-                 postfix: str = MULTIPLE_CHOICE_POSTFIX):
+    def __init__(self, processor: ErgoProcessor, postfix: str = MULTIPLE_CHOICE_POSTFIX):
         self.processor, self.postfix = processor, postfix
-        self.coarse_budget, self.crop_budget = coarse_budget, crop_budget or coarse_budget
         self.end_of_turn = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -145,36 +111,35 @@ class ErgoSFTCollator:
         if row["kind"] in ("crop", "evidence"):
             prompt = self._crop_prompt(image, full, row["zoom_region" if row["kind"] == "crop" else "gt_bbox"])
         else:
-            prompt = single_pass_inputs(self.processor, [image], [full])
+            prompt = self.processor.single_pass([image], [full])
         return self._with_reply(prompt, letter)
 
     def _two_stage(self, image, question, options, region, letter, shown):
         processor = self.processor
         postfix = self.postfix if options else ""
-        stage1 = processor.prepare([image], [question], options=[options], postfixes=[postfix],
-                                   coarse_budget=self.coarse_budget, crop_budget=self.crop_budget, fallback="resize")
+        stage1 = processor.prepare([image], [question], options=[options], postfixes=[postfix], fallback="resize")
         context: ErgoContext = stage1["ergo_context"]
         reply1, decision = self._zoom(context, region)
         turn = processor.stage2_turn(decision, context.samples[0].stage2_question, context.stage2_template)
-        reply1_ids = self._tokens(reply1)
+        sequence = processor.stage2_sequence(stage1["input_ids"][0].tolist(), self._tokens(reply1), turn)
         reply2_ids = self._tokens(STAGE2_REPLY.format(shown, letter)) + [self.end_of_turn]
-        prompt_ids, turn_ids = stage1["input_ids"][0].tolist(), turn["input_ids"][0].tolist()
-        ids = prompt_ids + reply1_ids + turn_ids + reply2_ids
-        # The turn opens with the end-of-turn token stage 1 writes: trained, like the rollout does.
-        labels = [-100] * len(prompt_ids) + reply1_ids + turn_ids[:1] + [-100] * (len(turn_ids) - 1) + reply2_ids
-        types = (stage1["mm_token_type_ids"][0].tolist() + [0] * len(reply1_ids) + turn["mm_token_type_ids"][0].tolist()
-                 + [0] * len(reply2_ids))
-        pixels = torch.cat([stage1["pixel_values"], turn["pixel_values"]])
-        grid = torch.cat([stage1["image_grid_thw"], turn["image_grid_thw"]])
+        ids = sequence.input_ids + reply2_ids
+        # Trained: stage 1's reply, the end-of-turn token that opens the turn (stage 1 writes it, as in the rollout)
+        # and stage 2's reply; the prompt and the rest of the injected turn are masked.
+        labels = [-100] * len(ids)
+        for span in (sequence.reply, slice(sequence.turn.start, sequence.turn.start + 1), slice(len(sequence.input_ids), len(ids))):
+            labels[span] = ids[span]
+        types = sequence.mm_token_type_ids + [0] * len(reply2_ids)
+        pixels = torch.cat([stage1["pixel_values"], sequence.pixel_values])
+        grid = torch.cat([stage1["image_grid_thw"], sequence.image_grid_thw])
         return ids, labels, (types, pixels, grid)
 
     def _crop_prompt(self, image, full, region):
         """The crop an ``ergo`` example zooming on ``region`` would cut, alone under the plain single-turn prompt."""
-        coarse = resize_to_budget(image, budget_to_pixels(self.coarse_budget))
-        context = ErgoContext(self.processor, [ErgoSample(image, coarse.size, full)], budget_to_pixels(self.crop_budget),
-                              "resize", self.processor.stage2_template)
+        context, _ = self.processor.make_context([image], [full], fallback="resize")
         _, decision = self._zoom(context, region)
-        return single_pass_inputs(self.processor, [decision.image], [full], coarse_budget=self.crop_budget)
+        crop_budget = self.processor.crop_budget or self.processor.coarse_budget
+        return self.processor.single_pass([decision.image], [full], budget=crop_budget)
 
     def _zoom(self, context: ErgoContext, region: list[int]):
         """(stage-1 reply naming ``region``, the crop decision inference makes for it) for the context's sample."""
@@ -215,8 +180,9 @@ def _answer(row: dict) -> tuple[str, str]:
 
 def build_sft_trainer(model, processor: ErgoProcessor, dataset: Dataset, args: ErgoSFTConfig) -> SFTTrainer:
     """TRL's SFTTrainer over ``dataset`` (training schema, with regions) expanded into the examples above."""
-    collator = ErgoSFTCollator(processor, args.coarse_budget, args.crop_budget, args.multiple_choice_postfix)
-    rows = sft_rows(dataset, args.shares, args.coarse_budget, args.crop_budget)
+    args.apply_to(processor)  # the examples are built with the processor's budgets
+    collator = ErgoSFTCollator(processor, args.multiple_choice_postfix)
+    rows = sft_rows(dataset, args.shares, processor.coarse_budget, processor.crop_budget)
     if args.freeze_vision_tower:
         model.model.visual.requires_grad_(False)
     return SFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor)

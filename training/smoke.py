@@ -1,6 +1,6 @@
 """A CPU smoke run of the whole training recipe, offline: ``python -m training.smoke [OUT_DIR]``.
 
-It writes a random-weight tiny ERGO model and a few synthetic samples (``ergo_vqa.synthetic``) as a JSONL dataset, then
+It writes a random-weight tiny ERGO model and a few synthetic samples (``ergo_vqa.synthetic_task``) as a JSONL dataset, then
 runs the shipped recipe through ``training.grpo.main`` with the model swapped for the tiny one, the tiny model
 as its own local reward model, and sizes a CPU can take (2 steps). It proves the plumbing, not learning.
 """
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ergo_vqa.synthetic import write_split
+from ergo_vqa.synthetic_task import write_split
 from ergo_vqa.tiny import build_model, build_processor, build_tokenizer
 from hub_card import save_hub_folder
 

@@ -1,12 +1,12 @@
 """The synthetic demo model end to end on a CPU: data, supervised warm-up, GRPO with TCE, evaluation.
 
-    python -m training.synthetic runs/synthetic           # about 30 minutes on 2 CPU cores
-    python -m training.synthetic runs/synthetic --ship    # then copy the trained model to ergo_vqa/demo_model
+    python -m training.synthetic_recipe runs/synthetic           # about 30 minutes on 2 CPU cores
+    python -m training.synthetic_recipe runs/synthetic --ship    # then copy the trained model to ergo_vqa/demo_model
                                                           # (without its remote code: ergo_vqa.demo adds it)
 
 Each step writes a folder under OUT and is skipped when that folder is complete, so an interrupted run resumes:
 
-1. ``data``: the synthetic splits (``ergo_vqa.synthetic``), in the training schema;
+1. ``data``: the synthetic splits (``ergo_vqa.synthetic_task``), in the training schema;
 2. ``init``: a ``DEMO``-shape Qwen2.5-VL built from config, random weights, offline tokenizer;
 3. ``sft``: the vision warm-up (``training.vision_warmup``), then the two-turn supervised warm-up
    (``training.sft``, TRL's SFTTrainer), written as an ERGO Hub folder;
@@ -30,7 +30,7 @@ import torch
 from ergo_vqa.eval_data import load_benchmark
 from ergo_vqa.evaluation import evaluate
 from ergo_vqa.inference import load
-from ergo_vqa.synthetic import write_splits
+from ergo_vqa.synthetic_task import write_splits
 from ergo_vqa.tiny import DEMO, DEMO_VOCAB_SIZE, build_model, build_processor, build_tokenizer
 from hub_card import save_hub_folder
 from modeling_ergo import ErgoForConditionalGeneration
@@ -38,7 +38,8 @@ from processing_ergo import ErgoProcessor
 
 from .data import load_training_data
 from .grpo import main as grpo_main
-from .sft import ErgoSFTConfig, build_sft_trainer
+from .config import ErgoSFTConfig
+from .sft import build_sft_trainer
 from .vision_warmup import warm_up_vision
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "ergo_vqa" / "demo_model"
@@ -51,9 +52,9 @@ tags: [ergo, qwen2_5_vl, synthetic]
 # ERGO demo model (synthetic task)
 
 A 1.6M-parameter Qwen2.5-VL-architecture model trained from scratch, on 2 CPU cores, by the ERGO project's own
-recipe (`python -m training.synthetic runs/synthetic --ship`): a vision warm-up, a supervised warm-up on ERGO's
+recipe (`python -m training.synthetic_recipe runs/synthetic --ship`): a vision warm-up, a supervised warm-up on ERGO's
 two-turn format, then GRPO with the TCE reward (the supervised model as the frozen reward model), on the synthetic
-task of `ergo_vqa.synthetic` (find the one saturated shape in a 1344x1344 image seen at 144 vision tokens, zoom on
+task of `ergo_vqa.synthetic_task` (find the one saturated shape in a 1344x1344 image seen at 144 vision tokens, zoom on
 it, read its digit in the native-resolution crop). It is a demonstration, not a general model, and a weak one:
 shown the target's region it reads the digit above chance, but its stage 1 rarely finds the target, so end to end
 it is below chance (table below; the project README's "Synthetic proof" says why and what would fix it).

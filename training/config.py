@@ -1,0 +1,67 @@
+"""Training configurations, beside their trainers (as TRL keeps ``grpo_config.py`` beside ``grpo_trainer.py``).
+
+Both trainers build ERGO's views with the budgets of ``ErgoViewConfig``. A trainer applies them to its
+``ErgoProcessor`` when it starts, so the processor holds the one value every view is built from, and the Hub folder
+written at the end carries it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig, SFTConfig
+
+from processing_ergo import ErgoProcessor
+from processing_ergo.geometry_ergo import PAPER_BUDGET
+
+from .data import MULTIPLE_CHOICE_POSTFIX
+
+
+@dataclass
+class ErgoViewConfig:
+    """The vision-token budgets of the coarse view and the crop, as at inference."""
+
+    coarse_budget: int = field(default=PAPER_BUDGET, metadata={"help": "Vision tokens of the coarse view (paper: 640, 1280)."})
+    crop_budget: int | None = field(default=None, metadata={"help": "Most vision tokens of the crop (default: coarse)."})
+
+    def apply_to(self, processor: ErgoProcessor) -> ErgoProcessor:
+        """Sets the budgets on ``processor`` (checked there), which every view is then built with."""
+        processor.check_settings(self.coarse_budget, self.crop_budget, processor.stage2_template, processor.fallback)
+        processor.coarse_budget, processor.crop_budget = self.coarse_budget, self.crop_budget
+        return processor
+
+
+@dataclass
+class ErgoGRPOConfig(ErgoViewConfig, GRPOConfig):
+    """GRPOConfig plus ERGO's rollout settings. ``max_completion_length`` bounds stage 1."""
+
+    stage2_max_completion_length: int = field(default=256, metadata={"help": "Most tokens of the stage-2 answer."})
+
+
+@dataclass
+class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
+    """SFTConfig plus the coarse/crop budgets (as at inference) and which example kinds each row gives."""
+
+    ergo_share: float = field(default=1.0, metadata={"help": "Share of rows giving a two-stage example."})
+    crop_share: float = field(default=1.0, metadata={"help": "Share of rows giving a crop-only single turn."})
+    full_share: float = field(default=1.0, metadata={"help": "Share of rows giving a full-resolution single turn "
+                                                                 "(the costly kind: every vision token of the image)."})
+    evidence_share: float = field(default=0.0, metadata={"help": "Share of rows giving a single turn over the "
+                                                                     "gt_bbox crop alone (needs gt_bbox)."})
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "Train the language model only (keeps a "
+                                                                      "warmed-up or pre-trained tower as it is)."})
+    multiple_choice_postfix: str = field(default=MULTIPLE_CHOICE_POSTFIX)
+    remove_unused_columns: bool = False  # the collator reads the raw rows
+    dataset_kwargs: dict = field(default_factory=lambda: {"skip_prepare_dataset": True})
+    # Batches of like-sized examples: a full-resolution example padded into a batch of crops costs 8x its share.
+    train_sampling_strategy: str = "group_by_length"
+
+    def __post_init__(self):
+        if not all(0.0 <= share <= 1.0 for share in self.shares.values()) or not any(self.shares.values()):
+            raise ValueError(f"example shares must lie in [0, 1] and not all be 0, got {self.shares}")
+        super().__post_init__()
+
+    @property
+    def shares(self) -> dict[str, float]:
+        return {"ergo": self.ergo_share, "crop": self.crop_share, "full": self.full_share,
+                "evidence": self.evidence_share}
