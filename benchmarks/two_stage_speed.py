@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ergo_vqa.inference import use_cache
 from ergo_vqa.testing_utils import ScriptedText
 from ergo_vqa.tiny import TINY, ModelShape, build_model, build_processor, build_tokenizer
 from modeling_ergo.modeling_ergo import varlen_available
@@ -90,7 +91,7 @@ class Setting:
         return f"{self.cache}/{self.vision_attention}"
 
     def apply(self, model) -> None:
-        model.generation_config.cache_implementation = "static" if self.cache == "static" else None
+        use_cache(model, self.cache)
         model.config.vision_attention = "auto" if self.vision_attention == "varlen" else "loaded"
 
 
