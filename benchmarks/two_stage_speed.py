@@ -219,6 +219,10 @@ def measure(mode, model, processor, images, scripts, lengths, args, device, memo
     """Median of ``args.repeats`` timed runs after one untimed run, then one run with step timestamps."""
     run = lambda clock=None: run_once(mode, model, processor, images, scripts, lengths, args.coarse_budget, device,
                                       memory, clock)
+    # Every mode starts from fresh caches: transformers sizes a new static cache to the largest seen so far, and ERGO
+    # keeps its own; either would make this mode attend over (and hold) another mode's cache length.
+    model.__dict__.pop("_previous_max_cache_length", None)
+    model.release_static_cache()
     run()
     runs = [run() for _ in range(args.repeats)]
     clock = StepClock(lambda: _synchronize(device))

@@ -136,22 +136,21 @@ class ErgoGenerationMixin:
         vision = {key: kwargs.pop(key) for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
         if kwargs.get("generation_config") is None:
             kwargs.pop("generation_config", None)  # passing it with other arguments is deprecated; leave it out
-        generation_config = kwargs.get("generation_config") or self.generation_config
         stage1_kwargs = _stage_kwargs(kwargs, self.config.stage1_generation_kwargs, stage1_overrides)
         stage2_kwargs = _stage_kwargs(kwargs, self.config.stage2_generation_kwargs, stage2_overrides)
+        stage1_config, stage2_config = self._stage_config(stage1_kwargs), self._stage_config(stage2_kwargs)
         processor = context.processor
-        stop_ids = _stop_token_ids(generation_config, processor)
-        pad_id = _pad_token_id(generation_config, processor)
+        stop_ids = _stop_token_ids(stage1_config, processor)
+        pad_id = _pad_token_id(stage1_config, processor)
         # Generation needs left padding; collators may have padded on the right.
         input_ids, attention_mask, vision["mm_token_type_ids"] = _left_align(
             [caller_input_ids, attention_mask, vision["mm_token_type_ids"]], attention_mask, [pad_id, 0, 0]
         )
         prompt_length = input_ids.shape[1]
-        reuse = self._reusable_cache_kind(stage1_kwargs, stage2_kwargs, generation_config)
+        reuse = self._reusable_cache_kind(stage1_config, stage2_config)
         if reuse == "static":
-            capacity = (prompt_length + _new_token_limit(stage1_kwargs, generation_config, prompt_length)
-                        + processor.max_stage2_turn_tokens(context)
-                        + _new_token_limit(stage2_kwargs, generation_config, prompt_length))
+            capacity = (prompt_length + _new_token_limit(stage1_config, prompt_length)
+                        + processor.max_stage2_turn_tokens(context) + _new_token_limit(stage2_config, 0))
             stage1_kwargs.update(past_key_values=self._static_cache(len(input_ids), capacity), cache_implementation=None)
 
         # ---------------------------------------------------------------- stage 1: coarse view
@@ -173,7 +172,7 @@ class ErgoGenerationMixin:
         if turns:
             stage2_inputs, rows, used = self._stage2_inputs(
                 processor, turns, stage1.sequences, input_ids, attention_mask, vision, completions, cache, reuse,
-                stage2_kwargs, generation_config, pad_id,
+                stage2_kwargs, stage2_config, pad_id,
             )
         zoom_done = time.perf_counter()
 
@@ -226,16 +225,18 @@ class ErgoGenerationMixin:
         )
 
     def _stage2_inputs(self, processor, turns: dict, stage1_sequences, input_ids, attention_mask, vision, completions,
-                       cache, reuse: str | None, stage2_kwargs: dict, generation_config: GenerationConfig,
+                       cache, reuse: str | None, stage2_kwargs: dict, stage2_config: GenerationConfig,
                        pad_id: int) -> tuple[dict, list[int], str]:
         """Stage 2's ``generate`` inputs, the stage-1 rows they hold, and how the context got there: ``"dynamic"`` /
         ``"static"`` (continuing stage 1's cache) or ``"re-prefill"``. Updates ``stage2_kwargs`` for a given cache."""
         if reuse == "static":
             needed = stage1_sequences.shape[1] + max(len(turn["input_ids"][0]) for turn in turns.values())
-            needed += _new_token_limit(stage2_kwargs, generation_config, needed)
-            if needed > cache.layers[0].max_cache_len:  # cannot happen with the processor's bound; re-encode if it does
-                reuse = None
-        if reuse is None or not isinstance(cache, (DynamicCache, StaticCache)):
+            needed += _new_token_limit(stage2_config, needed)
+            if cache is not self.__dict__.get("_ergo_static_cache", (None, None))[1] or needed > cache.layers[0].max_cache_len:
+                reuse = None  # the processor's bound makes this rare (a tiny crop budget); re-encode then
+        if reuse == "dynamic" and type(cache) is not DynamicCache:
+            reuse = None
+        if reuse is None:
             inputs = self._stage2_prefill(processor, turns, input_ids, attention_mask, vision, completions, pad_id)
             return inputs, list(turns), "re-prefill"
         # A static batch keeps every row (its shape is what the compiled decode step was built for), and the rows that
@@ -250,14 +251,26 @@ class ErgoGenerationMixin:
         stage2_kwargs.update(cache_implementation=None)  # the cache is given
         idle = [row for row, index in enumerate(rows) if index not in turns]
         if idle:
-            end_id = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+            eos = stage2_config.eos_token_id
+            end_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else \
+                processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
             stage2_kwargs["logits_processor"] = LogitsProcessorList(
-                [*stage2_kwargs.get("logits_processor", []), EndRows(idle, end_id)])
+                [*(stage2_kwargs.get("logits_processor") or []), EndRows(idle, end_id)])
         return inputs, rows, reuse
 
     # -------------------------------------------------------------------- caches
 
-    def _reusable_cache_kind(self, stage1_kwargs: dict, stage2_kwargs: dict, generation_config: GenerationConfig) -> str | None:
+    def _stage_config(self, stage_kwargs: dict) -> GenerationConfig:
+        """The generation configuration transformers' ``generate`` resolves for a stage's arguments (a passed
+        ``generation_config`` and arguments over ``model.generation_config``), to size and plan with."""
+        arguments = {key: value for key, value in stage_kwargs.items() if key != "generation_config"}
+        return self._prepare_generation_config(stage_kwargs.get("generation_config"), **arguments)[0]
+
+    def release_static_cache(self) -> None:
+        """Frees the static cache ERGO keeps between calls (it is allocated again by the next static call)."""
+        self.__dict__.pop("_ergo_static_cache", None)
+
+    def _reusable_cache_kind(self, stage1_config: GenerationConfig, stage2_config: GenerationConfig) -> str | None:
         """``"dynamic"`` or ``"static"`` when stage 2 can continue stage 1's cache; None to re-prefill.
 
         Reuse needs ``config.reuse_stage1_cache``, one row per sample in order (no beam search in either stage, as
@@ -265,10 +278,8 @@ class ErgoGenerationMixin:
         (offloaded, quantized, ...) re-prefill."""
         if not self.config.reuse_stage1_cache:
             return None
-        kinds, beams = [], []
-        for stage in (stage1_kwargs, stage2_kwargs):
-            kinds.append(stage.get("cache_implementation", generation_config.cache_implementation) or "dynamic")
-            beams.append(stage.get("num_beams", generation_config.num_beams) or 1)
+        kinds = [config.cache_implementation or "dynamic" for config in (stage1_config, stage2_config)]
+        beams = [config.num_beams or 1 for config in (stage1_config, stage2_config)]
         if beams != [1, 1] or kinds[0] != kinds[1] or kinds[0] not in ("dynamic", "static"):
             return None
         return kinds[0]
@@ -372,13 +383,11 @@ def _stage_kwargs(shared: dict, config_defaults: dict | None, overrides: dict | 
     return merged
 
 
-def _new_token_limit(stage_kwargs: dict, generation_config: GenerationConfig, prompt_length: int) -> int:
+def _new_token_limit(config: GenerationConfig, prompt_length: int) -> int:
     """The most tokens a stage may generate: ``max_new_tokens``, else what ``max_length`` leaves after the prompt."""
-    limit = stage_kwargs.get("max_new_tokens", generation_config.max_new_tokens)
-    if limit is not None:
-        return limit
-    max_length = stage_kwargs.get("max_length", generation_config.max_length) or 20
-    return max(max_length - prompt_length, 1)
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    return max((config.max_length or 20) - prompt_length, 1)
 
 
 def _stop_token_ids(generation_config: GenerationConfig, processor) -> set[int]:

@@ -12,6 +12,7 @@ Works without torchvision: image-only (no video processor), PIL image backend.
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -284,8 +285,12 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True,
                                         prompt_length: int | None = None, **kwargs) -> list[str]:
         """Decoded ``generate`` outputs; with ``prompt_length``, only what follows the prompt (the reply)."""
+        one = generated_outputs.dim() == 1 if isinstance(generated_outputs, torch.Tensor) else (
+            len(generated_outputs) > 0 and isinstance(generated_outputs[0], int))
+        rows = [generated_outputs] if one else generated_outputs
         if prompt_length is not None:
-            generated_outputs = generated_outputs[:, prompt_length:]
+            rows = [row[prompt_length:] for row in rows]
+        generated_outputs = rows
         return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def apply_chat_template(self, conversation, chat_template=None, ergo: bool | None = None, **kwargs):
@@ -376,15 +381,14 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         )
 
     def max_stage2_turn_tokens(self, context: ErgoContext) -> int:
-        """An upper bound on the tokens ``stage2_turn`` can add for any sample of ``context``, so that a static cache
-        for both stages can be sized before stage 1 runs."""
-        # smart_resize rounds each side, so a crop may land above its budget, but never at twice its tokens.
-        image_tokens = 2 * context.crop_max_pixels // PIXELS_PER_TOKEN
-        if context.fallback == "reference":  # the unresized original, under the image processor's own limit
-            image_tokens = max([image_tokens] + [
-                self.image_tokens(*sample.image.size, self.image_processor.size["longest_edge"])
-                for sample in context.samples if within_aspect_limit(*sample.image.size)
-            ])
+        """An upper bound on the tokens ``stage2_turn`` adds for the samples of ``context``, so that a static cache for
+        both stages can be sized before stage 1 runs. It depends on the settings, not on the images, so that the
+        cache, and the decode step compiled for it, keep one shape across calls."""
+        budget = context.crop_max_pixels // PIXELS_PER_TOKEN
+        # smart_resize rounds each side of a crop of up to 200:1, so it may exceed its budget by ~7 sqrt(budget).
+        image_tokens = budget + math.ceil(8 * math.sqrt(budget)) + 1
+        if context.fallback == "reference":  # the unresized original, up to the image processor's own limit
+            image_tokens = max(image_tokens, self.image_processor.size["longest_edge"] // PIXELS_PER_TOKEN)
         texts = [self._render(_SENTINEL_TURN + self._stage2_messages(sample.stage2_question, context.stage2_template))
                  for sample in context.samples]
         text_tokens = max(len(self.tokenizer(text.split(_SENTINEL, 1)[1])["input_ids"]) for text in texts)

@@ -20,8 +20,9 @@ VISION_7B_SLICE = ModelShape(vision_depth=8, vision_hidden=1280, vision_intermed
 
 
 def test_varlen_vision_attention_is_as_close_to_fp32_as_bf16_sdpa(tokenizer, processor):
-    """Tolerance: varlen's error against an fp32 SDPA reference is at most 10% above bf16 SDPA's (max and mean
-    absolute error), and its cosine similarity is at least 0.999 (measured on an H100: 0.99978 for both)."""
+    """Tolerance: varlen's error against an fp32 SDPA reference is at most 10% above bf16 SDPA's in mean and 25% in
+    max absolute error (a single element's, so noisier), and its cosine similarity is at least 0.999 (measured on an
+    H100: max 0.151 vs 0.154, cosine 0.99978 for both)."""
     model = build_model(tokenizer, VISION_7B_SLICE, device="cuda")
     inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[noise_image(1400, 1000)],
                        return_tensors="pt").to("cuda")
@@ -38,7 +39,7 @@ def test_varlen_vision_attention_is_as_close_to_fp32_as_bf16_sdpa(tokenizer, pro
     sdpa, varlen = tower(torch.bfloat16, "sdpa"), tower(torch.bfloat16, VARLEN_ATTENTION)
     visual.config._attn_implementation = "sdpa"
     errors = {name: (out - reference).abs() for name, out in (("sdpa", sdpa), ("varlen", varlen))}
-    assert errors["varlen"].max() <= 1.1 * errors["sdpa"].max()
+    assert errors["varlen"].max() <= 1.25 * errors["sdpa"].max()
     assert errors["varlen"].mean() <= 1.1 * errors["sdpa"].mean()
     assert torch.nn.functional.cosine_similarity(varlen.flatten(), reference.flatten(), dim=0) >= 0.999
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import CompileConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import CompileConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
 from conftest import noise_image
 from ergo_vqa.testing_utils import scripted_stage1, zoom_text
@@ -328,3 +328,40 @@ def test_right_padded_and_separately_prepared_requests_batch_like_one_by_one(mod
     for index, part in enumerate(parts):
         single = model.generate(**part, max_new_tokens=5)[0, part["input_ids"].shape[1]:]
         assert torch.equal(out[index, width: width + len(single)], single)
+
+
+def test_a_generation_config_object_is_read_over_the_models_as_transformers_reads_it(model, processor):
+    """Sizing the static cache from the caller's GenerationConfig alone would miss what model.generation_config
+    fills in (here a static cache and 300-token answers) and overflow the cache."""
+    inputs = processor.prepare([noise_image(900, 600, 30), noise_image(600, 900, 31)], ["What is it?", "Which?"])
+    texts = [zoom_text((5, 5, 40, 40)), "<think>no idea</think>"]
+    outputs = {}
+    try:
+        model.generation_config.update(max_new_tokens=300, min_new_tokens=300)
+        for cache in ("static", "dynamic"):
+            outputs[cache] = model.generate(**inputs, generation_config=GenerationConfig(cache_implementation=cache),
+                                            return_dict_in_generate=True,
+                                            stage1_generate_kwargs={**scripted_stage1(processor, texts), "min_new_tokens": 0})
+        model.generation_config.update(max_new_tokens=None, min_new_tokens=0, cache_implementation="static")
+        outputs["model"] = model.generate(**inputs, generation_config=GenerationConfig(max_new_tokens=300,
+                                                                                       min_new_tokens=300),
+                                          return_dict_in_generate=True,
+                                          stage1_generate_kwargs={**scripted_stage1(processor, texts), "min_new_tokens": 0})
+    finally:
+        model.generation_config.update(max_new_tokens=None, min_new_tokens=0, cache_implementation=None)
+    assert [out.cache for out in outputs.values()] == ["static", "dynamic", "static"]
+    assert outputs["static"].sequences.shape[1] == inputs["input_ids"].shape[1] + 300
+    assert torch.equal(outputs["static"].sequences, outputs["dynamic"].sequences)
+    assert torch.equal(outputs["model"].sequences, outputs["dynamic"].sequences)
+
+
+def test_idle_rows_of_a_static_batch_end_with_the_configured_end_token(model, processor):
+    """Rows that skip stage 2 are ended with the generation config's end token, and a None logits_processor works."""
+    inputs = processor.prepare([noise_image(900, 600, 32), noise_image(600, 900, 33)], ["What is it?", "Which?"],
+                               fallback="coarse")
+    texts = [zoom_text((5, 5, 40, 40)), "<think>no idea</think>"]
+    out = model.generate(**inputs, max_new_tokens=6, cache_implementation="static", logits_processor=None,
+                         return_dict_in_generate=True, stage1_generate_kwargs=scripted_stage1(processor, texts))
+    assert out.cache == "static" and out.crop_sizes[1] is None
+    answer = processor.post_process_image_text_to_text(out.sequences[1], prompt_length=inputs["input_ids"].shape[1])
+    assert answer == [texts[1]]  # the stage-1 text, untouched by the idle stage-2 row
