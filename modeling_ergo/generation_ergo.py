@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
+from transformers.generation.streamers import BaseStreamer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import ModelOutput
 
@@ -70,8 +71,9 @@ class ErgoGenerateOutput(ModelOutput):
         vision_tokens: ``{"stage1", "stage2", "total", "full_resolution"}`` LLM vision tokens; the last is what
             one pass over the whole image at 16384 tokens (the paper's baseline) would cost (None when that
             baseline cannot take the image: flatter than 200:1).
-        fallbacks: None when the region was used, else ``"no_region"``, ``"degenerate_box"`` or ``"answered"`` (early
-            exit: stage 1 answered without a region and ``config.skip_answered_stage2`` is on).
+        fallbacks: None when the region was used, else ``"no_region"``, ``"truncated"`` (stage 1 ran out of tokens
+            before writing a region), ``"degenerate_box"`` or ``"answered"`` (early exit: stage 1 answered without
+            a region and ``config.skip_answered_stage2`` is on).
         fallback_policy: the policy applied to those samples (``resize``, ``reference`` or ``coarse``).
         stage2_prefill_tokens: tokens stage 2's prefill processed for the sample (0 when skipped): the whole
             conversation when re-prefilling, only the new turn when continuing from stage 1's cache.
@@ -139,6 +141,11 @@ class ErgoGenerationMixin:
         stage1_kwargs = _stage_kwargs(kwargs, self.config.stage1_generation_kwargs, stage1_overrides)
         stage2_kwargs = _stage_kwargs(kwargs, self.config.stage2_generation_kwargs, stage2_overrides)
         stage1_config, stage2_config = self._stage_config(stage1_kwargs), self._stage_config(stage2_kwargs)
+        _check_stage_arguments(stage1_config, stage2_config,
+                               {**(self.config.stage2_generation_kwargs or {}), **(stage2_overrides or {})})
+        streamer = kwargs.pop("streamer", None)  # one stream over both stages: see _StageStreamer
+        if streamer is not None:
+            stage1_kwargs["streamer"], stage2_kwargs["streamer"] = _StageStreamer(streamer), _StageStreamer(streamer, 1)
         processor = context.processor
         stop_ids = _stop_token_ids(stage1_config, processor)
         pad_id = _pad_token_id(stage1_config, processor)
@@ -147,21 +154,28 @@ class ErgoGenerationMixin:
             [caller_input_ids, attention_mask, vision["mm_token_type_ids"]], attention_mask, [pad_id, 0, 0]
         )
         prompt_length = input_ids.shape[1]
+        stage1_limit = _new_token_limit(stage1_config, prompt_length)
+        if stage2_config.max_new_tokens is None:  # max_length bounds stage 1; stage 2 may write as many new tokens
+            stage2_kwargs["max_new_tokens"] = stage2_config.max_new_tokens = stage1_limit
         reuse = self._reusable_cache_kind(stage1_config, stage2_config)
         if reuse == "static":
-            capacity = (prompt_length + _new_token_limit(stage1_config, prompt_length)
-                        + processor.max_stage2_turn_tokens(context) + _new_token_limit(stage2_config, 0))
+            capacity = (prompt_length + stage1_limit + processor.max_stage2_turn_tokens(context)
+                        + stage2_config.max_new_tokens)
             stage1_kwargs.update(past_key_values=self._static_cache(len(input_ids), capacity), cache_implementation=None)
 
         # ---------------------------------------------------------------- stage 1: coarse view
         started = time.perf_counter()
         stage1 = super().generate(input_ids=input_ids, attention_mask=attention_mask, **vision, **stage1_kwargs)
-        completions = [tokens_until_stop(row, stop_ids) for row in stage1.sequences[:, prompt_length:]]
+        generated = stage1.sequences[:, prompt_length:]
+        completions = [tokens_until_stop(row, stop_ids) for row in generated]
         stage1_texts = processor.batch_decode(completions, skip_special_tokens=True)
+        # Cut off by the token limit: no stop token, and as many tokens as the stage could write.
+        truncated = [len(tokens) == generated.shape[1] == stage1_limit for tokens in completions]
         stage1_done = time.perf_counter()
 
         # ---------------------------------------------------------------- zoom: region, crop, stage-2 input
-        decisions = processor.plan_stage2(context, stage1_texts, skip_answered=self.config.skip_answered_stage2)
+        decisions = processor.plan_stage2(context, stage1_texts, skip_answered=self.config.skip_answered_stage2,
+                                          truncated=truncated)
         turns = {
             index: processor.stage2_turn(decision, context.samples[index].stage2_question, context.stage2_template)
             .to(input_ids.device)
@@ -189,6 +203,8 @@ class ErgoGenerationMixin:
                 if index in turns:  # a static batch also holds rows that skip stage 2
                     answers[index] = stage2[row, stage2_inputs["input_ids"].shape[1]:]
                     prefill_tokens[index] = prefill[row]
+        if streamer is not None:
+            streamer.end()
         finished = time.perf_counter()
 
         # ---------------------------------------------------------------- accounting
@@ -231,7 +247,7 @@ class ErgoGenerationMixin:
         ``"static"`` (continuing stage 1's cache) or ``"re-prefill"``. Updates ``stage2_kwargs`` for a given cache."""
         if reuse == "static":
             needed = stage1_sequences.shape[1] + max(len(turn["input_ids"][0]) for turn in turns.values())
-            needed += _new_token_limit(stage2_config, needed)
+            needed += stage2_config.max_new_tokens
             if cache is not self.__dict__.get("_ergo_static_cache", (None, None))[1] or needed > cache.layers[0].max_cache_len:
                 reuse = None  # the processor's bound makes this rare (a tiny crop budget); re-encode then
         if reuse == "dynamic" and type(cache) is not DynamicCache:
@@ -373,6 +389,36 @@ class EndRows(LogitsProcessor):
         scores[self.rows] = float("-inf")
         scores[self.rows, self.end_id] = 0.0
         return scores
+
+
+class _StageStreamer(BaseStreamer):
+    """Hands one stage's tokens to the caller's streamer, so that it receives one stream: stage 1's prompt (which a
+    ``skip_prompt`` streamer drops), stage 1's text, then the answer, and its end only after the final token (the
+    loop ends it). Stage 2's prompt, the conversation so far, is not passed on."""
+
+    def __init__(self, streamer: BaseStreamer, skip_puts: int = 0):
+        self.streamer, self.skip_puts = streamer, skip_puts
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_puts:
+            self.skip_puts -= 1
+            return
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        pass
+
+
+def _check_stage_arguments(stage1_config: GenerationConfig, stage2_config: GenerationConfig,
+                           stage2_arguments: dict) -> None:
+    """Refuses, before stage 1 runs, what the two stages cannot honour (``stage2_arguments``: stage 2's own)."""
+    for name in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
+        if getattr(stage1_config, name) or getattr(stage2_config, name):
+            raise ValueError(f"{name} is not supported by ERGO's two-stage generate: the stages score different "
+                             "rows and prompts. Run model.generate on inputs without an ergo_context for them")
+    if "max_length" in stage2_arguments and "max_new_tokens" not in stage2_arguments:
+        raise ValueError("stage 2's prompt is the whole conversation, so max_length cannot bound it; give stage 2 "
+                         "max_new_tokens (max_length alone bounds stage 1, and stage 2 then writes as many tokens)")
 
 
 def _stage_kwargs(shared: dict, config_defaults: dict | None, overrides: dict | None) -> dict:

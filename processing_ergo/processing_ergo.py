@@ -96,7 +96,8 @@ class ZoomDecision:
     region: Box | None
     image: Image.Image | None
     fallback: str | None = None
-    """None when the region was used; else ``no_region`` (nothing parsable), ``degenerate_box``, or ``answered``
+    """None when the region was used; else ``no_region`` (nothing parsable), ``truncated`` (nothing parsable, and
+    stage 1 ran out of tokens), ``degenerate_box``, or ``answered``
     (stage 1 already answered without a region and early exit is on: no stage 2)."""
     processor_size: dict = field(default_factory=dict)
     """``size`` for the image processor so that the already-sized second image is not resized again."""
@@ -185,7 +186,8 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         postfixes = postfixes or [""] * len(images)
 
         def load_and_parse(index: int) -> tuple[Image.Image, str, str]:
-            image = load_image(images[index], name=f"sample {index}")
+            source = describe_source(images[index])  # alone, a request is named by its source (pipeline requests are)
+            image = load_image(images[index], name=f"sample {index} ({source})" if len(images) > 1 else source)
             try:
                 stem, full_question = stage_questions(questions[index], options[index], postfixes[index])
             except ValueError as error:
@@ -321,16 +323,21 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
     # ------------------------------------------------------------------ stage 2
 
     def plan_stage2(
-        self, context: ErgoContext, stage1_texts: list[str], skip_answered: bool = False
+        self, context: ErgoContext, stage1_texts: list[str], skip_answered: bool = False,
+        truncated: list[bool] | None = None,
     ) -> list[ZoomDecision]:
         """Per sample: the region the stage-1 text asks for, mapped to the original and cropped, or a fallback.
 
         With ``skip_answered``, a stage-1 text that gives a complete, non-empty ``<answer>…</answer>`` and no region
-        ends there (early exit).
+        ends there (early exit). ``truncated[i]``: stage 1 ran out of tokens, so a missing region is reported as
+        ``truncated`` rather than ``no_region``.
         """
-        return parallel_map(lambda pair: self._decide(*pair, context, skip_answered), list(zip(context.samples, stage1_texts)))
+        truncated = truncated or [False] * len(stage1_texts)
+        return parallel_map(lambda args: self._decide(*args, context, skip_answered),
+                            list(zip(context.samples, stage1_texts, truncated)))
 
-    def _decide(self, sample: ErgoSample, stage1_text: str, context: ErgoContext, skip_answered: bool) -> ZoomDecision:
+    def _decide(self, sample: ErgoSample, stage1_text: str, truncated: bool, context: ErgoContext,
+                skip_answered: bool) -> ZoomDecision:
         box = parse_zoom_box(stage1_text)
         if box is not None:
             region = map_box_to_original(box, *sample.scale, sample.image.width, sample.image.height)
@@ -340,7 +347,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
                 return ZoomDecision(region, crop, None, _keep_size(crop))
         if skip_answered and box is None and extract_answer(stage1_text) and "</answer>" in stage1_text:
             return ZoomDecision(None, None, "answered")
-        reason = "no_region" if box is None else "degenerate_box"
+        reason = "degenerate_box" if box is not None else "truncated" if truncated else "no_region"
         if context.fallback == "coarse":
             return ZoomDecision(None, None, reason)
         if context.fallback == "reference" and within_aspect_limit(*sample.image.size):
@@ -423,6 +430,17 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
 
 _SENTINEL = "\x00ERGO_STAGE1_ANSWER\x00"
 _SENTINEL_TURN = [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}]
+
+
+def describe_source(source) -> str:
+    """A short name for an image source, so an error names its request even when requests are prepared one by one
+    (as ``pipeline(batch_size=N)`` does, where every request is its own call's sample 0)."""
+    if isinstance(source, Image.Image):
+        return f"a {source.width}x{source.height} {source.mode} image"
+    if isinstance(source, (bytes, bytearray)):
+        return f"{len(source)} bytes"
+    text = str(source)
+    return text if len(text) <= 80 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def parallel_map(function, items) -> list:

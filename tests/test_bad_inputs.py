@@ -4,6 +4,7 @@ import io
 
 import pytest
 from PIL import Image
+from transformers import pipeline
 
 from conftest import noise_image
 from ergo_vqa.testing_utils import scripted_stage1, zoom_text
@@ -104,7 +105,7 @@ def test_reference_fallback_resizes_what_qwen_cannot_take_unresized(model, proce
     [
         (noise_image(300, 200), "", ValueError, "sample 0: the question is empty"),
         (noise_image(300, 200), "  \n", ValueError, "empty"),
-        (b"junk", "q", ErgoImageError, "sample 0: cannot read image"),
+        (b"junk", "q", ErgoImageError, r"^4 bytes: cannot read image"),
     ],
 )
 def test_unusable_requests_fail_before_generation(processor, image, question, error, message):
@@ -123,3 +124,19 @@ def test_mismatched_batches_fail_clearly(processor):
         processor.prepare([noise_image(30, 30)], ["a", "b"])
     with pytest.raises(TypeError, match="list"):
         processor.prepare(noise_image(30, 30), "a")
+
+
+def test_a_bad_image_in_a_batch_is_named_by_its_request(processor, model, tmp_path):
+    """One unreadable image fails its batch (a BatchFeature cannot carry a missing sample); the error names the
+    request by index and source, also in pipeline(batch_size=N), where every request is prepared on its own."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG truncated")
+    good = noise_image(300, 200, 1)
+    with pytest.raises(ErgoImageError, match=r"sample 1 \(.*broken\.png\): cannot read image"):
+        processor.prepare([good, str(broken), good], ["What?"] * 3)
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    requests = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+                for image in (good, str(broken))]
+    with pytest.raises(ErgoImageError, match=r"^\S*broken\.png: cannot read image") as failure:
+        pipe(text=requests, batch_size=2, max_new_tokens=2)
+    assert "sample 0" not in str(failure.value)  # each request is its own call's sample 0: not a useful name

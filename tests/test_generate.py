@@ -1,9 +1,11 @@
 """Two-stage generate() on a tiny random-weight Qwen2.5-VL: scripted stage-1 text drives the crop."""
 
+from threading import Thread
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import CompileConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import CompileConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration, TextIteratorStreamer
 
 from conftest import noise_image
 from ergo_vqa.testing_utils import scripted_stage1, zoom_text
@@ -365,3 +367,47 @@ def test_idle_rows_of_a_static_batch_end_with_the_configured_end_token(model, pr
     assert out.cache == "static" and out.crop_sizes[1] is None
     answer = processor.post_process_image_text_to_text(out.sequences[1], prompt_length=inputs["input_ids"].shape[1])
     assert answer == [texts[1]]  # the stage-1 text, untouched by the idle stage-2 row
+
+
+def test_a_streamer_receives_stage_1_then_the_answer_and_ends_after_the_final_token(model, processor):
+    inputs = processor.prepare([noise_image(900, 600, 40)], ["What is it?"])
+    text = zoom_text((5, 5, 40, 40))
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+    result = {}
+    worker = Thread(target=lambda: result.update(out=model.generate(
+        **inputs, max_new_tokens=6, min_new_tokens=6, streamer=streamer, return_dict_in_generate=True,
+        stage1_generate_kwargs=scripted_stage1(processor, [text]))))
+    worker.start()
+    streamed = "".join(streamer)  # returns only once the stream has ended
+    worker.join()
+    answer = processor.post_process_image_text_to_text(result["out"].sequences, prompt_length=inputs["input_ids"].shape[1])
+    assert result["out"].crop_sizes[0] is not None and answer[0]
+    assert streamed == text + answer[0]
+
+
+def test_scores_and_other_per_step_outputs_are_refused_before_stage_1(model, processor):
+    inputs = processor.prepare([noise_image(900, 600, 41)], ["What is it?"])
+    for name in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
+        with pytest.raises(ValueError, match=f"{name} is not supported"):
+            model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **{name: True})
+
+
+def test_max_length_bounds_stage_1_and_stage_2_writes_as_many_new_tokens(model, processor):
+    """transformers' max_length counts the prompt, and stage 2's prompt is the whole conversation: ERGO applies it to
+    stage 1 and gives stage 2 as many new tokens, instead of failing between the stages."""
+    inputs = processor.prepare([noise_image(900, 600, 42), noise_image(600, 900, 43)], ["What is it?", "Which?"])
+    width = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, max_length=width + 5, min_new_tokens=5, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == width + 5 and all(size is not None for size in out.crop_sizes)
+    with pytest.raises(ValueError, match="give stage 2 max_new_tokens"):
+        model.generate(**inputs, max_new_tokens=3, stage2_generate_kwargs={"max_length": 900})
+
+
+def test_a_stage_1_cut_off_before_its_region_is_reported_as_truncated(model, processor):
+    inputs = processor.prepare([noise_image(900, 600, 44), noise_image(600, 900, 45)], ["What is it?", "Which?"])
+    texts = [zoom_text((5, 5, 40, 40), thought="a long look at every part of the picture first"), "<think>no</think>"]
+    stage1 = scripted_stage1(processor, texts)
+    stage1["max_new_tokens"] = len(processor.tokenizer(texts[1])["input_ids"]) + 3  # row 1 ends, row 0 is cut off
+    out = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, stage1_generate_kwargs=stage1)
+    assert out.fallbacks == ["truncated", "no_region"]
+    assert out.regions == [None, None] and all(size is not None for size in out.crop_sizes)  # resize fallback

@@ -87,7 +87,8 @@ class ErgoGRPOTrainer(GRPOTrainer):
         stage1_ids = [list(ids) for ids in stage1_ids]
         stage1_tokens = [tokens_until_stop(ids, stop_ids) for ids in stage1_ids]
         stage1_texts = tokenizer.batch_decode(stage1_tokens, skip_special_tokens=True)
-        decisions = processor.plan_stage2(context, stage1_texts)
+        decisions = processor.plan_stage2(  # no stop token: cut off by max_completion_length
+            context, stage1_texts, truncated=[len(tokens) == len(ids) for tokens, ids in zip(stage1_tokens, stage1_ids)])
 
         # With the `resize` fallback (checked at init) every rollout has a second image, so every rollout has a stage 2.
         completion_ids, loss_mask, stage2_prompts, stage2_images = [], [], [], []
