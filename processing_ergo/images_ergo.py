@@ -1,7 +1,8 @@
-"""Turning whatever a user passes as an image into a fully decoded RGB ``PIL.Image``, or a clear error.
+"""Turning whatever a user passes as an image into a fully decoded, upright RGB ``PIL.Image``, or a clear error.
 
 Decoding happens here, eagerly, so that a truncated file fails with its name instead of deep inside the image
-processor, and so that every mode (grayscale, palette, CMYK, 16-bit, alpha) reaches the model as RGB.
+processor, and so that every mode (grayscale, palette, CMYK, 16-bit, alpha) reaches the model as RGB, turned the way
+a viewer shows it (EXIF orientation).
 """
 
 from __future__ import annotations
@@ -10,11 +11,38 @@ import base64
 import io
 import os
 
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
+
+URL_TIMEOUT = 30.0
+"""Seconds to wait for a server that does not answer, when the caller passed an http(s) URL."""
 
 
 class ErgoImageError(ValueError):
     """An image that cannot be used, with the reason in words."""
+
+
+def _abbreviate(text: str) -> str:
+    """``text`` for an error message; a long one (a base64 image) cut to its start and length, not repeated whole."""
+    return text if len(text) <= 200 else f"{text[:40]}... ({len(text)} characters)"
+
+
+def _fetch(url: str) -> bytes:
+    """The body at ``url``: the only network access, and only for a URL the caller passed."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "ergo-vqa"})
+        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
+            return response.read()
+    except urllib.error.HTTPError as error:
+        reason = f"HTTP {error.code} {error.reason}"
+    except urllib.error.URLError as error:  # offline, refused, unknown host
+        reason = str(error.reason)
+    except (OSError, ValueError, http.client.HTTPException) as error:  # timeout, reset, malformed URL or reply
+        reason = str(error) or type(error).__name__
+    raise ErgoImageError(f"cannot fetch {_abbreviate(url)} ({reason})")
 
 
 def _open(source) -> Image.Image:
@@ -27,13 +55,38 @@ def _open(source) -> Image.Image:
         if text.startswith("data:image") and "," in text:
             return Image.open(io.BytesIO(base64.b64decode(text.split(",", 1)[1])))
         if text.startswith(("http://", "https://")):
-            from transformers.image_utils import load_image  # network: only when the caller asks for a URL
-
-            return load_image(text)
-        if not os.path.isfile(text):
-            raise ErgoImageError(f"image file not found: {text}")
-        return Image.open(text)
+            return Image.open(io.BytesIO(_fetch(text)))
+        if os.path.isfile(text):
+            return Image.open(text)
+        try:  # raw base64 without a ``data:`` prefix, as transformers' ``load_image`` also accepts
+            return Image.open(io.BytesIO(base64.b64decode("".join(text.split()), validate=True)))
+        except (ValueError, OSError):  # binascii.Error is a ValueError
+            message = f"image file not found, and not base64 image data either: {_abbreviate(text)}"
+            raise ErgoImageError(message) from None
     raise ErgoImageError(f"unsupported image type {type(source).__name__}; pass a PIL image, a path or bytes")
+
+
+def _check_pixels(image: Image.Image) -> None:
+    """Refuse what PIL only warns about: over ``Image.MAX_IMAGE_PIXELS`` (PIL raises only at twice that).
+
+    Checked on the header, before decoding; ``Image.MAX_IMAGE_PIXELS = None`` turns it off, as it does PIL's.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise ErgoImageError(f"image too large to decode safely ({image.width}x{image.height} = "
+                             f"{image.width * image.height} pixels, over PIL's Image.MAX_IMAGE_PIXELS = {limit})")
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: cameras store pixels sideways and record the turn in the EXIF orientation.
+
+    An image without a turn to apply comes back as is (no copy); a broken EXIF block is ignored, as viewers do.
+    """
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except (OSError, ValueError, SyntaxError):
+        return image
+    return image if orientation == 1 else ImageOps.exif_transpose(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -60,14 +113,17 @@ def _stretch_to_8bit(image: Image.Image) -> Image.Image:
 
 
 def load_image(source, name: str = "image") -> Image.Image:
-    """A decoded RGB image from a PIL image, a path, raw bytes, a base64 data URI or (online only) a URL.
+    """A decoded, upright RGB image from a PIL image, a path, raw bytes, a base64 data URI, a raw base64 string or
+    (online only) an http(s) URL.
 
-    Raises ``ErgoImageError`` naming ``name`` for unreadable, truncated, empty or decompression-bomb-sized (PIL's
-    limit) images.
+    Raises ``ErgoImageError`` naming ``name`` for unreadable, truncated, empty, unreachable or decompression-bomb-sized
+    (over PIL's ``Image.MAX_IMAGE_PIXELS``) images.
     """
     try:
         image = _open(source)
+        _check_pixels(image)
         image.load()
+        image = upright(image)
     except ErgoImageError as error:
         raise ErgoImageError(f"{name}: {error}") from None
     except Image.DecompressionBombError as error:

@@ -34,6 +34,7 @@ STAGE2_TEMPLATES = {
 
 # "(A) red", "A. red", "A) red", "A: red", "A:red" (HR-Bench writes no space after the colon).
 _OPTION_LINE = re.compile(r"^\s*(?:\([A-Z]\)|[A-Z][.):])")
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def split_question(question: str) -> tuple[str, list[str], str]:
@@ -41,20 +42,22 @@ def split_question(question: str) -> tuple[str, list[str], str]:
 
     The rule: trailing lines that look like options ("(A) ...", "A. ...", "A) ...", "A: ...") form the options
     when there are at least two of them and they follow a first line; one non-option line after them is the
-    answer-format postfix (V*'s "Answer with the option's letter ..."). Anything else is all stem.
+    answer-format postfix (V*'s "Answer with the option's letter ..."). Anything else is all stem. CRLF and CR line
+    ends read as LF, and blank lines among the options and the postfix are skipped (pasted or Windows-edited text).
     """
-    lines = question.strip().split("\n")
-    end = len(lines)
+    lines = _LINE_END.split(question.strip())
+    filled = [index for index, line in enumerate(lines) if line.strip()]  # the first line is never blank
+    end = len(filled)
     postfix = ""
-    if end > 1 and not _OPTION_LINE.match(lines[-1]):
+    if end > 1 and not _OPTION_LINE.match(lines[filled[-1]]):
         end -= 1
-        postfix = lines[-1]
+        postfix = lines[filled[-1]]
     start = end
-    while start > 1 and _OPTION_LINE.match(lines[start - 1]):
+    while start > 1 and _OPTION_LINE.match(lines[filled[start - 1]]):
         start -= 1
     if end - start < 2:
-        return question.strip(), [], ""
-    return "\n".join(lines[:start]).strip(), lines[start:end], postfix
+        return "\n".join(lines), [], ""
+    return "\n".join(lines[:filled[start]]).strip(), [lines[index] for index in filled[start:end]], postfix
 
 
 def stage_questions(question: str, options: list[str] | None = None, postfix: str = "") -> tuple[str, str]:

@@ -71,7 +71,7 @@ def test_folder_loads_in_a_fresh_process_without_the_project(tiny_folder, tmp_pa
     for key in ("config", "model", "processor"):
         assert report[key].startswith("transformers_modules."), report
     assert report["auto_model"] == "ErgoForConditionalGeneration"
-    assert report["fallbacks"] == ["no_region"] and report["stage1"] > 0
+    assert report["fallbacks"] == ["truncated"] and report["stage1"] > 0  # a random stage 1 runs out of its 6 tokens
     assert report["piped"] == report["answer"]  # the pipeline gives the same two-stage answer
     assert report["pipeline_batch_equal"]
     assert report["leaked"] == []

@@ -40,21 +40,48 @@ VSTAR = ("What is the color of the woman's bag?\n(A) red\n(B) black\n(C) white\n
          "Answer with the option's letter from the given choices directly.")
 
 
-@pytest.mark.parametrize(
-    "question, stem, options, postfix",
-    [
-        (VSTAR, "What is the color of the woman's bag?", ["(A) red", "(B) black", "(C) white", "(D) blue"],
-         "Answer with the option's letter from the given choices directly."),
-        ("Which side?\nA:left\nB:right", "Which side?", ["A:left", "B:right"], ""),
-        ("Count them.\nA. 1\nB. 2\nC) 3", "Count them.", ["A. 1", "B. 2", "C) 3"], ""),
-        ("Line one\nline two\n(A) x\n(B) y", "Line one\nline two", ["(A) x", "(B) y"], ""),
-        ("Describe the scene.", "Describe the scene.", [], ""),
-        ("What is written?\n(A) only one option", "What is written?\n(A) only one option", [], ""),
-        ("A. is this a stem?\nB. or an option", "A. is this a stem?\nB. or an option", [], ""),
-    ],
-)
+SPLIT_CASES = [
+    (VSTAR, "What is the color of the woman's bag?", ["(A) red", "(B) black", "(C) white", "(D) blue"],
+     "Answer with the option's letter from the given choices directly."),
+    ("Which side?\nA:left\nB:right", "Which side?", ["A:left", "B:right"], ""),
+    ("Count them.\nA. 1\nB. 2\nC) 3", "Count them.", ["A. 1", "B. 2", "C) 3"], ""),
+    ("Line one\nline two\n(A) x\n(B) y", "Line one\nline two", ["(A) x", "(B) y"], ""),
+    ("Describe the scene.", "Describe the scene.", [], ""),
+    ("What is written?\n(A) only one option", "What is written?\n(A) only one option", [], ""),
+    ("A. is this a stem?\nB. or an option", "A. is this a stem?\nB. or an option", [], ""),
+]
+
+
+@pytest.mark.parametrize("question, stem, options, postfix", SPLIT_CASES)
 def test_split_question(question, stem, options, postfix):
     assert split_question(question) == (stem, options, postfix)
+
+
+@pytest.mark.parametrize("question, stem, options, postfix", SPLIT_CASES)
+@pytest.mark.parametrize("newline", ["\r\n", "\r"])
+def test_split_question_reads_crlf_lines_as_lf_lines(question, stem, options, postfix, newline):
+    assert split_question(question.replace("\n", newline)) == (stem, options, postfix)
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "What is the color of the woman's bag?\n(A) red\n\n(B) black\n\n(C) white\n\n(D) blue\n\n"
+        "Answer with the option's letter from the given choices directly.",
+        "What is the color of the woman's bag?\n\n(A) red\n  \n(B) black\n\t\n(C) white\n(D) blue\n"
+        "Answer with the option's letter from the given choices directly.",
+        "What is the color of the woman's bag?\r\n\r\n(A) red\r\n\r\n(B) black\r\n(C) white\r\n(D) blue\r\n\r\n"
+        "Answer with the option's letter from the given choices directly.\r\n",
+    ],
+)
+def test_blank_lines_between_options_are_ignored(question):
+    assert split_question(question) == split_question(VSTAR)
+    assert stage_questions(question)[0] == "What is the color of the woman's bag?"  # stage 1 sees no options
+
+
+def test_blank_lines_inside_the_stem_are_kept():
+    assert split_question("Look here.\n\nWhat is it?\n\n(A) x\n\n(B) y") == (
+        "Look here.\n\nWhat is it?", ["(A) x", "(B) y"], "")
 
 
 def test_stage_questions_follow_the_reference_evaluation():
