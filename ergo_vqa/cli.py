@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from processing_ergo.geometry_ergo import PAPER_BUDGET, budget_to_pixels
 from hub_card.card import BENCHMARKS
 from processing_ergo.images_ergo import ErgoImageError, load_image
@@ -15,7 +17,7 @@ from processing_ergo.processing_ergo import FALLBACK_POLICIES
 from processing_ergo.prompts_ergo import stage_questions
 
 from .evaluation import MODES
-from .inference import CACHE_CHOICES
+from .inference import CACHE_CHOICES, check_device
 
 
 def _budget(text: str) -> int:
@@ -27,14 +29,51 @@ def _budget(text: str) -> int:
     return value
 
 
-def _infer(args: argparse.Namespace) -> int:
-    from .inference import answer, draw_region, load, summary
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
-    stage_questions(args.question)  # fail on an empty question before loading a model
+
+def _picture_path(path: str) -> None:
+    """``--viz`` is checked before the model loads and runs, so a typo does not cost the run."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"--viz {path}: folder {target.parent} not found")
+    Image.init()
+    if Image.registered_extensions().get(target.suffix.lower()) not in Image.SAVE:
+        raise ValueError(f"--viz {path}: Pillow cannot write {target.suffix or 'files without a suffix'}; "
+                         f"use .png or .jpg")
+
+
+def _load(args: argparse.Namespace):
+    """``inference.load``; weights that cannot be read (a truncated download) become one clear OSError."""
+    from safetensors import SafetensorError
+
+    from .inference import load
+
+    try:
+        return load(args.model, device=args.device, cache=args.cache)
+    except SafetensorError as error:
+        raise OSError(f"cannot read the weights of {args.model} ({error}): a truncated or corrupt file? "
+                      f"download it again") from None
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from .inference import answer, draw_region, summary
+
+    check_device(args.device)  # everything the user typed is checked before a model loads
+    stage_questions(args.question)
     image = load_image(args.image, name=args.image)
+    if args.viz:
+        _picture_path(args.viz)
     if not Path(args.model).exists() and args.model.count("/") != 1:
         raise FileNotFoundError(f"model not found: {args.model} (a local folder or a Hub id like org/name)")
-    model, processor = load(args.model, device=args.device, cache=args.cache)
+    model, processor = _load(args)
     result = answer(model, processor, image, args.question, budget=args.budget, max_new_tokens=args.max_new_tokens)
     print(result.to_json() if args.json else summary(result))
     if args.viz:
@@ -57,22 +96,27 @@ def _eval(args: argparse.Namespace) -> int:
     from hub_card.card import results_table
 
     from .eval_data import load_benchmark
-    from .evaluation import evaluate, plot
-    from .inference import load
+    from .evaluation import comparable, evaluate, plot, run_settings
 
+    check_device(args.device)
     samples = load_benchmark(args.dataset, args.data_root, limit=args.limit, split=args.split)
-    model, processor = load(args.model, device=args.device, cache=args.cache)
+    model, processor = _load(args)
     out = Path(args.out)
     for mode in args.mode:
         evaluate(model, processor, samples, mode, out, args.dataset, budget=args.budget, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens, fallback=args.fallback)
-    # The combined table and plot cover every mode and budget evaluated into this folder so far.
-    summaries = [json.loads(path.read_text()) for path in sorted(out.glob(f"{args.dataset}-*.summary.json"))]
+    # The combined table and plot cover every mode and budget evaluated into this folder so far with this run's
+    # other settings (model, weights, generation, fallback, template): never rows made under different ones.
+    settings = run_settings(model, processor, args.dataset, "ergo", args.budget, args.max_new_tokens, args.fallback)
+    found = sorted(out.glob(f"{args.dataset}-*.summary.json"))
+    summaries = comparable([json.loads(path.read_text()) for path in found], settings)
     table = results_table(summaries)
     (out / f"{args.dataset}-summary.md").write_text(table)
     (out / f"{args.dataset}-summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
     plot(summaries, out / f"{args.dataset}-accuracy-vs-tokens.png")
     print(table)
+    print("settings: " + ", ".join(f"{key} {value}" for key, value in settings.items()
+                                   if key not in ("mode", "budget")))
     print(f"records, summaries and plot in {out}")
     return 0
 
@@ -93,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--image", required=True, help="image file")
     infer.add_argument("--question", required=True, help="question; answer options may follow on their own lines")
     infer.add_argument("--budget", type=_budget, default=None, help="vision tokens for the coarse view and the crop")
-    infer.add_argument("--max-new-tokens", type=int, default=1024, help="per stage (default 1024, as the reference)")
+    infer.add_argument("--max-new-tokens", type=_positive, default=1024,
+                       help="per stage (default 1024, as the reference)")
     infer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     infer.add_argument("--cache", choices=CACHE_CHOICES, default="auto",
                        help="KV cache; auto: static (compiled decode) on CUDA, dynamic elsewhere")
@@ -117,12 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="ergo (two stages), full (16384-token single pass), coarse (coarse view only)")
     evaluation.add_argument("--budget", type=_budget, default=PAPER_BUDGET,
                             help=f"coarse and crop budget (default {PAPER_BUDGET}, the paper's headline)")
-    evaluation.add_argument("--limit", type=int, default=None, help="first K samples only")
-    evaluation.add_argument("--batch-size", type=int, default=1)
+    evaluation.add_argument("--limit", type=_positive, default=None, help="first K samples only")
+    evaluation.add_argument("--batch-size", type=_positive, default=1)
     evaluation.add_argument("--fallback", choices=FALLBACK_POLICIES, default="reference",
                             help="ERGO mode without a usable region (default: the reference's, the whole original)")
-    evaluation.add_argument("--max-new-tokens", type=int, default=1024, help="per stage (default 1024)")
-    evaluation.add_argument("--device", default="auto")
+    evaluation.add_argument("--max-new-tokens", type=_positive, default=1024, help="per stage (default 1024)")
+    evaluation.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     evaluation.add_argument("--cache", choices=CACHE_CHOICES, default="auto",
                             help="KV cache; auto: static (compiled decode) on CUDA, dynamic elsewhere")
     evaluation.add_argument("--out", required=True, help="folder for per-sample records, summaries and the plot")

@@ -11,6 +11,8 @@ reference does (``download`` does it for you when online):
 
 Each sample carries what the reference's evaluation builds: stage 1 sees ``stem``, stage 2 the stem, ``options``
 and ``postfix`` (joined by newlines); ``answer`` is the option letter; ``category`` is what accuracy is grouped by.
+A row that cannot be read (not JSON, a field missing or empty) becomes a sample with an ``error`` naming the file and
+line: the evaluation counts it as a failure and goes on.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import csv
 import itertools
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,8 @@ class EvalSample:
     postfix: str
     answer: str
     category: str
+    error: str | None = None
+    """Why the row could not be read, with its file and line; such a sample fails without running."""
 
 
 def load_benchmark(name: str, data_root: str | Path, limit: int | None = None, split: str = "test") -> list[EvalSample]:
@@ -74,59 +78,111 @@ def download(name: str, data_root: str | Path) -> Path:
 
 
 def _vstar(folder: Path) -> Iterator[EvalSample]:
-    with open(folder / "test_questions.jsonl", encoding="utf-8") as lines:
-        for index, line in enumerate(lines):
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            parts = item["text"].split("\n")
-            yield EvalSample(str(item.get("question_id", index)), folder / item["image"], parts[0], parts[1:-1],
-                             parts[-1], item["label"], item["category"])
+    def sample(item: dict, index: int) -> EvalSample:
+        parts = _field(item, "text").split("\n")
+        return EvalSample(str(item.get("question_id", index)), folder / _field(item, "image"), parts[0], parts[1:-1],
+                          parts[-1], _field(item, "label"), _field(item, "category"))
+
+    yield from _json_lines(folder / "test_questions.jsonl", folder.parent, sample)
 
 
 def _hrbench(folder: Path) -> Iterator[EvalSample]:
+    def sample(item: dict, index: int, resolution: str) -> EvalSample:
+        options = [f"{letter}:{_field(item, letter)}" for letter in "ABCD"]
+        return EvalSample(f"{resolution}-{item.get('index', index)}", _base64(_field(item, "image")),
+                          _field(item, "question"), options, LETTER_POSTFIX, _field(item, "answer"), resolution)
+
     for resolution in ("4k", "8k"):
-        rows = _table(folder, f"hr_bench_{resolution}")
-        for index, item in enumerate(rows):
-            options = [f"{letter}:{item[letter]}" for letter in "ABCD"]
-            yield EvalSample(f"{resolution}-{item.get('index', index)}", _base64(item["image"]), item["question"],
-                             options, LETTER_POSTFIX, item["answer"], resolution)
+        for where, index, item in _table(folder, f"hr_bench_{resolution}"):
+            yield _parse(where, resolution, sample, item, index, resolution)
 
 
 def _synthetic(path: Path) -> Iterator[EvalSample]:
     """Rows in the training schema (``training/data.py``) with ``id`` and ``category``; images relative to the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: write the splits with `python -m training.synthetic_recipe`")
-    with open(path, encoding="utf-8") as lines:
-        for index, line in enumerate(lines):
-            if line.strip():
-                item = json.loads(line)
-                yield EvalSample(str(item.get("id", index)), path.parent / item["image"], item["question"],
-                                 item["options"], MULTIPLE_CHOICE_POSTFIX, item["answer"], item.get("category", ""))
+
+    def sample(item: dict, index: int) -> EvalSample:
+        return EvalSample(str(item.get("id", index)), path.parent / _field(item, "image"), _field(item, "question"),
+                          _field(item, "options"), MULTIPLE_CHOICE_POSTFIX, _field(item, "answer"),
+                          item.get("category", ""))
+
+    yield from _json_lines(path, path.parent, sample)
 
 
 def _mmerwl(folder: Path) -> Iterator[EvalSample]:
+    def sample(item: dict, index: int, shard: Path) -> EvalSample:
+        return EvalSample(str(item.get("index", f"{shard.stem}-{index}")), _base64(_field(item, "bytes")),
+                          _field(item, "question"), list(_field(item, "multi-choice options")), LETTER_POSTFIX,
+                          _field(item, "answer"), _field(item, "category"))
+
     shards = sorted((folder / "data").glob("*.parquet"))
     if not shards:
         raise FileNotFoundError(f"no parquet shards under {folder / 'data'}")
     for shard in shards:
         for index, item in enumerate(_read_parquet(shard)):
-            yield EvalSample(str(item.get("index", f"{shard.stem}-{index}")), _base64(item["bytes"]), item["question"],
-                             list(item["multi-choice options"]), LETTER_POSTFIX, item["answer"], item["category"])
+            where = f"{shard.relative_to(folder.parent)} row {index + 1}"
+            yield _parse(where, item.get("category") or "", sample, item, index, shard)
 
 
-def _table(folder: Path, stem: str) -> Iterator[dict]:
-    if (folder / f"{stem}.parquet").is_file():
-        return _read_parquet(folder / f"{stem}.parquet")
-    if (folder / f"{stem}.tsv").is_file():
+def _json_lines(path: Path, root: Path, sample: Callable[[dict, int], EvalSample]) -> Iterator[EvalSample]:
+    """One sample per non-blank line; a line that is not a JSON object with the fields becomes a failed sample."""
+    with open(path, encoding="utf-8") as lines:
+        for index, line in enumerate(lines):
+            if not line.strip():
+                continue
+            where = f"{path.relative_to(root)} line {index + 1}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield _broken(where, f"not JSON ({error})", "")
+                continue
+            category = item.get("category") if isinstance(item, dict) else None
+            yield _parse(where, category if isinstance(category, str) else "", sample, item, index)
+
+
+def _parse(where: str, category: str, sample: Callable[..., EvalSample], *row) -> EvalSample:
+    """``sample(*row)``, or a failed sample saying what is wrong with the row and where it is."""
+    try:
+        return sample(*row)
+    except KeyError as error:
+        return _broken(where, f"missing or empty field {error}", category)
+    except (TypeError, ValueError, AttributeError) as error:
+        return _broken(where, f"malformed row ({type(error).__name__}: {error})", category)
+
+
+def _broken(where: str, reason: str, category: str) -> EvalSample:
+    """Identified by its place in the file: the row's own id may be what is broken, or not unique. Grouped under its
+    category when that much could be read."""
+    return EvalSample(where, None, "", [], "", "", category or "unreadable rows", error=f"{where}: {reason}")
+
+
+def _field(item: dict, key: str):
+    """``item[key]``, also raising KeyError when the value is null or empty (a TSV row with too few cells gives
+    None; an empty answer letter would score an empty reply as correct)."""
+    value = item[key]
+    if value is None or value == "":
+        raise KeyError(key)
+    return value
+
+
+def _table(folder: Path, stem: str) -> Iterator[tuple[str, int, dict]]:
+    """(where, row index, row) from the parquet file or else the TSV; ``where`` names the file and row or line."""
+    parquet_path, tsv_path = folder / f"{stem}.parquet", folder / f"{stem}.tsv"
+    if parquet_path.is_file():
+        name = parquet_path.relative_to(folder.parent)
+        return ((f"{name} row {index + 1}", index, item) for index, item in enumerate(_read_parquet(parquet_path)))
+    if tsv_path.is_file():
         csv.field_size_limit(sys.maxsize)  # base64 images are long fields
-        return _read_tsv(folder / f"{stem}.tsv")
+        return _read_tsv(tsv_path, tsv_path.relative_to(folder.parent))
     raise FileNotFoundError(f"neither {stem}.parquet nor {stem}.tsv in {folder}")
 
 
-def _read_tsv(path: Path) -> Iterator[dict]:
+def _read_tsv(path: Path, name: Path) -> Iterator[tuple[str, int, dict]]:
     with open(path, encoding="utf-8", newline="") as handle:
-        yield from csv.DictReader(handle, delimiter="\t")
+        reader = csv.DictReader(handle, delimiter="\t")
+        for index, item in enumerate(reader):
+            yield f"{name} line {reader.line_num}", index, item
 
 
 def _read_parquet(path: Path) -> Iterator[dict]:

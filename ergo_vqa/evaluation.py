@@ -4,20 +4,24 @@ Modes on the same samples: ``ergo`` (two stages), ``full`` (one pass over the wh
 the paper's Qwen2.5-VL baseline) and ``coarse`` (one pass over the coarse view). Prediction = the ASCII letters of
 the ``<answer>`` block (or of the whole reply without one); correct iff it equals the answer letter, ignoring case.
 
-Departure from the reference, on purpose: a sample that fails (unreadable image, error, no reply) is counted as
-wrong and listed; the reference drops it from numerator and denominator. The summary reports both figures.
-Per-sample records are appended to ``<out>/<benchmark>-<mode>.jsonl`` as they finish, so a rerun resumes.
+Departure from the reference, on purpose: a sample that fails (unreadable image or row, error, no reply) is counted
+as wrong and listed; the reference drops it from numerator and denominator. The summary reports both figures.
+Per-sample records are appended to ``<out>/<benchmark>-<mode>-<budget>-<settings id>.jsonl`` as they finish, so a
+rerun with the same settings resumes and a run with other settings starts its own file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from processing_ergo.geometry_ergo import PAPER_BUDGET
 from processing_ergo.images_ergo import load_image
@@ -40,16 +44,21 @@ def letters_match(reply: str, answer: str) -> bool:
 def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: str | Path, benchmark: str,
              budget: int = PAPER_BUDGET, batch_size: int = 1, max_new_tokens: int = 1024, fallback: str = "reference",
              progress: bool = True) -> dict:
-    """Runs the samples without a successful record in ``<out>/<benchmark>-<mode>-<budget>.jsonl`` (failed ones
-    run again), appends their records and returns the summary of ``samples``. ``fallback`` (ERGO mode) defaults to
-    the reference's: the unresized original when stage 1 gives no usable region. Use one ``out_dir`` per model."""
+    """Runs the samples without a successful record under the same ``run_settings`` (failed ones run again), appends
+    their records to ``<out>/<benchmark>-<mode>-<budget>-<settings id>.jsonl`` and returns the summary of
+    ``samples``. ``fallback`` (ERGO mode) defaults to the reference's: the unresized original when stage 1 gives no
+    usable region."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    budget = budget if mode != "full" else FULL_RESOLUTION_BUDGET
-    records_path = out_dir / f"{benchmark}-{mode}-{budget}.jsonl"
-    done = {record["id"] for record in _read_records(records_path) if record["failure"] is None}
+    settings = run_settings(model, processor, benchmark, mode, budget, max_new_tokens, fallback)
+    budget = settings["budget"]
+    stem = f"{benchmark}-{mode}-{budget}-{settings_id(settings)}"
+    records_path = out_dir / f"{stem}.jsonl"
+    done = {record["id"] for record in _read_records(records_path, settings) if record["failure"] is None}
     todo = [sample for sample in samples if sample.id not in done]
     bar = _progress(len(samples), len(samples) - len(todo), f"{benchmark} {mode}", progress)
     if records_path.is_file() and records_path.stat().st_size and not records_path.read_bytes().endswith(b"\n"):
@@ -58,16 +67,66 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
     with open(records_path, "a", encoding="utf-8") as records:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            for record in _run_batch(model, processor, batch, mode, budget, max_new_tokens, fallback):
-                records.write(json.dumps(record) + "\n")
+            runnable = [sample for sample in batch if sample.error is None]
+            finished = [_record(sample, mode, failure=sample.error) for sample in batch if sample.error is not None]
+            if runnable:
+                finished += _run_batch(model, processor, runnable, mode, budget, max_new_tokens, fallback)
+            for record in finished:
+                records.write(json.dumps({**record, "settings": settings}) + "\n")
                 records.flush()
                 bar.update(1)
     bar.close()
     wanted = {sample.id for sample in samples}
-    latest = {record["id"]: record for record in _read_records(records_path) if record["id"] in wanted}
-    summary = summarize(list(latest.values()), benchmark, mode, budget)
-    (out_dir / f"{benchmark}-{mode}-{budget}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    latest = {record["id"]: record for record in _read_records(records_path, settings) if record["id"] in wanted}
+    summary = {**summarize(list(latest.values()), settings, requested=len(samples)), "records": records_path.name}
+    (out_dir / f"{stem}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def run_settings(model, processor, benchmark: str, mode: str, budget: int, max_new_tokens: int,
+                 fallback: str) -> dict:
+    """Everything that changes a mode's answers (a setting the mode does not use is left out, so it does not set
+    its records apart): written into every record and summary, and hashed into the file names."""
+    settings = {"benchmark": benchmark, "mode": mode, "budget": budget if mode != "full" else FULL_RESOLUTION_BUDGET,
+                "max_new_tokens": max_new_tokens, "model": model.config.name_or_path,
+                "weights": weights_fingerprint(model)}
+    if mode == "ergo":
+        settings |= {"fallback": fallback, "stage2_template": processor.stage2_template}
+    return settings
+
+
+def settings_id(settings: dict) -> str:
+    """A short hash of the settings, for file names."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def weights_fingerprint(model) -> str:
+    """A cheap hash of the weights as they run: each tensor's name, shape, dtype and 16 values at evenly spaced
+    positions, plus the config and generation config (they change answers too). It follows content, not files:
+    a copy or a re-download of the same checkpoint resumes, while weights retrained in place (same folder, same
+    shapes, so the same headers and sizes) or loaded in another dtype do not. It reads about 16 values per tensor,
+    milliseconds even for 7B parameters."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        positions = torch.linspace(0, max(flat.numel() - 1, 0), min(16, flat.numel()), device=flat.device).long()
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(flat[positions].double().cpu().numpy().tobytes())
+    # The cache kind (set per device by ``inference.use_cache``) and the library version do not change answers.
+    transient = {"transformers_version", "cache_implementation", "compile_config", "_from_model_config"}
+    configs = [{key: value for key, value in config.to_diff_dict().items() if key not in transient}
+               for config in (model.config, model.generation_config)]
+    digest.update(json.dumps(configs, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def comparable(summaries: list[dict], settings: dict) -> list[dict]:
+    """The summaries made with ``settings`` apart from mode and budget: what one table and plot may compare. A
+    setting a mode does not use (the fallback in ``full`` mode) does not set it apart; summaries without settings
+    (written before settings were recorded) are left out."""
+    shared = {key: value for key, value in settings.items() if key not in ("mode", "budget")}
+    return [s for s in summaries
+            if "settings" in s and all(s["settings"].get(key, value) == value for key, value in shared.items())]
 
 
 def _run_batch(model, processor, batch, mode, budget, max_new_tokens, fallback) -> list[dict]:
@@ -122,10 +181,12 @@ def _record(sample: EvalSample, mode: str, reply: str | None = None, seconds: fl
     }
 
 
-def summarize(records: list[dict], benchmark: str, mode: str, budget: int) -> dict:
+def summarize(records: list[dict], settings: dict, requested: int) -> dict:
     """Per-category and micro-averaged accuracy; failures count as wrong, and the reference-compatible figure
     (failures and degenerate boxes left out, as the reference drops them) is reported beside it. Empty replies are
-    wrong in both. MME-RealWorld's total covers its 10 reference categories only."""
+    wrong in both. MME-RealWorld's total covers its 10 reference categories only (``samples``). ``requested`` =
+    ``run`` + ``failed`` + ``missing`` (requested samples without a readable record), so no sample vanishes."""
+    benchmark, mode = settings["benchmark"], settings["mode"]
     by_category = defaultdict(list)
     for record in records:
         by_category[record["category"]].append(record)
@@ -134,7 +195,11 @@ def summarize(records: list[dict], benchmark: str, mode: str, budget: int) -> di
     succeeded = [r for r in counted if r["failure"] is None and r["fallback"] != "degenerate_box"]
     ran = [r for r in records if r["vision_tokens"] and r["seconds"] is not None]  # generated, even if no answer
     return {
-        "benchmark": benchmark, "mode": mode, "budget": budget if mode != "full" else FULL_RESOLUTION_BUDGET,
+        "benchmark": benchmark, "mode": mode, "budget": settings["budget"],
+        "requested": requested,
+        "run": sum(r["failure"] is None for r in records),
+        "failed": sum(r["failure"] is not None for r in records),
+        "missing": requested - len(records),
         "samples": len(counted),
         "accuracy": _accuracy(counted),
         "accuracy_reference_protocol": _accuracy(succeeded),
@@ -144,46 +209,186 @@ def summarize(records: list[dict], benchmark: str, mode: str, budget: int) -> di
         "no_answer": [r["id"] for r in records if r["failure"] is None and not answer_letters(r["reply"] or "")],
         "mean_vision_tokens": sum(r["vision_tokens"]["total"] for r in ran) / len(ran) if ran else None,
         "mean_seconds": sum(r["seconds"] for r in ran) / len(ran) if ran else None,
+        "settings_id": settings_id(settings),
+        "settings": settings,
     }
 
 
+@dataclass
+class PlotLabel:
+    """A point's label: its text and the box it is drawn in, placed clear of the other labels and points."""
+
+    text: str
+    box: tuple[int, int, int, int]
+    point: tuple[float, float]
+
+
+@dataclass
+class PlotLayout:
+    size: tuple[int, int]
+    area: tuple[int, int, int, int]
+    """The axes' box; points and their labels stay inside it."""
+    labels: list[PlotLabel]
+    texts: list[tuple[str, tuple[int, int, int, int]]]
+    """Titles and tick labels, with their boxes."""
+    ticks: list[tuple[str, float]]
+    """Grid lines: ``x`` or ``y`` and the pixel position."""
+
+
+PLOT_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+PLOT_MARKERS = {"ergo": "circle", "full": "square", "coarse": "triangle"}
+_MARKER_RADIUS = 6
+
+
 def plot(summaries: list[dict], path: str | Path) -> Path:
-    """Accuracy against mean vision tokens, one point per (benchmark, mode), as a PNG (Pillow only)."""
-    width, height, margin = 640, 420, 60
-    image = Image.new("RGB", (width, height), "white")
+    """Accuracy against mean vision tokens (log scale), one point per summary, labelled "<benchmark> <mode>
+    <budget>"; colour per benchmark, marker per mode (circle ergo, square full, triangle coarse). A PNG, Pillow only."""
+    layout = plot_layout(summaries)
+    font = _plot_font()
+    image = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(image)
-    points = [s for s in summaries if s["mean_vision_tokens"] is not None and s["accuracy"] is not None]
-    top = max([s["mean_vision_tokens"] for s in points] + [1])
-    draw.line([(margin, margin), (margin, height - margin), (width - margin, height - margin)], fill="black")
-    draw.text((width // 2 - 60, height - margin + 25), "mean vision tokens per sample", fill="black")
-    draw.text((8, margin - 30), "accuracy (%)", fill="black")
-    for tick in (0, 50, 100):
-        y = height - margin - tick / 100 * (height - 2 * margin)
-        draw.text((margin - 30, y - 6), str(tick), fill="black")
-    draw.text((width - margin - 20, height - margin + 8), f"{top:.0f}", fill="black")
-    colors = {"ergo": "red", "full": "blue", "coarse": "green"}
-    for s in points:
-        x = margin + s["mean_vision_tokens"] / top * (width - 2 * margin)
-        y = height - margin - s["accuracy"] * (height - 2 * margin)
-        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colors.get(s["mode"], "black"))
-        draw.text((x + 8, y - 6), f"{s['benchmark']} {s['mode']}", fill="black")
+    left, top, right, bottom = layout.area
+    for axis, position in layout.ticks:
+        line = [(position, top), (position, bottom)] if axis == "x" else [(left, position), (right, position)]
+        draw.line(line, fill="#e6e6e6")
+    draw.rectangle(layout.area, outline="black")
+    for text, box in layout.texts:
+        _draw_text(draw, box, text, font, "black")
+    colors = _benchmark_colors(summaries)
+    plotted = list(zip(layout.labels, _plotted(summaries)))
+    for label, summary in plotted:
+        x, y = label.point
+        nearest = (min(max(x, label.box[0]), label.box[2]), min(max(y, label.box[1]), label.box[3]))
+        if math.dist((x, y), nearest) > _MARKER_RADIUS + 12:  # placed away from its point: a leader line
+            draw.line([(x, y), nearest], fill="#888888")
+        _marker(draw, x, y, PLOT_MARKERS.get(summary["mode"], "circle"), colors[summary["benchmark"]])
+    for label, summary in plotted:  # labels last, on white, so no line or marker crosses them
+        draw.rectangle(label.box, fill="white")
+        _draw_text(draw, label.box, label.text, font, colors[summary["benchmark"]])
     image.save(path)
     return Path(path)
+
+
+def plot_layout(summaries: list[dict], size: tuple[int, int] = (960, 600)) -> PlotLayout:
+    """Where everything goes. Each label takes the first place, nearest first, around its point that is inside
+    the axes and clear of every point and earlier label (then drawn with a leader line); when none is, the place
+    overlapping least."""
+    font = _plot_font()
+    width, height = size
+    area = (80, 50, width - 30, height - 70)
+    left, top, right, bottom = area
+    points = _plotted(summaries)
+    tokens = [max(s["mean_vision_tokens"], 1.0) for s in points] or [256.0, 16384.0]
+    low, high = math.floor(math.log2(min(tokens))), math.ceil(math.log2(max(tokens)))
+    low, high = (low - 1, high + 1) if high - low < 2 else (low, high)
+    margin = 24  # pixels kept free inside the axes, so edge points leave room for their labels
+
+    def x_of(value: float) -> float:
+        return left + margin + (math.log2(max(value, 1.0)) - low) / (high - low) * (right - left - 2 * margin)
+
+    def y_of(accuracy: float) -> float:
+        return bottom - margin - accuracy * (bottom - top - 2 * margin)
+
+    texts, ticks = [], []
+    step = max(1, math.ceil((high - low) / 8))
+    for power in range(low, high + 1, step):
+        x = x_of(2 ** power)
+        ticks.append(("x", x))
+        texts.append(_text_box(_tokens_text(2 ** power), font, x, bottom + 6, "top"))
+    for percent in range(0, 101, 20):
+        y = y_of(percent / 100)
+        ticks.append(("y", y))
+        texts.append(_text_box(f"{percent}%", font, left - 8, y, "right"))
+    texts.append(_text_box("mean vision tokens per sample (log scale)", font, (left + right) / 2, bottom + 30, "top"))
+    texts.append(_text_box("accuracy (failures counted wrong)", font, left, top - 10, "bottom-left"))
+
+    centers = [(x_of(max(s["mean_vision_tokens"], 1.0)), y_of(s["accuracy"])) for s in points]
+    obstacles = [(x - _MARKER_RADIUS - 2, y - _MARKER_RADIUS - 2, x + _MARKER_RADIUS + 2, y + _MARKER_RADIUS + 2)
+                 for x, y in centers]
+    labels = []
+    for s, (x, y) in zip(points, centers):
+        text = f"{s['benchmark']} {s['mode']} {s['budget']}"
+        ink = font.getbbox(text)
+        w, h = ink[2] - ink[0] + 4, ink[3] - ink[1] + 4  # 2 pixels of white around the text
+        candidates = []
+        for distance in (_MARKER_RADIUS + 4, 18, 30, 46, 66, 90, 120):
+            for dx, dy in ((1, 0), (-1, 0), (0, -1), (0, 1), (1, -1), (1, 1), (-1, -1), (-1, 1)):
+                bx = x + dx * distance + (0 if dx > 0 else -w if dx < 0 else -w / 2)
+                by = y + dy * distance + (0 if dy > 0 else -h if dy < 0 else -h / 2)
+                box = (round(bx), round(by), round(bx) + w, round(by) + h)
+                if left < box[0] and box[2] < right and top < box[1] and box[3] < bottom:
+                    candidates.append(box)
+        overlap = [sum(_overlap(box, other) for other in obstacles + [label.box for label in labels])
+                   for box in candidates]
+        best = candidates[overlap.index(min(overlap))] if candidates else (left + 1, top + 1, left + 1 + w, top + 1 + h)
+        labels.append(PlotLabel(text, best, (x, y)))
+    return PlotLayout(size, area, labels, texts, ticks)
+
+
+def _plotted(summaries: list[dict]) -> list[dict]:
+    return [s for s in summaries if s["mean_vision_tokens"] is not None and s["accuracy"] is not None]
+
+
+def _plot_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=15)
+
+
+def _benchmark_colors(summaries: list[dict]) -> dict[str, str]:
+    names = list(dict.fromkeys(s["benchmark"] for s in summaries))
+    return {name: PLOT_COLORS[index % len(PLOT_COLORS)] for index, name in enumerate(names)}
+
+
+def _tokens_text(value: int) -> str:
+    return f"{value // 1024}k" if value >= 1024 and value % 1024 == 0 else str(value)
+
+
+def _text_box(text: str, font, x: float, y: float, anchor: str) -> tuple[str, tuple[int, int, int, int]]:
+    """``text``'s box placed by one of its sides: centred under ``(x, y)`` ("top"), right-aligned and vertically
+    centred ("right") or above and to the right ("bottom-left")."""
+    ink = font.getbbox(text)
+    w, h = ink[2] - ink[0], ink[3] - ink[1]
+    x0, y0 = {"top": (x - w / 2, y), "right": (x - w, y - h / 2), "bottom-left": (x, y - h)}[anchor]
+    return text, (round(x0), round(y0), round(x0) + w, round(y0) + h)
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, box, text: str, font, fill: str) -> None:
+    """``text``'s ink centred in ``box`` (``font.getbbox`` measures ink from the drawing origin, not from 0, 0)."""
+    ink = font.getbbox(text)
+    x = box[0] + (box[2] - box[0] - (ink[2] - ink[0])) / 2 - ink[0]
+    y = box[1] + (box[3] - box[1] - (ink[3] - ink[1])) / 2 - ink[1]
+    draw.text((x, y), text, fill=fill, font=font)
+
+
+def _marker(draw: ImageDraw.ImageDraw, x: float, y: float, shape: str, color: str) -> None:
+    r = _MARKER_RADIUS
+    if shape == "square":
+        draw.rectangle([x - r + 1, y - r + 1, x + r - 1, y + r - 1], fill=color, outline="black")
+    elif shape == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + r - 1), (x + r, y + r - 1)], fill=color, outline="black")
+    else:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=color, outline="black")
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def _accuracy(records: list[dict]) -> float | None:
     return sum(r["correct"] for r in records) / len(records) if records else None
 
 
-def _read_records(path: Path) -> list[dict]:
+def _read_records(path: Path, settings: dict) -> list[dict]:
+    """The records made under ``settings`` (the file name's hash already says so; a record says it itself)."""
     if not path.is_file():
         return []
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut off by an interruption; that sample runs again
+        if isinstance(record, dict) and record.get("settings") == settings:
+            records.append(record)
     return records
 
 

@@ -43,8 +43,7 @@ def load(model_id: str, device: str = "auto", dtype: str = "auto", cache: str = 
     ERGO stages share) and with a dynamic one elsewhere (where nothing is compiled and a dynamic cache is faster)."""
     if cache not in CACHE_CHOICES:
         raise ValueError(f"cache must be one of {CACHE_CHOICES}, got {cache!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(device)
     torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
                    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
@@ -56,6 +55,28 @@ def load(model_id: str, device: str = "auto", dtype: str = "auto", cache: str = 
         processor = ErgoProcessor.from_pretrained(model_id, **processor_settings)
     use_cache(model, "static" if cache == "static" or (cache == "auto" and device.startswith("cuda")) else "dynamic")
     return model.to(device).eval(), processor
+
+
+def check_device(device: str) -> str:
+    """The device to run on (``"auto"``: CUDA when there is one, else the CPU), checked before any weights load: a
+    typo or an absent accelerator is then one clear ValueError, not a traceback from ``model.to`` after loading."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return device
+    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    count = backend.device_count() if hasattr(backend, "device_count") and backend.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {device!r}: this machine has no {parsed.type} device available to torch "
+                         f"{torch.__version__}; use cpu or auto")
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"device {device!r}: this machine has {count} {parsed.type} device(s), "
+                         f"{parsed.type}:0 to {parsed.type}:{count - 1}")
+    return device
 
 
 def use_cache(model, cache: str) -> None:

@@ -100,15 +100,19 @@ def build_model_card(base_model: str | None, coarse_budget: int, results: list[d
 
 
 def results_table(summaries: list[dict]) -> str:
-    """``ergo eval`` summaries as a Markdown table: one row per (benchmark, mode), then one per category."""
-    lines = ["| benchmark | mode | accuracy (failures wrong) | reference protocol | samples | failures | vision tokens | s / sample |",
-             "|---|---|---|---|---|---|---|---|"]
+    """``ergo eval`` summaries as a Markdown table: one row per (benchmark, mode, budget), then one per category.
+    ``samples`` are the scored ones; requested = run + failed + missing (summaries written before these counts
+    were kept show "-")."""
+    lines = ["| benchmark | mode | budget | accuracy (failures wrong) | reference protocol | samples | requested | run "
+             "| failed | missing | vision tokens | s / sample |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
-        lines.append(f"| {s['benchmark']} | {s['mode']} | {_percent(s['accuracy'])} | "
-                     f"{_percent(s['accuracy_reference_protocol'])} | {s['samples']} | {len(s['failures'])} | "
+        counts = " | ".join(str(s.get(key, "-")) for key in ("requested", "run", "failed", "missing"))
+        lines.append(f"| {s['benchmark']} | {s['mode']} | {s['budget']} | {_percent(s['accuracy'])} | "
+                     f"{_percent(s['accuracy_reference_protocol'])} | {s['samples']} | {counts} | "
                      f"{_number(s['mean_vision_tokens'], '.0f')} | {_number(s['mean_seconds'], '.2f')} |")
         for name, category in s["categories"].items():
-            lines.append(f"| | {name} | {_percent(category['accuracy'])} | | {category['samples']} | | | |")
+            lines.append(f"| | {name} | | {_percent(category['accuracy'])} | | {category['samples']} | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import noise_image
@@ -101,5 +102,67 @@ def test_eval_reads_the_synthetic_split(tiny_folder, tmp_path, capsys):
     write_split(tmp_path / "data", "test", 2)
     assert main(["eval", "--model", str(tiny_folder), "--dataset", "synthetic", "--data-root", str(tmp_path / "data"),
                  "--mode", "coarse", "--budget", "64", "--max-new-tokens", "3", "--out", str(tmp_path / "eval")]) == 0
-    summary = json.loads((tmp_path / "eval" / "synthetic-coarse-64.summary.json").read_text())
+    [path] = (tmp_path / "eval").glob("synthetic-coarse-64-*.summary.json")
+    summary = json.loads(path.read_text())
     assert summary["samples"] == 2 and "| synthetic | coarse |" in capsys.readouterr().out
+
+
+def _one_line_error(capsys, *words: str) -> str:
+    """Exit-2 errors are one ``ergo: error:`` line on stderr, and nothing ran (stdout is empty)."""
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured
+    assert captured.err.startswith("ergo: error: ") and all(word in captured.err for word in words), captured.err
+    return captured.err
+
+
+DEVICES = ["banana", "cuda:99",
+           pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_unusable_device_is_one_line_for_infer_and_eval(tiny_folder, tmp_path, capsys, device):
+    from ergo_vqa.synthetic_task import write_split
+
+    noise_image(60, 40).save(tmp_path / "good.png")
+    write_split(tmp_path / "data", "test", 1)
+    assert main(["infer", "--model", str(tiny_folder), "--image", str(tmp_path / "good.png"), "--question", "q",
+                 "--max-new-tokens", "2", "--device", device]) == 2
+    _one_line_error(capsys, repr(device))
+    assert main(["eval", "--model", str(tiny_folder), "--dataset", "synthetic", "--data-root", str(tmp_path / "data"),
+                 "--mode", "coarse", "--max-new-tokens", "2", "--device", device, "--out", str(tmp_path / "e")]) == 2
+    _one_line_error(capsys, repr(device))
+    assert not (tmp_path / "e").exists()
+
+
+def test_truncated_weights_are_one_line(tiny_folder, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(tiny_folder, tmp_path / "model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    noise_image(60, 40).save(tmp_path / "good.png")
+    assert main(["infer", "--model", str(folder), "--image", str(tmp_path / "good.png"), "--question", "q",
+                 "--max-new-tokens", "2"]) == 2
+    _one_line_error(capsys, "cannot read the weights", str(folder), "truncated")
+
+
+@pytest.mark.parametrize("viz, words", [("missing/region.png", ("--viz", "not found")),
+                                        ("region.txt", ("--viz", "cannot write .txt"))])
+def test_viz_is_checked_before_the_model_runs(tiny_folder, tmp_path, capsys, viz, words):
+    noise_image(60, 40).save(tmp_path / "good.png")
+    assert main(["infer", "--model", str(tiny_folder), "--image", str(tmp_path / "good.png"), "--question", "q",
+                 "--max-new-tokens", "2", "--viz", str(tmp_path / viz)]) == 2
+    _one_line_error(capsys, *words)  # no answer printed: nothing was loaded or run
+
+
+@pytest.mark.parametrize("args", [["eval", "--batch-size", "-2"], ["eval", "--batch-size", "0"],
+                                  ["eval", "--limit", "-1"], ["eval", "--limit", "x"],
+                                  ["eval", "--max-new-tokens", "0"], ["infer", "--max-new-tokens", "-5"]])
+def test_counts_must_be_positive_before_anything_loads(tmp_path, capsys, args):
+    command, *option = args
+    required = {"infer": ["--image", "i.png", "--question", "q"],
+                "eval": ["--dataset", "vstar", "--data-root", str(tmp_path), "--out", str(tmp_path / "out")]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--model", str(tmp_path / "no-model"), *required, *option])
+    assert exit_.value.code == 2
+    assert f"argument {option[0]}: must be a positive integer, got {option[1]!r}" in capsys.readouterr().err

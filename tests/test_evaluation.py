@@ -19,6 +19,12 @@ from hub_card import build_model_card
 from processing_ergo.prompts_ergo import stage_questions
 
 
+def only(folder, pattern: str):
+    """The one file matching ``pattern`` (file names carry a hash of the run's settings)."""
+    [path] = folder.glob(pattern)
+    return path
+
+
 def png(width: int, height: int, seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     noise_image(width, height, seed).save(buffer, format="PNG")
@@ -102,7 +108,8 @@ def test_end_to_end_in_all_modes_with_a_failure_counted(model, processor, data_r
     # 420x300 costs 165 tokens in one full pass; ERGO adds a second image to its ~64-token coarse view (with the
     # reference fallback and a random model, the whole original).
     assert coarse < full and coarse < ergo
-    records = [json.loads(line) for line in (tmp_path / "out" / "vstar-ergo-64.jsonl").read_text().splitlines()]
+    records = only(tmp_path / "out", "vstar-ergo-64-*.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in records]
     assert records[0]["vision_tokens"]["stage1"] > 0 and records[0]["seconds"] > 0 and records[1]["correct"] is False
     assert "| vstar | ergo |" in results_table(summaries)
 
@@ -111,15 +118,16 @@ def test_an_interrupted_run_resumes_where_it_stopped(model, processor, data_root
     samples = load_benchmark("mmerwl", data_root)
     out = tmp_path / "out"
     evaluate(model, processor, samples[:1], "coarse", out, "mmerwl", budget=64, max_new_tokens=2, progress=False)
-    records = out / "mmerwl-coarse-64.jsonl"
+    records = only(out, "mmerwl-coarse-64-*.jsonl")
     records.write_text(records.read_text() + '{"id": "m2", "categ')  # a line cut off by the interruption
     summary = evaluate(model, processor, samples, "coarse", out, "mmerwl", budget=64, max_new_tokens=2, progress=False)
     ids = [json.loads(line)["id"] for line in records.read_text().splitlines() if line.endswith("}")]
     assert ids == ["m1", "m2"]  # m1 was not run again
     assert summary["samples"] == 1 and set(summary["categories"]) == {"Perception/Monitoring", "Other/Unlisted"}
     # Another budget is another run, in its own file; a smaller selection is summarised on its own samples.
-    other = evaluate(model, processor, samples[:1], "coarse", out, "mmerwl", budget=32, max_new_tokens=2, progress=False)
-    assert (out / "mmerwl-coarse-32.jsonl").is_file() and other["budget"] == 32 and len(other["categories"]) == 1
+    other = evaluate(model, processor, samples[:1], "coarse", out, "mmerwl", budget=32, max_new_tokens=2,
+                     progress=False)
+    assert only(out, "mmerwl-coarse-32-*.jsonl").is_file() and other["budget"] == 32 and len(other["categories"]) == 1
 
 
 def test_failed_samples_run_again_on_the_next_run(model, processor, data_root, tmp_path):
@@ -147,4 +155,119 @@ def test_cli_writes_summary_table_and_plot_and_the_card_reports_them(tiny_folder
 
 
 def test_summary_of_no_records_is_empty_not_an_error():
-    assert summarize([], "vstar", "ergo", 640)["accuracy"] is None
+    summary = summarize([], {"benchmark": "vstar", "mode": "ergo", "budget": 640}, requested=0)
+    assert summary["accuracy"] is None and summary["requested"] == summary["missing"] == 0
+
+
+def test_other_settings_never_reuse_records_and_the_same_settings_resume(tiny_folder, data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["eval", "--model", str(tiny_folder), "--dataset", "vstar", "--data-root", str(data_root), "--mode", "ergo",
+            "--budget", "64", "--device", "cpu", "--out", str(out)]
+    assert cli([*base, "--max-new-tokens", "2", "--fallback", "coarse"]) == 0
+    assert cli([*base, "--max-new-tokens", "3", "--fallback", "reference"]) == 0
+    files = sorted(out.glob("vstar-ergo-64-*.jsonl"), key=lambda path: path.stat().st_mtime)
+    assert len(files) == 2  # one records file per settings: the second run reused nothing
+    for path, (tokens, fallback) in zip(files, [(2, "coarse"), (3, "reference")]):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(records) == 2
+        for record in records:
+            settings = record["settings"]
+            assert (settings["max_new_tokens"], settings["fallback"], settings["budget"]) == (tokens, fallback, 64)
+            assert settings["stage2_template"] == "reference" and settings["model"] == str(tiny_folder)
+            assert settings["weights"] and settings["mode"] == "ergo"
+    # The combined summary covers this run's settings only; the table names them.
+    [combined] = json.loads((out / "vstar-summary.json").read_text())
+    assert combined["settings"]["max_new_tokens"] == 3 and combined["requested"] == 2
+    assert combined["records"] == files[1].name and combined["settings_id"] in files[1].name
+    assert "max_new_tokens 3, " in capsys.readouterr().out
+    # The same settings again: sample 0 resumes, only the failed sample 1 runs again.
+    assert cli([*base, "--max-new-tokens", "3", "--fallback", "reference"]) == 0
+    assert [json.loads(line)["id"] for line in files[1].read_text().splitlines()] == ["0", "1", "1"]
+    assert len(files[0].read_text().splitlines()) == 2
+
+
+def test_the_weights_fingerprint_follows_the_weights_not_the_object(model, tiny_folder):
+    import copy
+
+    import torch
+
+    from ergo_vqa.evaluation import weights_fingerprint
+    from modeling_ergo import ErgoForConditionalGeneration
+
+    again = ErgoForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32)
+    assert weights_fingerprint(again) == weights_fingerprint(model)
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(0.01)  # same shapes, same files' sizes: other weights
+    assert weights_fingerprint(retrained) != weights_fingerprint(model)
+    assert weights_fingerprint(copy.deepcopy(model).to(torch.bfloat16)) != weights_fingerprint(model)
+
+
+def test_malformed_rows_fail_alone_with_file_and_line(model, processor, data_root, tmp_path):
+    questions = data_root / "vstar_bench" / "test_questions.jsonl"
+    good = json.loads(questions.read_text().splitlines()[0])
+    rows = [json.dumps(good), json.dumps({k: v for k, v in good.items() if k != "label"}), '{"text": "cut off',
+            json.dumps({**good, "question_id": 9})]
+    questions.write_text("\n".join(rows) + "\n")
+    samples = load_benchmark("vstar", data_root)
+    summary = evaluate(model, processor, samples, "coarse", tmp_path / "out", "vstar", budget=64, batch_size=4,
+                       max_new_tokens=2, progress=False)
+    failures = {f["id"]: f["failure"] for f in summary["failures"]}
+    where = "vstar_bench/test_questions.jsonl line"
+    assert sorted(failures) == [f"{where} 2", f"{where} 3"]  # the rows are named by file and line, and go on
+    assert failures[f"{where} 2"] == f"{where} 2: missing or empty field 'label'"
+    assert failures[f"{where} 3"].startswith(f"{where} 3: not JSON")
+    assert (summary["requested"], summary["run"], summary["failed"], summary["missing"]) == (4, 2, 2, 0)
+    assert summary["samples"] == 4 and summary["accuracy"] <= 0.5
+    assert summary["categories"]["unreadable rows"]["samples"] == 1  # the line that is not JSON has no category
+
+    table = data_root / "HR-Bench" / "hr_bench_8k.tsv"
+    table.write_text(table.read_text() + "8\tWhich one?\tleft\n")  # a row with cells missing
+    broken = load_benchmark("hrbench", data_root)[-1]
+    assert broken.error == "HR-Bench/hr_bench_8k.tsv line 3: missing or empty field 'B'"
+
+
+def test_every_requested_sample_is_counted(model, processor, data_root, tmp_path):
+    """requested = run + failed + missing: a sample without a record of its own (here a duplicated id) shows up."""
+    samples = load_benchmark("mmerwl", data_root)
+    samples.append(samples[0])
+    summary = evaluate(model, processor, samples, "coarse", tmp_path / "out", "mmerwl", budget=64, max_new_tokens=2,
+                       progress=False)
+    assert (summary["requested"], summary["run"], summary["failed"], summary["missing"]) == (3, 2, 0, 1)
+    assert "| mmerwl | coarse | 64 |" in results_table([summary]) and "| 3 | 2 | 0 | 1 |" in results_table([summary])
+    with pytest.raises(ValueError, match="must be positive"):
+        evaluate(model, processor, samples, "coarse", tmp_path / "out", "mmerwl", batch_size=-2, progress=False)
+
+
+PLOTTED = [("vstar", "ergo", 640, 820, 0.81), ("vstar", "full", 16384, 5200, 0.79), ("vstar", "coarse", 640, 640, 0.62),
+           ("hrbench", "ergo", 640, 900, 0.70), ("hrbench", "ergo", 1280, 1700, 0.72)]
+CROWDED = PLOTTED + [("mmerwl", "ergo", 640, 820, 0.81), ("mmerwl", "ergo", 1280, 830, 0.80),
+                     ("synthetic", "full", 16384, 16384, 1.0), ("synthetic", "ergo", 144, 4, 0.0)]
+
+
+@pytest.mark.parametrize("points", [PLOTTED, CROWDED], ids=["paper-like", "crowded"])
+def test_plot_labels_name_the_budget_stay_inside_and_do_not_overlap(tmp_path, points):
+    from PIL import Image
+
+    from ergo_vqa.evaluation import plot, plot_layout
+
+    summaries = [{"benchmark": b, "mode": m, "budget": budget, "mean_vision_tokens": tokens, "accuracy": accuracy}
+                 for b, m, budget, tokens, accuracy in points]
+    layout = plot_layout(summaries)
+    assert [label.text for label in layout.labels] == [f"{b} {m} {budget}" for b, m, budget, *_ in points]
+
+    def inside(box, outer):
+        return outer[0] <= box[0] < box[2] <= outer[2] and outer[1] <= box[1] < box[3] <= outer[3]
+
+    def overlap(a, b):
+        return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+    canvas = (0, 0, *layout.size)
+    markers = [(x - 6, y - 6, x + 6, y + 6) for x, y in (label.point for label in layout.labels)]
+    boxes = [label.box for label in layout.labels]
+    assert all(inside(box, layout.area) for box in boxes)
+    assert all(inside(box, canvas) for _, box in layout.texts)
+    assert not any(overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert not any(overlap(box, other) for box in boxes for other in markers + [box for _, box in layout.texts])
+    assert not any(overlap(a, b) for i, (_, a) in enumerate(layout.texts) for _, b in layout.texts[i + 1:])
+    assert Image.open(plot(summaries, tmp_path / "plot.png")).size == layout.size

@@ -153,7 +153,7 @@ def evaluate_all(models: dict[str, Path], data: Path, out: Path, budget: int) ->
                                max_new_tokens=64, progress=False)
             hits = None
             if mode == "ergo":
-                regions = {r["id"]: r["region"] for r in map(json.loads, (records / f"synthetic-ergo-{budget}.jsonl")
+                regions = {r["id"]: r["region"] for r in map(json.loads, (records / summary["records"])
                                                              .read_text().splitlines())}
                 hits = sum(_contains(regions.get(i), box) for i, box in targets.items()) / len(targets)
             rows.append({"model": name, "target_in_region": hits, **summary})
