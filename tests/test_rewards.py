@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from conftest import noise_image
 from training.data import DataError, load_training_data, to_grpo_rows
-from training.rewards import accuracy_reward, format_reward, get_box_reward, get_region_reward
+from training.rewards import RewardModelError, accuracy_reward, format_reward, get_box_reward, get_region_reward
 
 GOOD_STAGE1 = "<think> the sign is small </think> <zoom>[10, 10, 50, 40]</zoom>"
 GOOD_ANSWER = "<think> I can read it </think> <answer>B</answer>"
@@ -49,6 +49,19 @@ def test_format(stage1, answer, region, expected):
     assert format_reward(completions(1), stage1_text=[stage1], answer_text=[answer], region=[region]) == [expected]
 
 
+@pytest.mark.parametrize("answer, template, expected", [
+    ("<think> a <think> <answer>B</answer>", "reference", 1.0),  # what the reference template asks for (its typo)
+    (GOOD_ANSWER, "reference", 1.0),
+    ("<think> a <think> <answer>B</answer>", "fixed", 0.0),
+    (GOOD_ANSWER, "fixed", 1.0),
+])
+def test_format_accepts_what_the_stage2_template_asks_for(answer, template, expected):
+    assert format_reward(completions(1), stage1_text=[GOOD_STAGE1], answer_text=[answer], region=[(1, 1, 5, 5)],
+                         stage2_template=[template]) == [expected]
+    if template == "reference":  # the default, as in the processor
+        assert format_reward(completions(1), stage1_text=[GOOD_STAGE1], answer_text=[answer], region=[(1, 1, 5, 5)]) == [expected]
+
+
 def test_box_reward_is_a_step_at_gamma():
     image = noise_image(100, 100)
     box = get_box_reward(0.6)
@@ -78,7 +91,7 @@ class FixedReplies:
         return [self.replies.get(image.width) for image in images]
 
 
-def test_region_reward_asks_about_the_crop_only_and_counts_failures():
+def test_region_reward_asks_about_the_crop_only_and_leaves_failures_unscored():
     model = FixedReplies({40: "<answer>B</answer>", 50: "A", 60: None})
     metrics = {}
     crops = [noise_image(40, 30), noise_image(50, 30), noise_image(60, 30), None]
@@ -86,10 +99,28 @@ def test_region_reward_asks_about_the_crop_only_and_counts_failures():
     scores = region(completions(4), crop=crops, stage2_question=["q0", "q1", "q2", "q3"], answer=["B"] * 4,
                     options=[["(A) x", "(B) y"]] * 4, region=[(0, 0, 4, 3)] * 3 + [None],
                     log_metric=lambda name, value: metrics.__setitem__(name, value))
-    assert scores == [1.0, 0.0, 0.0, 0.0]
+    assert scores == [1.0, 0.0, None, 0.0]  # the failed request is no score, not a wrong answer
     assert model.questions == ["q0", "q1", "q2"]  # the rollout without a crop is not asked
     assert metrics == {"region_reward/rm_failures": 1.0, "region_reward/rm_calls": 3.0}
     assert region.__name__ == "region_reward"
+
+
+def test_region_reward_stops_training_when_too_many_requests_fail():
+    """Limit: more than 25% of the last 8 requests (2 failures). Old failures leave the window."""
+    region = get_region_reward(FixedReplies({40: "B"}), max_failure_share=0.25, window=8)
+    good, bad = noise_image(40, 30), noise_image(60, 30)
+
+    def ask(crops):
+        return region(completions(len(crops)), crop=crops, stage2_question=["q"] * len(crops), answer=["B"] * len(crops),
+                      region=[(0, 0, 4, 3)] * len(crops))
+
+    assert ask([bad, good, bad, good]) == [None, 1.0, None, 1.0]  # 2 of 8: at the limit
+    assert ask([good] * 8) == [1.0] * 8  # the window slides past them
+    ask([bad, bad, good])
+    with pytest.raises(RewardModelError, match="failed 3 of the last 8 requests"):
+        ask([bad])
+    with pytest.raises(ValueError, match="max_failure_share"):
+        get_region_reward(FixedReplies({}), max_failure_share=1.0)
 
 
 def test_training_data_from_jsonl_with_relative_paths(tmp_path):

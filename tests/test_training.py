@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, LogitsProcessorList
+from trl import ModelConfig, TrlParser
 
 from conftest import noise_image
 from ergo_vqa.testing_utils import ScriptedText, zoom_text
@@ -20,9 +21,7 @@ from training.reward_model import LocalRewardModel
 from training.rewards import accuracy_reward, format_reward, get_box_reward, get_region_reward
 from training.config import ErgoGRPOConfig
 from training.rollout import ErgoGRPOTrainer
-
-SMALL_BOX, LARGE_BOX = (4, 4, 40, 30), (0, 0, 250, 170)  # coarse pixels; the large one is most of the image
-STAGE1_TEXTS = [zoom_text(SMALL_BOX, "small"), zoom_text(LARGE_BOX, "large")]  # per rollout of a group: r_box differs, so does the advantage
+from training.smoke import SMALL_BOX, STAGE1_TEXTS, ScriptedStage1Trainer, saying  # per rollout of a group: r_box differs
 
 
 def rows(count: int = 2) -> list[dict]:
@@ -49,23 +48,17 @@ def policy(tiny_folder):
     return model, ErgoProcessor.from_pretrained(tiny_folder, padding_side="left")
 
 
-class ScriptedTrainer(ErgoGRPOTrainer):
-    """The random policy's stage 1 says ``STAGE1_TEXTS`` (cycled over the batch); stage 2 is sampled freely.
-    Keeps what each generation step handed to the loss, to inspect it."""
+class ScriptedTrainer(ScriptedStage1Trainer):
+    """The random policy's stage 1 says ``STAGE1_TEXTS`` (cycled over the batch); stage 2 is sampled freely, or says
+    ``stage2_texts`` when set. Keeps what each generation step handed to the loss, to inspect it."""
+
+    stage2_texts: list[str] | None = None
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if has_tool_images:  # stage 2
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, True)
-        tokenizer = self._tokenizer
-        scripts = [tokenizer(STAGE1_TEXTS[row % 2], add_special_tokens=False)["input_ids"] for row in range(len(prompt_ids))]
-        model = self.accelerator.unwrap_model(self.model)
-        generate = model.generate
-        model.generate = lambda *args, **kwargs: generate(*args, logits_processor=LogitsProcessorList(
-            [ScriptedText(scripts, tokenizer.convert_tokens_to_ids("<|im_end|>"))]), **kwargs)
-        try:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations)
-        finally:
-            del model.generate
+        if has_tool_images and self.stage2_texts:
+            with saying(self, self.stage2_texts, len(prompt_ids)):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, True)
+        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -226,11 +219,12 @@ def data_file(tmp_path):
     return tmp_path / "train.jsonl"
 
 
-def test_shipped_recipe_builds_a_trainer_with_the_tiny_model(tiny_folder, data_file, tmp_path):
-    from trl import ModelConfig, TrlParser
+def _parse(arguments: list[str]):
+    return TrlParser((ErgoScriptArguments, ErgoGRPOConfig, ModelConfig)).parse_args_and_config(args=arguments)
 
-    parser = TrlParser((ErgoScriptArguments, ErgoGRPOConfig, ModelConfig))
-    script, args, model_args = parser.parse_args_and_config(args=_recipe_args(tiny_folder, data_file, tmp_path))
+
+def test_shipped_recipe_builds_a_trainer_with_the_tiny_model(tiny_folder, data_file, tmp_path):
+    script, args, model_args = _parse(_recipe_args(tiny_folder, data_file, tmp_path))
     assert (args.max_steps, args.num_generations, args.coarse_budget) == (250, 2, 64)  # recipe value kept, flags win
     assert (script.region_weight, script.box_weight, script.box_threshold) == (1.0, 0.5, 0.6)
     trainer = build_trainer(script, args, model_args)
@@ -242,7 +236,8 @@ def test_shipped_recipe_builds_a_trainer_with_the_tiny_model(tiny_folder, data_f
 def test_train_resume_and_export_a_loadable_ergo_folder(tiny_folder, data_file, tmp_path):
     lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj"]
     run = tmp_path / "run"
-    base = _recipe_args(tiny_folder, data_file, tmp_path, "--save_steps", "1", "--reward_model", "", *lora)
+    base = _recipe_args(tiny_folder, data_file, tmp_path, "--save_steps", "1", "--reward_model", "",
+                        "--no_region_reward", "true", *lora)
     folder = main(base + ["--max_steps", "2"])
     assert (run / "checkpoint-2").is_dir() and (run / "adapter_config.json").is_file()
     # Resume: checkpoint-2's state is restored and training goes on to step 3.
@@ -265,3 +260,167 @@ def test_unsupported_setups_are_refused_up_front(policy, tiny_folder, data_file,
                         train_dataset=dataset, processing_class=processor)
     with pytest.raises(ValueError, match="not both"):
         main(_recipe_args(tiny_folder, data_file, tmp_path, "--reward_model_endpoint", "http://127.0.0.1:9/v1"))
+
+
+# ---------------------------------------------------------------- issue 14: runs that work on real data or fail loudly
+
+
+def _images_in(messages) -> list:
+    return [part["image"] for message in messages if isinstance(message["content"], list)
+            for part in message["content"] if part.get("type") == "image" and "image" in part]
+
+
+def test_mask_truncated_completions_drops_cut_rollouts_and_keeps_their_crops_attended(policy, tmp_path):
+    """Rows: 0 ends both stages; 1 is cut off in stage 1; 2 in stage 2; 3 in both. TRL's own masking would zero the
+    attention over the crop's image tokens (a shape mismatch in the loss forward)."""
+    model, processor = policy
+    tokenizer = processor.tokenizer
+    answer = "<answer>A</answer>"
+
+    class Trainer(ScriptedTrainer):
+        stage1_texts = [zoom_text(SMALL_BOX), zoom_text(SMALL_BOX, "a much longer thought that runs past the limit")]
+        stage2_texts = [answer, answer, answer * 3, answer * 3]
+
+    length = {text: len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (*Trainer.stage1_texts, answer)}
+    args = grpo_config(tmp_path, max_steps=1, mask_truncated_completions=True,
+                       max_completion_length=length[Trainer.stage1_texts[0]] + 1, stage2_max_completion_length=length[answer] + 1)
+    trainer = Trainer(model=model, reward_funcs=[get_box_reward()], args=args, train_dataset=to_grpo_rows(_dataset()),
+                      processing_class=processor)
+    trainer.train()
+    batch = trainer.recorded[0]
+    trained = (batch["completion_mask"] * batch["tool_mask"]).sum(dim=1).tolist()
+    assert trained[0] > 0 and trained[1:] == [0, 0, 0]
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    crops = batch["completion_ids"] == image_pad
+    assert crops.sum(dim=1).min() > 0 and torch.equal((crops & batch["completion_mask"].bool()).sum(dim=1), crops.sum(dim=1))
+    assert batch["advantages"][1:].tolist() == [0.0, 0.0, 0.0]
+    logged = next(entry for entry in trainer.state.log_history if "ergo/void_share" in entry)
+    assert (logged["ergo/void_share"], logged["ergo/stage1_clipped_ratio"], logged["ergo/stage2_clipped_ratio"]) == (0.75, 0.5, 0.5)
+
+
+def test_a_failed_score_takes_no_part_in_its_groups_advantage(policy, tmp_path):
+    """Group 0 (rows 0-1) has a failed score in row 0: the whole group is voided. Group 1 (rows 2-3) has a reward that
+    does not apply to it at all (None for the whole group): left out, as TRL does; box still ranks the group."""
+    model, processor = policy
+
+    def failed_in_row_0(completions, **kwargs):
+        return [None, 0.0, 0.0, 0.0]
+
+    def absent_in_group_1(completions, **kwargs):
+        return [1.0, 1.0, None, None]
+
+    trainer = ScriptedTrainer(model=model, reward_funcs=[get_box_reward(), failed_in_row_0, absent_in_group_1],
+                              args=grpo_config(tmp_path, max_steps=1), train_dataset=to_grpo_rows(_dataset()),
+                              processing_class=processor)
+    trainer.train()
+    advantages = trainer.recorded[0]["advantages"].tolist()
+    assert advantages[:2] == [0.0, 0.0] and advantages[2] > 0 > advantages[3]
+    logged = next(entry for entry in trainer.state.log_history if "ergo/failed_group_share" in entry)
+    assert logged["ergo/failed_group_share"] == 0.5
+
+
+def test_training_without_a_reward_model_needs_the_explicit_flag(tiny_folder, data_file, tmp_path):
+    without = _recipe_args(tiny_folder, data_file, tmp_path, "--reward_model", "")
+    with pytest.raises(ValueError, match="--no_region_reward true"):
+        build_trainer(*_parse(without))
+    with pytest.raises(ValueError, match="--no_region_reward true"):  # both: contradictory
+        build_trainer(*_parse(_recipe_args(tiny_folder, data_file, tmp_path, "--no_region_reward", "true")))
+    trainer = build_trainer(*_parse(without + ["--no_region_reward", "true"]))
+    assert [func.__name__ for func in trainer.reward_funcs] == ["accuracy_reward", "format_reward", "box_reward"]
+
+
+def test_stage2_template_is_configurable_and_reaches_the_format_reward(policy, tmp_path):
+    model, processor = policy
+    seen = []
+    trainer = ScriptedTrainer(model=model, reward_funcs=recording_rewards(seen), train_dataset=to_grpo_rows(_dataset()),
+                              args=grpo_config(tmp_path, max_steps=1, stage2_template="fixed"), processing_class=processor)
+    trainer.train()
+    assert seen[0]["stage2_template"] == ["fixed"] * 4
+    batch = trainer.recorded[0]
+    ids = batch["completion_ids"][0][batch["completion_mask"][0].bool()].tolist()
+    injected = processor.tokenizer.decode([t for t, keep in zip(ids, batch["tool_mask"][0].tolist()) if not keep])
+    assert stage2_prompt(seen[0]["stage2_question"][0], "fixed") in injected
+    assert "<think> ... </think>" in injected
+
+
+def recording_all(seen: list):
+    def record(**kwargs):
+        seen.append(kwargs)
+        return [0.0] * len(kwargs["completions"])
+
+    return record
+
+
+def test_rewards_get_the_answer_apart_and_the_policys_own_tokens(policy, tmp_path):
+    """Third-party rewards: ``completions`` is [stage 1, stage 2]; ``answer_text`` is the answer; ``completion_ids``
+    are the tokens the policy wrote (no injected turn: no image tokens to count or penalise)."""
+    model, processor = policy
+    seen = []
+    trainer = ScriptedTrainer(model=model, reward_funcs=[recording_all(seen)], train_dataset=to_grpo_rows(_dataset()),
+                              args=grpo_config(tmp_path, max_steps=1), processing_class=processor)
+    trainer.train()
+    rewards, batch = seen[0], trainer.recorded[0]
+    assert [c[0]["content"] for c in rewards["completions"]] == rewards["stage1_text"] == STAGE1_TEXTS * 2
+    assert [c[1]["content"] for c in rewards["completions"]] == rewards["answer_text"]
+    for row, ids in enumerate(rewards["completion_ids"]):
+        completion = batch["completion_ids"][row][batch["completion_mask"][row].bool()]
+        assert ids == completion[batch["tool_mask"][row][: len(completion)].bool()].tolist()
+        assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") not in ids
+
+
+def test_the_full_resolution_original_is_never_gathered_or_logged(policy, tmp_path):
+    """TRL gathers the prompts (and, with log_multimodal, the images) to every rank every step for its logs."""
+    model, processor = policy
+    seen = []
+    trainer = ScriptedTrainer(model=model, reward_funcs=[recording_all(seen)], train_dataset=to_grpo_rows(_dataset()),
+                              args=grpo_config(tmp_path, max_steps=1), processing_class=processor)
+    trainer.train()
+    assert trainer._logs["prompt"] and not any(_images_in(prompt) for prompt in trainer._logs["prompt"])
+    assert not trainer._logs["images"]  # gathered only for log_completions
+    assert all(not _images_in(prompt) for prompt in seen[0]["prompts"])
+    assert sorted(image.size for image in seen[0]["image"]) == [(840, 560), (840, 560), (896, 560), (896, 560)]
+
+
+def test_full_fine_tuning_without_deepspeed_keeps_fp32_weights(tiny_folder, data_file, tmp_path):
+    bf16 = ["--dtype", "bfloat16", "--bf16", "true"]
+    full = build_trainer(*_parse(_recipe_args(tiny_folder, data_file, tmp_path) + bf16))
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32} and full.args.bf16
+    lora = build_trainer(*_parse(_recipe_args(tiny_folder, data_file, tmp_path) + bf16 + [
+        "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]))
+    assert {p.dtype for name, p in lora.model.named_parameters() if "lora_" not in name} == {torch.bfloat16}
+
+
+def test_dr_grpo_normalises_by_both_stages_and_each_stage_length_is_logged(policy, tmp_path):
+    model, processor = policy
+    trainer = ScriptedTrainer(model=model, reward_funcs=[get_box_reward()], train_dataset=to_grpo_rows(_dataset()),
+                              args=grpo_config(tmp_path, max_steps=1, loss_type="dr_grpo"), processing_class=processor)
+    assert trainer.max_completion_length == 40 + 5
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "ergo/stage1_length" in entry)
+    tokenizer = processor.tokenizer
+    scripted = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in STAGE1_TEXTS]  # + <|im_end|>
+    assert logged["ergo/stage1_length"] == sum(scripted) / 2 and 1 <= logged["ergo/stage2_length"] <= 5
+    assert logged["ergo/stage1_clipped_ratio"] == 0.0
+
+
+def test_smoke_run_has_a_gradient(tmp_path, capsys):
+    from training import smoke
+
+    steps = smoke.run(tmp_path)
+    assert len(steps) == 2 and all(entry["grad_norm"] > 0 and entry["reward_std"] > 0 for entry in steps)
+    assert "grad_norm" in capsys.readouterr().out
+
+
+def test_shipped_layout_fits_one_eight_gpu_node():
+    """The recipe's reward model is served on the GPUs ZeRO-3 leaves free, and is the one the recipe asks for."""
+    import re
+
+    import yaml
+
+    recipe_text = open("training/recipes/ergo-qwen2.5-vl-7b.yaml").read()
+    recipe, accelerate = yaml.safe_load(recipe_text), yaml.safe_load(open("training/accelerate/zero3.yaml"))
+    served = re.search(r"vllm serve (\S+) --tensor-parallel-size (\d+)", recipe_text)
+    assert served and served.group(1) == recipe["reward_model_name"]
+    assert accelerate["num_processes"] + int(served.group(2)) <= 8
+    rollouts = accelerate["num_processes"] * recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+    assert rollouts % recipe["num_generations"] == 0

@@ -19,15 +19,20 @@ from .data import MULTIPLE_CHOICE_POSTFIX
 
 @dataclass
 class ErgoViewConfig:
-    """The vision-token budgets of the coarse view and the crop, as at inference."""
+    """The vision-token budgets of the coarse view and the crop, and the stage-2 prompt, as at inference."""
 
     coarse_budget: int = field(default=PAPER_BUDGET, metadata={"help": "Vision tokens of the coarse view (paper: 640, 1280)."})
     crop_budget: int | None = field(default=None, metadata={"help": "Most vision tokens of the crop (default: coarse)."})
+    stage2_template: str = field(default="reference", metadata={
+        "help": "Stage-2 prompt: 'reference' (the published one, typo '<think> ... <think>' included) or 'fixed' "
+                "('<think> ... </think>'); the format reward accepts what the chosen one asks for."})
 
     def apply_to(self, processor: ErgoProcessor) -> ErgoProcessor:
-        """Sets the budgets on ``processor`` (checked there), which every view is then built with."""
-        processor.check_settings(self.coarse_budget, self.crop_budget, processor.stage2_template, processor.fallback)
+        """Sets the budgets and the template on ``processor`` (checked there), which every view and turn is then
+        built with."""
+        processor.check_settings(self.coarse_budget, self.crop_budget, self.stage2_template, processor.fallback)
         processor.coarse_budget, processor.crop_budget = self.coarse_budget, self.crop_budget
+        processor.stage2_template = self.stage2_template
         return processor
 
 

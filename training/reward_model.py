@@ -3,7 +3,8 @@
 Two backends with one method, ``answer(images, questions) -> list[str | None]`` (None: that request failed):
 ``LocalRewardModel`` (any Qwen2.5-VL folder or Hub id, loaded once, frozen, batched) and
 ``EndpointRewardModel`` (an OpenAI-compatible chat endpoint, e.g. ``vllm serve Qwen/Qwen2.5-VL-72B-Instruct``).
-Failures are returned as None and counted by the reward; they never stop training.
+A failed request is returned as None: ``training.rewards.RegionReward`` leaves it unscored (its group gets no
+advantage) and stops training once too many of the latest requests failed.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class LocalRewardModel:
             chunk = slice(start, start + self.batch_size)
             try:
                 replies += self._answer(images[chunk], questions[chunk])
-            except Exception as error:  # a failed batch scores 0; training goes on
+            except Exception as error:  # a failed batch is unscored; RegionReward decides when to stop
                 logger.warning("reward model failed on %d requests: %s", len(images[chunk]), error)
                 self.failures += len(images[chunk])
                 replies += [None] * len(images[chunk])
@@ -93,7 +94,7 @@ class EndpointRewardModel:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return json.loads(response.read())["choices"][0]["message"]["content"]
-            except Exception as error:  # network, HTTP, protocol or format: that request scores 0
+            except Exception as error:  # network, HTTP, protocol or format: that request is unscored
                 if attempt == self.retries:
                     logger.warning("reward endpoint failed after %d attempts: %s", attempt + 1, error)
                 else:

@@ -9,15 +9,18 @@ crop with the stage-2 prompt; the policy answers. The completion TRL trains on i
 
 Why a subclass and not TRL's tool loop or ``rollout_func`` (trl 1.16, pinned): ``rollout_func`` cannot add the
 crop to the loss forward, and the tool loop needs a tool-call format, drops the second turn silently when the
-length budget runs out, and has no per-stage limits. This overrides two methods (``_generate_and_score_completions``
-to see the batch's rows, ``_generate`` to run the stages) and reuses TRL's own single-turn generator for both.
+length budget runs out, and has no per-stage limits. This overrides three methods (``_generate_and_score_completions``
+to see the batch's rows, ``_generate`` to run the stages, ``_calculate_rewards`` to void scores that must not reach
+an advantage) and reuses TRL's own single-turn generator for both stages.
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
 from trl import GRPOTrainer
+from trl.data_utils import prepare_multimodal_messages
 
 from modeling_ergo.generation_ergo import tokens_until_stop
 from processing_ergo import ErgoProcessor
@@ -34,9 +37,20 @@ def _routes_images_per_sample():
 class ErgoGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose rollouts are ERGO's two stages. Dataset rows: ``training.data.to_grpo_rows``.
 
-    Reward functions receive, besides the dataset columns: ``stage1_text``, ``answer_text`` (stage 2's answer),
-    ``region`` (original pixels, or None when stage 1 gave no usable region), ``crop`` (stage 2's image: the region,
-    or the whole image resized when there was none) and ``fallback``.
+    Reward functions receive, besides the dataset columns (``image`` is the full-resolution original):
+    ``completions``, one conversation per rollout of two assistant messages, ``[stage 1, stage 2]`` (so
+    ``completion[0]["content"]`` is stage 1's region request, not the answer); ``answer_text``, stage 2's reply
+    (the final answer) on its own; ``stage1_text`` (= ``completion[0]["content"]``); ``completion_ids``, the
+    tokens the policy wrote (stage 1, its end token, stage 2; never the injected turn's image tokens); ``region``
+    (original pixels, or None when stage 1 gave no usable region); ``crop`` (stage 2's image: the region, or the
+    whole image resized when there was none); ``fallback``; ``stage2_template`` (the template stage 2 was asked
+    with).
+
+    Scores that must not reach an advantage are voided (TRL's "unscorable": out of the group baseline, advantage
+    0): every rollout of a group in which a reward function returned None for some rollouts but not all (a failed
+    score, e.g. a reward-model request; a function returning None for a whole group is left out of that group, as
+    TRL does), and, with ``mask_truncated_completions``, every rollout cut off in either stage, whose loss is masked
+    too (attention and the crop's image tokens stay, unlike TRL's own masking, which would hide them).
     """
 
     def __init__(self, *args, **kwargs):
@@ -60,20 +74,32 @@ class ErgoGRPOTrainer(GRPOTrainer):
         generation_kwargs = dict(args_.generation_kwargs or {})
         generation_kwargs["suppress_tokens"] = sorted(set(generation_kwargs.get("suppress_tokens", [])) | set(vision_ids))
         args_.generation_kwargs = generation_kwargs
-        args_.apply_to(processor)  # the rollout builds its views with the processor's budgets
+        args_.apply_to(processor)  # the rollout builds its views with the processor's budgets and template
         super().__init__(*args, **kwargs)
         self.tools = [_routes_images_per_sample]
+        # TRL's masking zeroes the whole completion's attention, the crop's image tokens included (a shape mismatch
+        # in the loss forward); `_generate` masks the loss of a truncated rollout instead.
+        self.mask_truncated_completions = False
+        # Dr. GRPO divides by the most tokens a completion can train: both stages (the bound TRL set is stage 1's).
+        self.max_completion_length = args_.max_completion_length + args_.stage2_max_completion_length
+        # TRL gathers every rollout's images to every rank for the completions table, which only logs them with
+        # `log_completions`.
+        self.log_multimodal = args_.log_multimodal and args_.log_completions
 
     def _generate_and_score_completions(self, inputs):
-        self._batch_rows = inputs  # `_generate` only gets the prompts; stage 2 needs the full image and question
-        return super()._generate_and_score_completions(inputs)
+        # `_generate` only gets the prompts; stage 2 needs the full image and the question. TRL would put the
+        # original into every prompt and gather the prompts to every rank for its logs, so it never sees it: the
+        # rollout hands the originals to the rewards as an extra field.
+        self._batch_rows = inputs
+        return super()._generate_and_score_completions(
+            [{key: value for key, value in row.items() if key != "image"} for row in inputs])
 
     def _generate(self, prompts: list):
         processor, tokenizer, args = self.processing_class, self._tokenizer, self.args
         mode = "train" if self.model.training else "eval"
         originals = [load_image(row["image"], name="training image") for row in self._batch_rows]
         context, coarse_views = processor.make_context(originals, [row["stage2_question"] for row in self._batch_rows])
-        prompts = [_with_image(prompt, view) for prompt, view in zip(prompts, coarse_views)]
+        prompts = [prepare_multimodal_messages(prompt, [view]) for prompt, view in zip(prompts, coarse_views)]
 
         started = time.perf_counter()
         tools, self.tools = self.tools, []  # stage 1 is TRL's plain single-turn generation
@@ -87,8 +113,8 @@ class ErgoGRPOTrainer(GRPOTrainer):
         stage1_ids = [list(ids) for ids in stage1_ids]
         stage1_tokens = [tokens_until_stop(ids, stop_ids) for ids in stage1_ids]
         stage1_texts = tokenizer.batch_decode(stage1_tokens, skip_special_tokens=True)
-        decisions = processor.plan_stage2(  # no stop token: cut off by max_completion_length
-            context, stage1_texts, truncated=[len(tokens) == len(ids) for tokens, ids in zip(stage1_tokens, stage1_ids)])
+        stage1_cut = [len(tokens) == len(ids) for tokens, ids in zip(stage1_tokens, stage1_ids)]  # no stop token
+        decisions = processor.plan_stage2(context, stage1_texts, truncated=stage1_cut)
 
         # With the `resize` fallback (checked at init) every rollout has a second image, so every rollout has a stage 2.
         completion_ids, loss_mask, stage2_prompts, stage2_images = [], [], [], []
@@ -116,38 +142,58 @@ class ErgoGRPOTrainer(GRPOTrainer):
                 stage2_prompts, stage2_images, fields, num_generations=1, has_tool_images=True)
         finally:
             self.generation_config.max_new_tokens = limit
-        stage2_texts = []
+        stage1_lengths = [sum(mask) for mask in loss_mask]
+        stage2_texts, stage2_cut, self._policy_ids = [], [], []
         for index, answer in enumerate(stage2_ids):
-            completion_ids[index] += list(answer)
+            answer = list(answer)
+            answer_tokens = tokens_until_stop(answer, stop_ids)
+            stage2_cut.append(len(answer_tokens) == len(answer))
+            self._policy_ids.append([t for t, keep in zip(completion_ids[index], loss_mask[index]) if keep] + answer)
+            completion_ids[index] += answer
             loss_mask[index] += [1] * len(answer)
-            stage2_texts.append(tokenizer.decode(tokens_until_stop(list(answer), stop_ids), skip_special_tokens=True))
+            stage2_texts.append(tokenizer.decode(answer_tokens, skip_special_tokens=True))
+        self._truncated = [first or second for first, second in zip(stage1_cut, stage2_cut)]
+        if args.mask_truncated_completions:
+            loss_mask = [[0] * len(mask) if cut else mask for mask, cut in zip(loss_mask, self._truncated)]
         finished = time.perf_counter()
 
         completions = [[{"role": "assistant", "content": first}, {"role": "assistant", "content": second}]
                        for first, second in zip(stage1_texts, stage2_texts)]
         extra_fields = {
             **extra_fields,
+            "image": originals,
             "stage1_text": stage1_texts,
             "answer_text": stage2_texts,
             "region": [decision.region for decision in decisions],
             "crop": [decision.image for decision in decisions],
             "fallback": [decision.fallback for decision in decisions],
+            "stage2_template": [context.stage2_template] * len(decisions),
         }
         metrics = self._metrics[mode]
         metrics["ergo/fallback_share"].append(sum(d.fallback is not None for d in decisions) / len(decisions))
+        # TRL's completions/* metrics are stage 1's (its generate call); these count what each stage trains.
+        stage2_lengths = [len(answer) for answer in stage2_ids]
+        for name, values in (("stage1_length", stage1_lengths), ("stage2_length", stage2_lengths),
+                             ("stage1_clipped_ratio", stage1_cut), ("stage2_clipped_ratio", stage2_cut)):
+            gathered = self.accelerator.gather(torch.tensor(values, dtype=torch.float32, device=self.accelerator.device))
+            metrics[f"ergo/{name}"].append(gathered.mean().item())
         metrics["ergo/stage1_s"].append(stage1_done - started)
         metrics["ergo/zoom_s"].append(zoom_done - stage1_done)
         metrics["ergo/stage2_s"].append(finished - zoom_done)
         tool_images = [[decision.image] for decision in decisions]
         return prompt_ids, completion_ids, loss_mask, completions, logprobs, extra_fields, stage2_images, tool_images
 
-
-def _with_image(prompt: list[dict], image) -> list[dict]:
-    """``prompt`` with its (single) image block showing ``image``."""
-    out = []
-    for message in prompt:
-        content = message["content"]
-        if isinstance(content, list):
-            content = [{**part, "image": image} if part.get("type") == "image" else part for part in content]
-        out.append({**message, "content": content})
-    return out
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's rewards (over the policy's own tokens), with void rows set to NaN (see the class docstring)."""
+        rewards = super()._calculate_rewards(inputs, prompts, completions, self._policy_ids)
+        mode = "train" if self.model.training else "eval"
+        size = self.num_generations if mode == "train" else self.num_generations_eval
+        missing = rewards.isnan().view(-1, size, rewards.size(1))
+        failed_groups = (missing.any(dim=1) & ~missing.all(dim=1)).any(dim=1)
+        void = failed_groups.repeat_interleave(size)
+        if self.args.mask_truncated_completions:
+            void |= self.accelerator.gather(torch.tensor(self._truncated, device=rewards.device))
+        rewards[void] = torch.nan
+        self._metrics[mode]["ergo/failed_group_share"].append(failed_groups.float().mean().item())
+        self._metrics[mode]["ergo/void_share"].append(void.float().mean().item())
+        return rewards

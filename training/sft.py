@@ -180,7 +180,7 @@ def _answer(row: dict) -> tuple[str, str]:
 
 def build_sft_trainer(model, processor: ErgoProcessor, dataset: Dataset, args: ErgoSFTConfig) -> SFTTrainer:
     """TRL's SFTTrainer over ``dataset`` (training schema, with regions) expanded into the examples above."""
-    args.apply_to(processor)  # the examples are built with the processor's budgets
+    args.apply_to(processor)  # the examples are built with the processor's budgets and stage-2 template
     collator = ErgoSFTCollator(processor, args.multiple_choice_postfix)
     rows = sft_rows(dataset, args.shares, processor.coarse_budget, processor.crop_budget)
     if args.freeze_vision_tower:

@@ -2,22 +2,60 @@
 
 It writes a random-weight tiny ERGO model and a few synthetic samples (``ergo_vqa.synthetic_task``) as a JSONL dataset, then
 runs the shipped recipe through ``training.grpo.main`` with the model swapped for the tiny one, the tiny model
-as its own local reward model, and sizes a CPU can take (2 steps). It proves the plumbing, not learning.
+as its own local reward model, and sizes a CPU can take (2 steps). A random policy never writes a region, so stage 1
+is scripted: the rollouts of a group ask for a small and a large region, their box rewards differ, and every step
+has non-zero advantages and a gradient. It prints each step's loss and grad norm and fails when no step had a
+gradient. It proves the plumbing, backward included, not learning.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from ergo_vqa.synthetic_task import write_split
+from transformers import LogitsProcessorList
+
+from ergo_vqa.synthetic_task import SceneSpec, write_split
+from ergo_vqa.testing_utils import ScriptedText, zoom_text
 from ergo_vqa.tiny import build_model, build_processor, build_tokenizer
 from hub_card import save_hub_folder
 
 from .grpo import main
+from .rollout import ErgoGRPOTrainer
 
 RECIPE = Path(__file__).parent / "recipes" / "ergo-qwen2.5-vl-7b.yaml"
+SMALL_BOX, LARGE_BOX = (4, 4, 40, 30), (0, 0, 250, 170)  # coarse pixels; the large one covers most of a 64-token view
+STAGE1_TEXTS = [zoom_text(SMALL_BOX, "small"), zoom_text(LARGE_BOX, "large")]
+
+
+class ScriptedStage1Trainer(ErgoGRPOTrainer):
+    """ErgoGRPOTrainer whose stage 1 says ``stage1_texts`` (cycled over the batch, so over each group's rollouts);
+    stage 2 is sampled."""
+
+    stage1_texts: list[str] = STAGE1_TEXTS
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if has_tool_images:  # stage 2
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, True)
+        with saying(self, self.stage1_texts, len(prompt_ids)):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations)
+
+
+@contextmanager
+def saying(trainer: ErgoGRPOTrainer, texts: list[str], rows: int):
+    """Within the block, the policy's ``generate`` makes row ``i`` say ``texts[i % len(texts)]`` and then end."""
+    tokenizer = trainer.processing_class.tokenizer
+    scripts = [tokenizer(texts[row % len(texts)], add_special_tokens=False)["input_ids"] for row in range(rows)]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    generate = model.generate
+    model.generate = lambda *args, **kwargs: generate(*args, logits_processor=LogitsProcessorList(
+        [ScriptedText(scripts, tokenizer.convert_tokens_to_ids("<|im_end|>"))]), **kwargs)
+    try:
+        yield
+    finally:
+        del model.generate
 
 
 def tiny_model(folder: Path) -> Path:
@@ -30,18 +68,32 @@ def tiny_model(folder: Path) -> Path:
 
 def smoke_arguments(out_dir: Path) -> list[str]:
     model = tiny_model(out_dir / "model")
-    data = write_split(out_dir / "data", "train", 4)
+    data = write_split(out_dir / "data", "train", 4, spec=SceneSpec(size=448, shape_side=(40, 60), clutter=40))  # CPU-sized crops
     return [
         "--config", str(RECIPE), "--model_name_or_path", str(model), "--dataset", str(data),
         "--reward_model_endpoint", "", "--reward_model", str(model), "--dtype", "float32",
         "--output_dir", str(out_dir / "run"), "--max_steps", "2", "--save_steps", "2", "--use_cpu", "true",
         "--bf16", "false", "--gradient_checkpointing", "false", "--per_device_train_batch_size", "4",
-        "--num_generations", "2", "--max_completion_length", "24", "--stage2_max_completion_length", "8",
+        "--gradient_accumulation_steps", "1",
+        "--num_generations", "2", "--max_completion_length", "40", "--stage2_max_completion_length", "8",
         "--coarse_budget", "64", "--report_to", "none", "--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16",
     ]
 
 
+def run(out_dir: Path) -> list[dict]:
+    """Trains the 2 steps and returns their logged entries (loss, grad_norm, reward, ...); SystemExit when no step
+    had a gradient."""
+    folder = main(smoke_arguments(out_dir), trainer_class=ScriptedStage1Trainer)
+    state = json.loads((out_dir / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    steps = [entry for entry in state["log_history"] if "grad_norm" in entry]
+    for entry in steps:
+        print(f"step {entry['step']}: loss {entry['loss']:.6f}  grad_norm {entry['grad_norm']:.6f}  "
+              f"reward {entry['reward']:.3f}  reward_std {entry['reward_std']:.3f}")
+    if not any(entry["grad_norm"] > 0 for entry in steps):
+        raise SystemExit("no step had a gradient: the backward through the two-stage completion is broken")
+    print(f"trained {len(steps)} steps; ERGO Hub folder: {folder}")
+    return steps
+
+
 if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "ergo-train-smoke")
-    folder = main(smoke_arguments(out))
-    print(f"trained 2 steps; ERGO Hub folder: {folder}")
+    run(Path(sys.argv[1] if len(sys.argv) > 1 else "ergo-train-smoke"))
