@@ -78,7 +78,8 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
     bar.close()
     wanted = {sample.id for sample in samples}
     latest = {record["id"]: record for record in _read_records(records_path, settings) if record["id"] in wanted}
-    summary = {**summarize(list(latest.values()), settings, requested=len(samples)), "records": records_path.name}
+    summary = {**summarize(list(latest.values()), settings, requested=len(samples)), "records": records_path.name,
+               "model": model.config.name_or_path}
     (out_dir / f"{stem}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -86,10 +87,11 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
 def run_settings(model, processor, benchmark: str, mode: str, budget: int, max_new_tokens: int,
                  fallback: str) -> dict:
     """Everything that changes a mode's answers (a setting the mode does not use is left out, so it does not set
-    its records apart): written into every record and summary, and hashed into the file names."""
+    its records apart): written into every record and summary, and hashed into the file names. The model is
+    identified by its weights, not by how its path was written, so a copy, a re-download or ``./m`` for ``m``
+    resumes; the summary names the path it was loaded from."""
     settings = {"benchmark": benchmark, "mode": mode, "budget": budget if mode != "full" else FULL_RESOLUTION_BUDGET,
-                "max_new_tokens": max_new_tokens, "model": model.config.name_or_path,
-                "weights": weights_fingerprint(model)}
+                "max_new_tokens": max_new_tokens, "weights": weights_fingerprint(model)}
     if mode == "ergo":
         settings |= {"fallback": fallback, "stage2_template": processor.stage2_template}
     return settings
@@ -109,9 +111,10 @@ def weights_fingerprint(model) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
-        positions = torch.linspace(0, max(flat.numel() - 1, 0), min(16, flat.numel()), device=flat.device).long()
+        count = min(16, flat.numel())  # integer positions: the same on every device and for any tensor size
+        positions = (torch.arange(count) * max(flat.numel() - 1, 0)) // max(count - 1, 1)
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
-        digest.update(flat[positions].double().cpu().numpy().tobytes())
+        digest.update(flat[positions.to(flat.device)].double().cpu().numpy().tobytes())
     # The cache kind (set per device by ``inference.use_cache``) and the library version do not change answers.
     transient = {"transformers_version", "cache_implementation", "compile_config", "_from_model_config"}
     configs = [{key: value for key, value in config.to_diff_dict().items() if key not in transient}

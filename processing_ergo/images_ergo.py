@@ -15,6 +15,8 @@ from PIL import ExifTags, Image, ImageOps
 
 URL_TIMEOUT = 30.0
 """Seconds to wait for a server that does not answer, when the caller passed an http(s) URL."""
+MAX_DOWNLOAD_BYTES = 256 * 2**20
+"""The most an image URL may send (a 16K PNG fits), so a wrong or hostile URL cannot fill memory."""
 
 
 class ErgoImageError(ValueError):
@@ -35,7 +37,13 @@ def _fetch(url: str) -> bytes:
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "ergo-vqa"})
         with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
-            return response.read()
+            final_url, body = response.geturl(), response.read(MAX_DOWNLOAD_BYTES + 1)
+        if not final_url.startswith(("http://", "https://")):
+            reason = f"redirected to {_abbreviate(final_url)}, not http(s)"
+        elif len(body) > MAX_DOWNLOAD_BYTES:
+            reason = f"more than {MAX_DOWNLOAD_BYTES} bytes"
+        else:
+            return body
     except urllib.error.HTTPError as error:
         reason = f"HTTP {error.code} {error.reason}"
     except urllib.error.URLError as error:  # offline, refused, unknown host

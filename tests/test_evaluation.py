@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -173,7 +174,7 @@ def test_other_settings_never_reuse_records_and_the_same_settings_resume(tiny_fo
         for record in records:
             settings = record["settings"]
             assert (settings["max_new_tokens"], settings["fallback"], settings["budget"]) == (tokens, fallback, 64)
-            assert settings["stage2_template"] == "reference" and settings["model"] == str(tiny_folder)
+            assert settings["stage2_template"] == "reference" and "model" not in settings  # the weights identify it
             assert settings["weights"] and settings["mode"] == "ergo"
     # The combined summary covers this run's settings only; the table names them.
     [combined] = json.loads((out / "vstar-summary.json").read_text())
@@ -184,6 +185,12 @@ def test_other_settings_never_reuse_records_and_the_same_settings_resume(tiny_fo
     assert cli([*base, "--max-new-tokens", "3", "--fallback", "reference"]) == 0
     assert [json.loads(line)["id"] for line in files[1].read_text().splitlines()] == ["0", "1", "1"]
     assert len(files[0].read_text().splitlines()) == 2
+    # A copy of the same checkpoint, named another way, is the same model: it resumes the same records.
+    copy = shutil.copytree(tiny_folder, tmp_path / "copy")
+    moved = [str(copy) + "/" if arg == str(tiny_folder) else arg for arg in base]
+    assert cli([*moved, "--max-new-tokens", "3", "--fallback", "reference"]) == 0
+    assert len(sorted(out.glob("vstar-ergo-64-*.jsonl"))) == 2
+    assert [json.loads(line)["id"] for line in files[1].read_text().splitlines()] == ["0", "1", "1", "1"]
 
 
 def test_the_weights_fingerprint_follows_the_weights_not_the_object(model, tiny_folder):

@@ -189,3 +189,30 @@ def test_bad_raw_base64_is_not_repeated_in_the_error(text):
     assert message.startswith("sample 4: ") and "not found" in message
     assert f"{text[:40]}... ({len(text)} characters)" in message
     assert len(message) < 200
+
+
+def test_a_url_that_sends_too_much_or_redirects_off_http_is_refused(monkeypatch):
+    from processing_ergo import images_ergo
+
+    class Large(_Serve):
+        def do_GET(self):
+            if self.path == "/away.png":
+                self.send_response(302)
+                self.send_header("Location", "ftp://127.0.0.1/x.png")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"x" * 2048)
+
+    monkeypatch.setattr(images_ergo, "MAX_DOWNLOAD_BYTES", 1024)
+    server = HTTPServer(("127.0.0.1", 0), Large)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ErgoImageError, match="sample 3: cannot fetch .*more than 1024 bytes"):
+            load_image(f"http://127.0.0.1:{server.server_port}/big.png", name="sample 3")
+        with pytest.raises(ErgoImageError, match="sample 4: cannot fetch"):
+            load_image(f"http://127.0.0.1:{server.server_port}/away.png", name="sample 4")
+    finally:
+        server.shutdown()
+        server.server_close()

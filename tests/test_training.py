@@ -385,6 +385,7 @@ def test_full_fine_tuning_without_deepspeed_keeps_fp32_weights(tiny_folder, data
     bf16 = ["--dtype", "bfloat16", "--bf16", "true"]
     full = build_trainer(*_parse(_recipe_args(tiny_folder, data_file, tmp_path) + bf16))
     assert {p.dtype for p in full.model.parameters()} == {torch.float32} and full.args.bf16
+    assert full.beta > 0 and {p.dtype for p in full.ref_model.parameters()} == {torch.bfloat16}  # frozen: no fp32
     lora = build_trainer(*_parse(_recipe_args(tiny_folder, data_file, tmp_path) + bf16 + [
         "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]))
     assert {p.dtype for name, p in lora.model.named_parameters() if "lora_" not in name} == {torch.bfloat16}

@@ -62,9 +62,12 @@ def build_trainer(script: ErgoScriptArguments, args: ErgoGRPOConfig, model_args:
     """Dataset, processor, policy, rewards and trainer from the three argument groups."""
     reward_model = _reward_model(script)
     processor = ErgoProcessor.from_pretrained(model_args.model_name_or_path, padding_side="left")  # budgets: args
+    dtype = weights_dtype(model_args, args)
+    if dtype == torch.float32 and model_args.dtype not in (None, "auto", "float32"):
+        # TRL builds the frozen reference model (beta > 0) from these; it needs no fp32 master weights.
+        args.model_init_kwargs = {**(args.model_init_kwargs or {}), "dtype": getattr(torch, model_args.dtype)}
     model = ErgoForConditionalGeneration.from_pretrained(
-        model_args.model_name_or_path, dtype=weights_dtype(model_args, args),
-        attn_implementation=model_args.attn_implementation)
+        model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation)
     dataset = to_grpo_rows(load_training_data(script.dataset, script.dataset_split), script.multiple_choice_postfix)
 
     reward_funcs = [accuracy_reward, format_reward, get_box_reward(script.box_threshold)]

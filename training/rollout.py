@@ -95,6 +95,12 @@ class ErgoGRPOTrainer(GRPOTrainer):
             [{key: value for key, value in row.items() if key != "image"} for row in inputs])
 
     def _generate(self, prompts: list):
+        # Under bf16/fp16 the rollout computes as the loss forward does, also when the weights are fp32 (full
+        # fine-tuning without DeepSpeed), so generation neither runs in fp32 nor holds an fp32 KV cache.
+        with self.accelerator.autocast():
+            return self._two_stage_rollout(prompts)
+
+    def _two_stage_rollout(self, prompts: list):
         processor, tokenizer, args = self.processing_class, self._tokenizer, self.args
         mode = "train" if self.model.training else "eval"
         originals = [load_image(row["image"], name="training image") for row in self._batch_rows]
