@@ -43,17 +43,11 @@ class ErgoSampleLike(Protocol):
     stage2_question: str
 
 
-class ErgoZoomDecisionLike(Protocol):
-    region: tuple[int, int, int, int] | None
-    image: Image.Image | None
-    fallback: str | None
-
-
 class ErgoContextLike(Protocol):
-    """What ``generate`` reads from ``processing_ergo.ErgoContext`` (a structural type: the remote-code modeling
-    files do not import the processor's files, which a Hub folder may ship without)."""
+    """What ``generate`` reads from ``processing_ergo.ErgoContext``. A structural type: installed, ``modeling_ergo``
+    and ``processing_ergo`` are separate packages, and the modeling files import nothing from the processor's."""
 
-    processor: Any  # ErgoProcessor: plan_stage2, stage2_turn, stage2_sequence, max_stage2_turn_tokens, accounting
+    processor: Any  # ErgoProcessor: plan_stage2, stage2_turns, stage2_sequence, max_stage2_turn_tokens, accounting
     samples: list[ErgoSampleLike]
     fallback: str
     stage2_template: str
@@ -176,11 +170,7 @@ class ErgoGenerationMixin:
         # ---------------------------------------------------------------- zoom: region, crop, stage-2 input
         decisions = processor.plan_stage2(context, stage1_texts, skip_answered=self.config.skip_answered_stage2,
                                           truncated=truncated)
-        turns = {
-            index: processor.stage2_turn(decision, context.samples[index].stage2_question, context.stage2_template)
-            .to(input_ids.device)
-            for index, decision in enumerate(decisions) if decision.image is not None
-        }
+        turns = {index: turn.to(input_ids.device) for index, turn in processor.stage2_turns(context, decisions).items()}
         cache, stage1.past_key_values = stage1.past_key_values, None
         stage2_inputs, rows, used = {}, [], None
         if turns:

@@ -292,8 +292,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         rows = [generated_outputs] if one else generated_outputs
         if prompt_length is not None:
             rows = [row[prompt_length:] for row in rows]
-        generated_outputs = rows
-        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def apply_chat_template(self, conversation, chat_template=None, ergo: bool | None = None, **kwargs):
         """Qwen2.5-VL's ``apply_chat_template``, except that an ERGO request becomes ERGO's stage-1 input.
@@ -369,6 +368,14 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
             return_tensors="pt",
             images_kwargs={"size": decision.processor_size},
         )
+
+    def stage2_turns(self, context: ErgoContext, decisions: list[ZoomDecision]) -> dict[int, BatchFeature]:
+        """``stage2_turn`` for every sample that has a second image, by index, built side by side on a thread pool
+        (each processes its own crop)."""
+        rows = [index for index, decision in enumerate(decisions) if decision.image is not None]
+        turns = parallel_map(lambda index: self.stage2_turn(
+            decisions[index], context.samples[index].stage2_question, context.stage2_template), rows)
+        return dict(zip(rows, turns))
 
     def stage2_sequence(self, prompt_ids: list[int], reply_ids: list[int], turn: BatchFeature) -> Stage2Sequence:
         """Stage 2's whole conversation for one sample, the one layout inference, the GRPO rollout and SFT share:
