@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from processing_ergo.geometry_ergo import PAPER_BUDGET, budget_to_pixels
 from hub_card.card import BENCHMARKS
+from processing_ergo.geometry_ergo import PAPER_BUDGET, budget_to_pixels
 from processing_ergo.images_ergo import ErgoImageError, load_image
 from processing_ergo.processing_ergo import FALLBACK_POLICIES
 from processing_ergo.prompts_ergo import stage_questions

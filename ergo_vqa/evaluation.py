@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from hub_card.card import results_table
 from processing_ergo.geometry_ergo import PAPER_BUDGET
 from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET
 from processing_ergo.prompts_ergo import answer_letters, stage_questions
 
-from hub_card.card import results_table
 
 from .eval_data import MMERWL_CATEGORIES, EvalSample
 

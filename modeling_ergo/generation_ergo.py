@@ -258,8 +258,7 @@ class ErgoGenerationMixin:
         idle = [row for row, index in enumerate(rows) if index not in turns]
         if idle:
             eos = stage2_config.eos_token_id
-            end_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else \
-                processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+            end_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else _tokenizer_eos(processor)
             stage2_kwargs["logits_processor"] = LogitsProcessorList(
                 [*(stage2_kwargs.get("logits_processor") or []), EndRows(idle, end_id)])
         return inputs, rows, reuse
@@ -429,7 +428,7 @@ def _new_token_limit(config: GenerationConfig, prompt_length: int) -> int:
 def _stop_token_ids(generation_config: GenerationConfig, processor) -> set[int]:
     eos = generation_config.eos_token_id
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    ids.add(processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token))
+    ids.add(_tokenizer_eos(processor))
     if generation_config.pad_token_id is not None:
         ids.add(generation_config.pad_token_id)
     return ids
@@ -447,6 +446,10 @@ def _pad_token_id(generation_config: GenerationConfig, processor) -> int:
     for candidate in (generation_config.pad_token_id, processor.tokenizer.pad_token_id):
         if candidate is not None:
             return candidate
+    return _tokenizer_eos(processor)
+
+
+def _tokenizer_eos(processor) -> int:
     return processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
 
 

@@ -23,9 +23,9 @@ class ErgoImageError(ValueError):
     """An image that cannot be used, with the reason in words."""
 
 
-def _abbreviate(text: str) -> str:
+def abbreviate(text: str, limit: int = 200) -> str:
     """``text`` for an error message; a long one (a base64 image) cut to its start and length, not repeated whole."""
-    return text if len(text) <= 200 else f"{text[:40]}... ({len(text)} characters)"
+    return text if len(text) <= limit else f"{text[:40]}... ({len(text)} characters)"
 
 
 def _fetch(url: str) -> bytes:
@@ -39,7 +39,7 @@ def _fetch(url: str) -> bytes:
         with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
             final_url, body = response.geturl(), response.read(MAX_DOWNLOAD_BYTES + 1)
         if not final_url.startswith(("http://", "https://")):
-            reason = f"redirected to {_abbreviate(final_url)}, not http(s)"
+            reason = f"redirected to {abbreviate(final_url)}, not http(s)"
         elif len(body) > MAX_DOWNLOAD_BYTES:
             reason = f"more than {MAX_DOWNLOAD_BYTES} bytes"
         else:
@@ -50,7 +50,7 @@ def _fetch(url: str) -> bytes:
         reason = str(error.reason)
     except (OSError, ValueError, http.client.HTTPException) as error:  # timeout, reset, malformed URL or reply
         reason = str(error) or type(error).__name__
-    raise ErgoImageError(f"cannot fetch {_abbreviate(url)} ({reason})")
+    raise ErgoImageError(f"cannot fetch {abbreviate(url)} ({reason})")
 
 
 def _open(source) -> Image.Image:
@@ -69,7 +69,7 @@ def _open(source) -> Image.Image:
         try:  # raw base64 without a ``data:`` prefix, as transformers' ``load_image`` also accepts
             return Image.open(io.BytesIO(base64.b64decode("".join(text.split()), validate=True)))
         except (ValueError, OSError):  # binascii.Error is a ValueError
-            message = f"image file not found, and not base64 image data either: {_abbreviate(text)}"
+            message = f"image file not found, and not base64 image data either: {abbreviate(text)}"
             raise ErgoImageError(message) from None
     raise ErgoImageError(f"unsupported image type {type(source).__name__}; pass a PIL image, a path or bytes")
 

@@ -39,7 +39,7 @@ from .geometry_ergo import (
     smart_resize,
     within_aspect_limit,
 )
-from .images_ergo import ErgoImageError, load_image
+from .images_ergo import ErgoImageError, abbreviate, load_image
 from .prompts_ergo import SYSTEM_PROMPT, extract_answer, stage1_prompt, stage2_prompt, stage_questions
 
 FALLBACK_POLICIES = ("resize", "reference", "coarse")
@@ -446,8 +446,7 @@ def describe_source(source) -> str:
         return f"a {source.width}x{source.height} {source.mode} image"
     if isinstance(source, (bytes, bytearray)):
         return f"{len(source)} bytes"
-    text = str(source)
-    return text if len(text) <= 80 else f"{text[:40]}... ({len(text)} characters)"
+    return abbreviate(str(source), limit=80)
 
 
 def parallel_map(function, items) -> list:
