@@ -66,21 +66,48 @@ def _load(args: argparse.Namespace):
 def _infer(args: argparse.Namespace) -> int:
     from .inference import answer, draw_region, summary
 
-    check_device(args.device)  # everything the user typed is checked before a model loads
+    if not args.endpoint:
+        check_device(args.device)  # everything the user typed is checked before a model loads
     stage_questions(args.question)
     image = load_image(args.image, name=args.image)
     if args.viz:
         _picture_path(args.viz)
-    if not Path(args.model).exists() and args.model.count("/") != 1:
-        raise FileNotFoundError(f"model not found: {args.model} (a local folder or a Hub id like org/name)")
-    model, processor = _load(args)
-    result = answer(model, processor, image, args.question, budget=args.budget, max_new_tokens=args.max_new_tokens)
+    if args.endpoint:
+        budgets = {"coarse_budget": args.budget, "crop_budget": args.budget} if args.budget else {}
+        result = _client(args).answer(image, args.question, **budgets)
+    else:
+        if not args.model:
+            raise ValueError("infer needs --model, or --endpoint and --served-model")
+        _check_model(args.model)
+        model, processor = _load(args)
+        result = answer(model, processor, image, args.question, budget=args.budget,
+                        max_new_tokens=args.max_new_tokens)
     print(result.to_json() if args.json else summary(result))
+    if result.error:
+        return 1
     if args.viz:
         draw_region(image, result.region, args.viz)
         if not args.json:
             print(f"picture:       {args.viz}")
     return 0
+
+
+def _check_model(model: str) -> None:
+    if not Path(model).exists() and model.count("/") != 1:
+        raise FileNotFoundError(f"model not found: {model} (a local folder or a Hub id like org/name)")
+
+
+def _client(args: argparse.Namespace):
+    """``ErgoClient`` for ``--endpoint``: the processor (settings only, no weights) from ``--model``, else from the
+    served model's name."""
+    from .client import ErgoClient
+
+    if not args.served_model:
+        raise ValueError("--endpoint needs --served-model, the name the server serves the model under")
+    source = args.model or args.served_model
+    _check_model(source)
+    return ErgoClient(args.endpoint, args.served_model, source, max_tokens=args.max_new_tokens,
+                      concurrency=getattr(args, "concurrency", 1), timeout=args.timeout)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -100,11 +127,20 @@ def _eval(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     samples = load_benchmark(args.dataset, args.data_root, limit=args.limit, split=args.split)
-    model, processor = _load(args)
+    if args.endpoint:
+        model = _client(args)
+        processor, batch_size = model.processor, args.concurrency
+    else:
+        if not args.model:
+            raise ValueError("eval needs --model, or --endpoint and --served-model")
+        model, processor = _load(args)
+        batch_size = args.batch_size
     out = Path(args.out)
+    failed = 0
     for mode in args.mode:
-        evaluate(model, processor, samples, mode, out, args.dataset, budget=args.budget, batch_size=args.batch_size,
-                 max_new_tokens=args.max_new_tokens, fallback=args.fallback)
+        summary = evaluate(model, processor, samples, mode, out, args.dataset, budget=args.budget,
+                           batch_size=batch_size, max_new_tokens=args.max_new_tokens, fallback=args.fallback)
+        failed += summary["failed"] + summary["missing"]
     # The combined table and plot cover every mode and budget evaluated into this folder so far with this run's
     # other settings (model, weights, generation, fallback, template): never rows made under different ones.
     settings = run_settings(model, processor, args.dataset, "ergo", args.budget, args.max_new_tokens, args.fallback)
@@ -118,7 +154,17 @@ def _eval(args: argparse.Namespace) -> int:
     print("settings: " + ", ".join(f"{key} {value}" for key, value in settings.items()
                                    if key not in ("mode", "budget")))
     print(f"records, summaries and plot in {out}")
+    if failed:
+        print(f"ergo: {failed} sample(s) failed (listed under 'failures' in the summaries); "
+              f"a rerun with the same settings retries them", file=sys.stderr)
+        return 1
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import main
+
+    return main(args.arguments)
 
 
 def _eval_download(args: argparse.Namespace) -> int:
@@ -133,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     infer = commands.add_parser("infer", help="answer one question about one image")
-    infer.add_argument("--model", required=True, help="ERGO or Qwen2.5-VL folder, or Hub id")
+    infer.add_argument("--model", help="ERGO or Qwen2.5-VL folder, or Hub id (with --endpoint: where the processor "
+                                       "settings come from; default --served-model)")
     infer.add_argument("--image", required=True, help="image file")
     infer.add_argument("--question", required=True, help="question; answer options may follow on their own lines")
     infer.add_argument("--budget", type=_budget, default=None, help="vision tokens for the coarse view and the crop")
@@ -144,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KV cache; auto: static (compiled decode) on CUDA, dynamic elsewhere")
     infer.add_argument("--viz", metavar="OUT.png", help="write the image with the region drawn")
     infer.add_argument("--json", action="store_true", help="print the result as JSON")
+    _endpoint_arguments(infer)
     infer.set_defaults(run=_infer)
 
     demo = commands.add_parser("demo", help="offline demo: the shipped synthetic-task model on a generated image")
@@ -153,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     evaluation = commands.add_parser("eval", help="accuracy, vision tokens and latency on a benchmark")
-    evaluation.add_argument("--model", required=True, help="ERGO or Qwen2.5-VL folder, or Hub id")
+    evaluation.add_argument("--model", help="ERGO or Qwen2.5-VL folder, or Hub id (with --endpoint: where the "
+                                            "processor settings come from; default --served-model)")
     evaluation.add_argument("--dataset", required=True, choices=[*BENCHMARKS, "synthetic"])
     evaluation.add_argument("--data-root", required=True,
                             help="folder holding the downloaded benchmark (synthetic: the folder of split files)")
@@ -171,13 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--cache", choices=CACHE_CHOICES, default="auto",
                             help="KV cache; auto: static (compiled decode) on CUDA, dynamic elsewhere")
     evaluation.add_argument("--out", required=True, help="folder for per-sample records, summaries and the plot")
+    _endpoint_arguments(evaluation)
+    evaluation.add_argument("--concurrency", type=_positive, default=16,
+                            help="with --endpoint: requests in flight (default 16, as the published evaluation)")
     evaluation.set_defaults(run=_eval)
+
+    serve = commands.add_parser(
+        "serve", help="transformers serve for an ERGO folder, both stages inside the server (needs the serve extra)",
+        description="Runs `transformers serve FOLDER --trust-remote-code [OPTIONS]`; options are transformers "
+                    "serve's (--host, --port, --device, --dtype, ...): see `transformers serve --help`.")
+    serve.add_argument("arguments", nargs=argparse.REMAINDER, help="the model folder or Hub id, then options")
+    serve.set_defaults(run=_serve)
 
     fetch = commands.add_parser("eval-download", help="download a benchmark from the Hub (needs network)")
     fetch.add_argument("dataset", choices=list(BENCHMARKS))
     fetch.add_argument("--data-root", required=True)
     fetch.set_defaults(run=_eval_download)
     return parser
+
+
+def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", metavar="URL",
+                        help="an OpenAI-compatible server (vLLM, SGLang, ergo serve), e.g. http://localhost:8000/v1: "
+                             "the two stages run against it instead of a local model")
+    parser.add_argument("--served-model", metavar="NAME", help="with --endpoint: the model name the server serves")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="with --endpoint: seconds per request attempt (default 120; 3 retries with backoff)")
 
 
 def main(argv: list[str] | None = None) -> int:

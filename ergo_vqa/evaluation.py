@@ -6,6 +6,8 @@ the ``<answer>`` block (or of the whole reply without one); correct iff it equal
 
 Departure from the reference, on purpose: a sample that fails (unreadable image or row, error, no reply) is counted
 as wrong and listed; the reference drops it from numerator and denominator. The summary reports both figures.
+The model runs in this process, or behind an OpenAI-compatible endpoint (an ``ErgoClient``: the same code builds
+the views, prompts and crops; records then carry the endpoint, the served model and the server's token ``usage``).
 Per-sample records are appended to ``<out>/<benchmark>-<mode>-<budget>-<settings id>.jsonl`` as they finish, so a
 rerun with the same settings resumes and a run with other settings starts its own file.
 """
@@ -30,6 +32,7 @@ from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET
 from processing_ergo.prompts_ergo import answer_letters, stage_questions
 
 
+from .client import ErgoClient, ErgoRequest
 from .eval_data import MMERWL_CATEGORIES, EvalSample
 
 MODES = ("ergo", "full", "coarse")
@@ -78,8 +81,9 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
     bar.close()
     wanted = {sample.id for sample in samples}
     latest = {record["id"]: record for record in _read_records(records_path, settings) if record["id"] in wanted}
+    name = f"{model.model} at {model.base_url}" if isinstance(model, ErgoClient) else model.config.name_or_path
     summary = {**summarize(list(latest.values()), settings, requested=len(samples)), "records": records_path.name,
-               "model": model.config.name_or_path}
+               "model": name}
     (out_dir / f"{stem}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -87,11 +91,14 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
 def run_settings(model, processor, benchmark: str, mode: str, budget: int, max_new_tokens: int,
                  fallback: str) -> dict:
     """Everything that changes a mode's answers (a setting the mode does not use is left out, so it does not set
-    its records apart): written into every record and summary, and hashed into the file names. The model is
+    its records apart): written into every record and summary, and hashed into the file names. A local model is
     identified by its weights, not by how its path was written, so a copy, a re-download or ``./m`` for ``m``
-    resumes; the summary names the path it was loaded from."""
+    resumes; the summary names the path it was loaded from. A served one (``ErgoClient``) by its endpoint and
+    served name: what the server holds behind that name is the server's to keep stable."""
+    identity = ({"endpoint": model.base_url, "served_model": model.model} if isinstance(model, ErgoClient)
+                else {"weights": weights_fingerprint(model)})
     settings = {"benchmark": benchmark, "mode": mode, "budget": budget if mode != "full" else FULL_RESOLUTION_BUDGET,
-                "max_new_tokens": max_new_tokens, "weights": weights_fingerprint(model)}
+                "max_new_tokens": max_new_tokens, **identity}
     if mode == "ergo":
         settings |= {"fallback": fallback, "stage2_template": processor.stage2_template}
     return settings
@@ -134,6 +141,8 @@ def comparable(summaries: list[dict], settings: dict) -> list[dict]:
 
 def _run_batch(model, processor, batch, mode, budget, max_new_tokens, fallback) -> list[dict]:
     """Records for a batch; when the batch fails, each sample is retried alone so one bad sample fails alone."""
+    if isinstance(model, ErgoClient):  # concurrent requests; each failure is already its own sample's
+        return _request(model, batch, mode, budget, fallback)
     try:
         return _generate(model, processor, batch, mode, budget, max_new_tokens, fallback)
     except Exception as error:  # noqa: BLE001 - recorded per sample below, never dropped
@@ -169,6 +178,21 @@ def _generate(model, processor, batch: list[EvalSample], mode, budget, max_new_t
     tokens = (inputs["image_grid_thw"].prod(dim=-1) // processor.image_processor.merge_size**2).tolist()
     return [_record(sample, mode, reply, seconds, {"stage1": count, "stage2": 0, "total": count})
             for sample, reply, count in zip(batch, replies, tokens)]
+
+
+def _request(client: ErgoClient, batch: list[EvalSample], mode, budget, fallback) -> list[dict]:
+    """Records for a batch sent to an endpoint, ``client.endpoint.concurrency`` requests at a time."""
+    if mode == "ergo":
+        results = client.answer_many([ErgoRequest(s.image, s.stem, s.options, s.postfix) for s in batch],
+                                     coarse_budget=budget, crop_budget=budget, fallback=fallback)
+    else:
+        questions = [stage_questions(s.stem, s.options, s.postfix)[1] for s in batch]
+        results = client.single_pass_many([s.image for s in batch], questions,
+                                          budget=budget if mode == "coarse" else None)
+    return [{**_record(sample, mode, result.final_text, result.seconds["total"], result.vision_tokens,
+                       result.region, result.fallback, failure=result.error),
+             "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+            for sample, result in zip(batch, results)]
 
 
 def _record(sample: EvalSample, mode: str, reply: str | None = None, seconds: float | None = None,

@@ -27,6 +27,11 @@ class ErgoResult:
     second_image_size: list[int] | None
     vision_tokens: dict[str, int]
     seconds: dict[str, float]
+    prompt_tokens: dict[str, int | None] | None = None
+    """Per stage and in total, from the server's ``usage`` (``ErgoClient`` only)."""
+    completion_tokens: dict[str, int | None] | None = None
+    error: str | None = None
+    """Why there is no answer (``ErgoClient`` only: a failed request or an unreadable image)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

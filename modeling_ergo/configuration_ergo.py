@@ -60,6 +60,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_ergo.ErgoConfig",
     "AutoModel": "modeling_ergo.ErgoForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_ergo.ErgoForConditionalGeneration",
+    # What `transformers serve` loads a Qwen2.5-VL `model_type` with.
+    "AutoModelForMultimodalLM": "modeling_ergo.ErgoForConditionalGeneration",
 }
 
 ErgoConfig.register_for_auto_class()

@@ -50,6 +50,15 @@ max_pixels then applies, up to 16384 tokens for stock Qwen2.5-VL; images flatter
 processor refuses, get ``resize`` instead);
 ``coarse``: no stage 2; the stage-1 text is the answer."""
 
+RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|im_start|>assistant\n",
+    "fields": {"content": {"close_pattern": r"(?:<\|im_end\|>|<\|endoftext\|>)", "content": "text"}},
+}
+"""How a server parses ERGO's replies (``tokenizer.response_template``): the whole reply is content. ``<think>``,
+``<zoom>`` and ``<answer>`` are ERGO's answer format, and the stage-1 reply goes back into stage 2's conversation
+as written; ``transformers serve`` would otherwise split ``<think>…</think>`` off as reasoning for Qwen models."""
+
 FULL_RESOLUTION_BUDGET = 16384
 """Vision tokens of the paper's full-resolution baseline (Qwen2.5-VL's stock max_pixels)."""
 
@@ -147,6 +156,8 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         self.coarse_budget, self.crop_budget = coarse_budget, crop_budget
         self.stage2_template, self.fallback = stage2_template, fallback
         self.check_settings(coarse_budget, crop_budget, stage2_template, fallback)
+        if getattr(tokenizer, "response_template", None) is None:
+            tokenizer.response_template = RESPONSE_TEMPLATE
         # Skip Qwen2_5_VLProcessor.__init__: it insists on a video processor, which needs torchvision.
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
@@ -357,7 +368,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
     def stage2_turn(self, decision: ZoomDecision, stage2_question: str, stage2_template: str) -> BatchFeature:
         """Tokens that follow stage 1's generated text: the end of that assistant turn, the new user turn (second
         image, stage-2 prompt) and the assistant header; plus that image's pixel values."""
-        text = self._render(_SENTINEL_TURN + self._stage2_messages(stage2_question, stage2_template))
+        text = self._render(_SENTINEL_TURN + self.stage2_messages(stage2_question, stage2_template))
         following = text.split(_SENTINEL, 1)[1]
         end_of_turn = self.tokenizer.eos_token or "<|im_end|>"
         if not following.startswith(end_of_turn):
@@ -403,13 +414,13 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         image_tokens = budget + math.ceil(8 * math.sqrt(budget)) + 1
         if context.fallback == "reference":  # the unresized original, up to the image processor's own limit
             image_tokens = max(image_tokens, self.image_processor.size["longest_edge"] // PIXELS_PER_TOKEN)
-        texts = [self._render(_SENTINEL_TURN + self._stage2_messages(sample.stage2_question, context.stage2_template))
+        texts = [self._render(_SENTINEL_TURN + self.stage2_messages(sample.stage2_question, context.stage2_template))
                  for sample in context.samples]
         text_tokens = max(len(self.tokenizer(text.split(_SENTINEL, 1)[1])["input_ids"]) for text in texts)
         return text_tokens + image_tokens
 
     @staticmethod
-    def _stage2_messages(stage2_question: str, stage2_template: str) -> list[dict]:
+    def stage2_messages(stage2_question: str, stage2_template: str) -> list[dict]:
         """The stage-2 user turn: the second image before the stage-2 prompt."""
         text = stage2_prompt(stage2_question, stage2_template)
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]

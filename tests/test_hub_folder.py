@@ -94,7 +94,8 @@ def test_folder_files_and_remote_code_are_self_contained(tiny_folder):
     config = json.loads((tiny_folder / "config.json").read_text())
     assert config["model_type"] == "qwen2_5_vl"
     assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText",
+                                      "AutoModelForMultimodalLM"}
     processor_config = json.loads((tiny_folder / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_ergo.ErgoProcessor"
 

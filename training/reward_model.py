@@ -9,14 +9,8 @@ advantage) and stops training once too many of the latest requests failed.
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import logging
 import os
-import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -24,6 +18,7 @@ from accelerate import PartialState
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
+from ergo_vqa.endpoint import ChatEndpoint, openai_messages
 from processing_ergo import ErgoProcessor
 
 logger = logging.getLogger(__name__)
@@ -62,44 +57,28 @@ class LocalRewardModel:
 
 
 class EndpointRewardModel:
-    """An OpenAI-compatible ``/chat/completions`` endpoint; ``concurrency`` requests in flight."""
+    """An OpenAI-compatible chat endpoint, through ``ergo_vqa.endpoint.ChatEndpoint`` (the ``openai`` SDK: bounded
+    concurrency, timeouts, retries with backoff on 429/5xx and connection errors): one greedy single-turn request
+    per crop, ``concurrency`` in flight."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  retries: int = 2, concurrency: int = 16, max_tokens: int = 64):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, os.environ.get(api_key_env, "EMPTY")
-        self.timeout, self.retries, self.concurrency, self.max_tokens = timeout, retries, concurrency, max_tokens
+        self.endpoint = ChatEndpoint(base_url, model, api_key=os.environ.get(api_key_env), timeout=timeout,
+                                     max_retries=retries, concurrency=concurrency)
+        self.max_tokens = max_tokens
         self.failures = 0
 
     def answer(self, images: list[Image.Image], questions: list[str]) -> list[str | None]:
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            replies = list(pool.map(self._ask, images, questions))
-        self.failures += sum(reply is None for reply in replies)
-        return replies
-
-    def _ask(self, image: Image.Image, question: str) -> str | None:
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="PNG")
-        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        body = json.dumps({
-            "model": self.model,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}],
-            "max_tokens": self.max_tokens,
-            "temperature": 0.0,
-        }).encode()
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"}
-        for attempt in range(self.retries + 1):
-            try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"]
-            except Exception as error:  # network, HTTP, protocol or format: that request is unscored
-                if attempt == self.retries:
-                    logger.warning("reward endpoint failed after %d attempts: %s", attempt + 1, error)
-                else:
-                    time.sleep(min(2**attempt, 10))
-        return None
+        conversations = [openai_messages([{"role": "user", "content": [{"type": "image"},
+                                                                         {"type": "text", "text": question}]}],
+                                         [image.convert("RGB")])
+                         for image, question in zip(images, questions)]
+        replies = self.endpoint.chat_many(conversations, self.max_tokens)
+        for reply in replies:
+            if reply.error:
+                logger.warning("reward endpoint request failed: %s", reply.error)
+        self.failures += sum(reply.error is not None for reply in replies)
+        return [reply.text for reply in replies]
 
 
 @contextmanager

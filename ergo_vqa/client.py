@@ -1,0 +1,208 @@
+"""``ErgoClient``: ERGO's two stages against a served model (vLLM, SGLang, ``transformers serve``, any
+OpenAI-compatible chat endpoint serving a Qwen2.5-VL-architecture model).
+
+The server only generates; everything ERGO-specific runs here, with the code ``generate()`` uses
+(``ErgoProcessor``'s coarse view, prompts, box parser, mapping, crop and fallback policies):
+
+1. stage 1: ERGO's system prompt and the stage-1 prompt with the coarse view, sent as a lossless PNG already sized
+   on the 28-pixel grid within the budget, so the server's image processor keeps it as it is;
+2. zoom: the reply's ``<zoom>`` box is mapped to the original and cropped at native resolution (or a fallback);
+3. stage 2: the same messages, stage 1's reply as the assistant turn, then the crop and the stage-2 prompt, so a
+   server with prefix caching (vLLM's automatic prefix caching, SGLang's radix cache) reuses stage 1's prefix.
+
+Vision tokens are counted from the geometry (the server does not report them); prompt and completion tokens come
+from each response's ``usage``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from PIL import Image
+
+from processing_ergo import ErgoProcessor
+from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
+from processing_ergo.images_ergo import load_image
+from processing_ergo.processing_ergo import ErgoContext, ZoomDecision, describe_source
+from processing_ergo.prompts_ergo import extract_answer, stage_questions
+
+from .endpoint import ChatEndpoint, ChatReply, openai_messages
+from .inference import ErgoResult
+
+SINGLE_PASS_SYSTEM_PROMPT = "You are a helpful assistant."
+"""Sent with single-pass requests: Qwen2.5-VL's template adds exactly this when a conversation has no system turn
+(so the prompt is the one ``ErgoProcessor.single_pass`` builds), and an explicit system turn keeps a server that
+runs ERGO itself (``ergo serve``) from taking a one-image question for an ERGO request."""
+
+
+@dataclass
+class ErgoRequest:
+    """One question about one image, as ``ErgoProcessor.prepare`` takes it."""
+
+    image: object
+    question: str
+    options: list[str] | None = None
+    postfix: str = ""
+
+
+class ErgoClient:
+    """ERGO over an OpenAI-compatible endpoint.
+
+    Args:
+        base_url: e.g. ``http://localhost:8000/v1``.
+        model: the served model's name.
+        processor: an ``ErgoProcessor``, or the folder / Hub id to load one from (default: ``model``, which is what
+            ``transformers serve`` and ``vllm serve <folder>`` call it): its budgets, fallback policy and template
+            apply, as in ``generate()``. Only the processor's files are read, never weights.
+        max_tokens: per stage, as ``max_new_tokens`` locally.
+        skip_answered: end after stage 1 when it answered without a region (``config.skip_answered_stage2``).
+        concurrency, timeout, max_retries, api_key: see ``ChatEndpoint``.
+        **processor_settings: ``coarse_budget``, ``crop_budget``, ``fallback``, ``stage2_template`` overrides.
+    """
+
+    def __init__(self, base_url: str, model: str, processor: ErgoProcessor | str | None = None, *,
+                 max_tokens: int = 1024, skip_answered: bool = False, concurrency: int = 16, timeout: float = 120.0,
+                 max_retries: int = 3, api_key: str | None = None, **processor_settings):
+        self.endpoint = ChatEndpoint(base_url, model, api_key=api_key, timeout=timeout, max_retries=max_retries,
+                                     concurrency=concurrency)
+        if processor is None or isinstance(processor, str):
+            processor = ErgoProcessor.from_pretrained(processor or model, **processor_settings)
+        elif processor_settings:
+            raise TypeError("pass processor settings either to ErgoProcessor or to ErgoClient, not with a processor")
+        self.processor, self.max_tokens, self.skip_answered = processor, max_tokens, skip_answered
+
+    @property
+    def base_url(self) -> str:
+        return self.endpoint.base_url
+
+    @property
+    def model(self) -> str:
+        return self.endpoint.model
+
+    # ------------------------------------------------------------------ ERGO
+
+    def answer(self, image, question: str, options: list[str] | None = None, postfix: str = "",
+               **settings) -> ErgoResult:
+        """ERGO on one (image, question). A failure is reported in ``ErgoResult.error``, not raised. ``settings``
+        override the processor's for this call, as in ``ErgoProcessor.prepare``."""
+        return self.answer_many([ErgoRequest(image, question, options, postfix)], **settings)[0]
+
+    def answer_many(self, requests: list[ErgoRequest | tuple], **settings) -> list[ErgoResult]:
+        """ERGO on many requests, ``concurrency`` in flight, results in order (``(image, question)`` tuples too)."""
+        return self.endpoint.run(self.aanswer_many(requests, **settings))
+
+    async def aanswer(self, image, question: str, options: list[str] | None = None, postfix: str = "",
+                      **settings) -> ErgoResult:
+        return (await self.aanswer_many([ErgoRequest(image, question, options, postfix)], **settings))[0]
+
+    async def aanswer_many(self, requests: list[ErgoRequest | tuple], **settings) -> list[ErgoResult]:
+        requests = [request if isinstance(request, ErgoRequest) else ErgoRequest(*request) for request in requests]
+        return await self.endpoint.amap(lambda session, request: self._two_stages(session, request, settings),
+                                        requests)
+
+    async def _two_stages(self, session, request: ErgoRequest, settings: dict) -> ErgoResult:
+        started = time.perf_counter()
+        try:
+            context, coarse, messages = await asyncio.to_thread(self._stage1_messages, request, settings)
+        except (ValueError, OSError) as error:  # ErgoImageError is a ValueError: unreadable image, bad question
+            return _failure(f"{type(error).__name__}: {error}", started)
+        # ------------------------------------------------------------ stage 1: coarse view
+        first = await self.endpoint.achat(session, messages, self.max_tokens)
+        if first.error:
+            return _failure(f"stage 1: {first.error}", started)
+        stage1_done = time.perf_counter()
+        # ------------------------------------------------------------ zoom: region, crop, stage-2 turn
+        decision, messages = await asyncio.to_thread(self._stage2_messages, context, messages, first)
+        zoom_done = time.perf_counter()
+        # ------------------------------------------------------------ stage 2: the crop, same conversation
+        second = None
+        if decision.image is not None:
+            second = await self.endpoint.achat(session, messages, self.max_tokens)
+            if second.error:
+                return _failure(f"stage 2: {second.error}", started, first.text, decision)
+        finished = time.perf_counter()
+        sample = context.samples[0]
+        final_text = second.text if second else first.text
+        stage1_tokens = self.processor.image_tokens(*coarse.size, coarse.width * coarse.height)
+        stage2_tokens = self.processor.second_image_tokens(decision)
+        return ErgoResult(
+            answer=extract_answer(final_text), final_text=final_text, stage1_text=first.text,
+            region=list(decision.region) if decision.region else None, fallback=decision.fallback,
+            second_image_size=list(decision.image.size) if decision.image is not None else None,
+            vision_tokens={"stage1": stage1_tokens, "stage2": stage2_tokens, "total": stage1_tokens + stage2_tokens,
+                           "full_resolution": self.processor.full_resolution_tokens(sample.image)},
+            seconds=_rounded({"stage1": stage1_done - started, "zoom": zoom_done - stage1_done,
+                              "stage2": finished - zoom_done, "total": finished - started}),
+            prompt_tokens=_usage(first, second, "prompt_tokens"),
+            completion_tokens=_usage(first, second, "completion_tokens"),
+        )
+
+    def _stage1_messages(self, request: ErgoRequest, settings: dict) -> tuple[ErgoContext, Image.Image, list[dict]]:
+        image = load_image(request.image, name=describe_source(request.image))
+        stem, full_question = stage_questions(request.question, request.options, request.postfix)
+        context, (coarse,) = self.processor.make_context([image], [full_question], **settings)
+        return context, coarse, openai_messages(self.processor.stage1_messages(stem), [coarse])
+
+    def _stage2_messages(self, context: ErgoContext, messages: list[dict],
+                         first: ChatReply) -> tuple[ZoomDecision, list[dict]]:
+        """The zoom decision, and stage 1's conversation continued with its reply and the stage-2 turn."""
+        decision = self.processor.plan_stage2(context, [first.text], skip_answered=self.skip_answered,
+                                              truncated=[first.finish_reason == "length"])[0]
+        if decision.image is None:
+            return decision, messages
+        turn = self.processor.stage2_messages(context.samples[0].stage2_question, context.stage2_template)
+        return decision, messages + [{"role": "assistant", "content": first.text}] + openai_messages(
+            turn, [decision.image])
+
+    # ------------------------------------------------------------------ single pass (baselines)
+
+    def single_pass_many(self, images: list, questions: list[str], budget: int | None = None) -> list[ErgoResult]:
+        """One plain turn per (image, question), as ``ErgoProcessor.single_pass``: the original as it is (the
+        server's image processor then applies its own pixel limit, 16384 tokens for stock Qwen2.5-VL), or with
+        ``budget`` the image resized as ERGO's coarse view is."""
+        return self.endpoint.run(self.endpoint.amap(
+            lambda session, pair: self._single_pass(session, *pair, budget), list(zip(images, questions))))
+
+    async def _single_pass(self, session, source, question: str, budget: int | None) -> ErgoResult:
+        started = time.perf_counter()
+        try:
+            image = await asyncio.to_thread(load_image, source, describe_source(source))
+            sent = image if budget is None else await asyncio.to_thread(resize_to_budget, image,
+                                                                          budget_to_pixels(budget))
+        except (ValueError, OSError) as error:
+            return _failure(f"{type(error).__name__}: {error}", started)
+        user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        messages = [{"role": "system", "content": SINGLE_PASS_SYSTEM_PROMPT}] + openai_messages(user, [sent])
+        reply = await self.endpoint.achat(session, messages, self.max_tokens)
+        if reply.error:
+            return _failure(reply.error, started)
+        tokens = (self.processor.image_tokens(*sent.size, sent.width * sent.height) if budget is not None
+                  else self.processor.full_resolution_tokens(image))
+        return ErgoResult(
+            answer=extract_answer(reply.text), final_text=reply.text, stage1_text=reply.text, region=None,
+            fallback=None, second_image_size=None,
+            vision_tokens={"stage1": tokens, "stage2": 0, "total": tokens, "full_resolution": None},
+            seconds=_rounded({"total": time.perf_counter() - started}),
+            prompt_tokens=_usage(reply, None, "prompt_tokens"), completion_tokens=_usage(reply, None, "completion_tokens"),
+        )
+
+
+def _usage(first: ChatReply, second: ChatReply | None, field: str) -> dict[str, int | None]:
+    counts = {"stage1": getattr(first, field), "stage2": getattr(second, field) if second else 0}
+    counts["total"] = None if None in counts.values() else sum(counts.values())
+    return counts
+
+
+def _rounded(seconds: dict[str, float]) -> dict[str, float]:
+    return {key: round(value, 4) for key, value in seconds.items()}
+
+
+def _failure(error: str, started: float, stage1_text: str = "", decision: ZoomDecision | None = None) -> ErgoResult:
+    return ErgoResult(
+        answer=None, final_text="", stage1_text=stage1_text,
+        region=list(decision.region) if decision and decision.region else None,
+        fallback=decision.fallback if decision else None, second_image_size=None, vision_tokens={},
+        seconds=_rounded({"total": time.perf_counter() - started}), error=error,
+    )
