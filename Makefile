@@ -12,7 +12,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[train,eval,test]"
+	$(BIN)/python -m pip install -q -e ".[train,eval,test,serve]"
+	@if $(BIN)/python -m pip list 2>/dev/null | grep -iE '^(torchvision|nvidia-)'; then \
+		echo "set-up pulled torchvision or CUDA packages (above); see setup.cfg" >&2; exit 1; fi
 	touch $@
 
 demo: setup

@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import time
 from dataclasses import dataclass
 
 from PIL import Image
+
+from processing_ergo.images_ergo import abbreviate
 
 
 @dataclass
@@ -68,9 +71,11 @@ class ChatEndpoint:
         try:
             response = await session.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature)
+            if not getattr(response, "choices", None):
+                raise ValueError(f"the reply has no choices: {abbreviate(str(response), 200)}")
             choice = response.choices[0]
-            text = choice.message.content
-            if text is None:
+            text = getattr(choice.message, "content", None)
+            if not isinstance(text, str):
                 raise ValueError("the reply has no text content")
         except Exception as error:  # noqa: BLE001 - per-request errors are values; the caller decides
             return ChatReply(None, seconds=time.perf_counter() - started, error=describe_error(error))
@@ -105,6 +110,8 @@ class ChatEndpoint:
 
 def describe_error(error: BaseException) -> str:
     """A one-line reason: the HTTP status and the server's message when there was a response."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"malformed reply, not JSON ({error})"
     status = getattr(error, "status_code", None)
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     body = getattr(error, "body", None)

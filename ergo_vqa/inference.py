@@ -124,6 +124,8 @@ def draw_region(image: Image.Image, region, path: str | Path) -> Path:
 
 def summary(result: ErgoResult) -> str:
     """Human-readable report of one result."""
+    if result.error:
+        return f"failed:        {result.error}"
     tokens = result.vision_tokens
     full = tokens["full_resolution"]
     baseline = f"{full} for one full-resolution pass ({tokens['total'] / full:.0%})" if full else "no full-resolution pass possible"
@@ -134,5 +136,11 @@ def summary(result: ErgoResult) -> str:
         f"second image:  {result.second_image_size}",
         f"vision tokens: stage 1 {tokens['stage1']} + stage 2 {tokens['stage2']} = {tokens['total']}  vs {baseline}",
         "seconds:       " + ", ".join(f"{key} {value:.3f}" for key, value in result.seconds.items()),
+        *([f"usage:         prompt tokens {_per_stage(result.prompt_tokens)}; completion tokens "
+           f"{_per_stage(result.completion_tokens)}"] if result.prompt_tokens else []),
         f"stage 1 said:  {result.stage1_text!r}",
     ])
+
+
+def _per_stage(counts: dict) -> str:
+    return f"stage 1 {counts['stage1']} + stage 2 {counts['stage2']} = {counts['total']}"

@@ -164,8 +164,8 @@ def test_other_settings_never_reuse_records_and_the_same_settings_resume(tiny_fo
     out = tmp_path / "out"
     base = ["eval", "--model", str(tiny_folder), "--dataset", "vstar", "--data-root", str(data_root), "--mode", "ergo",
             "--budget", "64", "--device", "cpu", "--out", str(out)]
-    assert cli([*base, "--max-new-tokens", "2", "--fallback", "coarse"]) == 0
-    assert cli([*base, "--max-new-tokens", "3", "--fallback", "reference"]) == 0
+    assert cli([*base, "--max-new-tokens", "2", "--fallback", "coarse"]) == 1  # sample 1 fails: the exit status says so
+    assert cli([*base, "--max-new-tokens", "3", "--fallback", "reference"]) == 1
     files = sorted(out.glob("vstar-ergo-64-*.jsonl"), key=lambda path: path.stat().st_mtime)
     assert len(files) == 2  # one records file per settings: the second run reused nothing
     for path, (tokens, fallback) in zip(files, [(2, "coarse"), (3, "reference")]):
@@ -182,13 +182,13 @@ def test_other_settings_never_reuse_records_and_the_same_settings_resume(tiny_fo
     assert combined["records"] == files[1].name and combined["settings_id"] in files[1].name
     assert "max_new_tokens 3, " in capsys.readouterr().out
     # The same settings again: sample 0 resumes, only the failed sample 1 runs again.
-    assert cli([*base, "--max-new-tokens", "3", "--fallback", "reference"]) == 0
+    assert cli([*base, "--max-new-tokens", "3", "--fallback", "reference"]) == 1
     assert [json.loads(line)["id"] for line in files[1].read_text().splitlines()] == ["0", "1", "1"]
     assert len(files[0].read_text().splitlines()) == 2
     # A copy of the same checkpoint, named another way, is the same model: it resumes the same records.
     copy = shutil.copytree(tiny_folder, tmp_path / "copy")
     moved = [str(copy) + "/" if arg == str(tiny_folder) else arg for arg in base]
-    assert cli([*moved, "--max-new-tokens", "3", "--fallback", "reference"]) == 0
+    assert cli([*moved, "--max-new-tokens", "3", "--fallback", "reference"]) == 1
     assert len(sorted(out.glob("vstar-ergo-64-*.jsonl"))) == 2
     assert [json.loads(line)["id"] for line in files[1].read_text().splitlines()] == ["0", "1", "1", "1"]
 
