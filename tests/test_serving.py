@@ -311,6 +311,14 @@ def test_the_server_runs_both_stages_itself_for_a_plain_request(proxy, local, qu
     inputs, out, local_reply, decision = local_ergo(model, processor, image, question, 64)
     assert reply.error is None and reply.text == local_reply
     assert reply.prompt_tokens == inputs["input_ids"].shape[1]  # stage 1's prompt: ERGO's, at the coarse budget
+    # Streamed, the reply is both stages' text in turn, as generate(streamer=...) streams it.
+    from openai import OpenAI
+
+    stream = OpenAI(base_url=proxy.url, api_key="EMPTY").chat.completions.create(
+        model=proxy.served_model, messages=messages, max_tokens=64, temperature=0.0, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    proxy.take()
+    assert streamed == out.stage1_texts[0] + local_reply
 
 
 def test_single_pass_requests_match_the_processor_and_are_not_taken_for_ergo(proxy, local, questions):
