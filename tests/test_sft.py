@@ -9,7 +9,7 @@ from processing_ergo.geometry_ergo import parse_zoom_box
 from training.data import load_training_data
 from training.config import ErgoSFTConfig
 from training.sft import STAGE1_REPLY, STAGE2_REPLY, ErgoSFTCollator, build_sft_trainer, coarse_box, sft_rows
-from training.vision_warmup import warm_up_vision
+from training.vision_warmup import pointing_target, warm_up_vision
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,18 @@ def test_two_stage_example_is_the_inference_layout_with_replies_labelled(process
     assert text.count(row["options"][0]) == 1 and text.index(row["options"][0]) > text.index("<zoom>[")
 
 
+def test_stage1_example_is_the_stage1_input_with_the_zoom_reply_labelled(processor, dataset):
+    collator = ErgoSFTCollator(processor)
+    row = {**dataset[3], "kind": "stage1", "zoom_region": dataset[3]["region"]}
+    ids, labels, (types, pixels, grid) = collator.example(row)
+    box = coarse_box(row["region"], (1344, 1344), (224, 224))
+    assert _labelled_text(processor, ids, labels) == STAGE1_REPLY.format(*box) + "<|im_end|>"
+    stage1 = processor.prepare([row["image"]], [row["question"]], options=[row["options"]], postfixes=[""])
+    assert ids[:labels.index(next(label for label in labels if label != -100))] == stage1["input_ids"][0].tolist()
+    assert torch.equal(pixels, stage1["pixel_values"]) and grid.tolist() == [[1, 16, 16]]  # the coarse view only
+    assert len(ids) == len(labels) == len(types)
+
+
 def test_box_written_in_coarse_pixels_covers_the_region(dataset):
     region = dataset[1]["region"]
     box = coarse_box(region, (1344, 1344), (336, 336))
@@ -58,11 +70,12 @@ def test_single_turn_examples_answer_with_the_letter(processor, dataset):
 
 
 def test_example_shares_and_missing_regions(dataset):
-    rows = sft_rows(dataset, {"ergo": 1.0, "crop": 0.5, "full": 0.25, "evidence": 0.25}, coarse_budget=64)
-    assert sorted(rows["kind"]) == ["crop"] * 2 + ["ergo"] * 4 + ["evidence", "full"]
+    rows = sft_rows(dataset, {"stage1": 0.75, "ergo": 1.0, "crop": 0.5, "full": 0.25, "evidence": 0.25},
+                    coarse_budget=64)
+    assert sorted(rows["kind"]) == ["crop"] * 2 + ["ergo"] * 4 + ["evidence", "full"] + ["stage1"] * 3
     # Lengths the trainer groups batches by: vision tokens (a 336 px cell is 144 tokens, capped at the budget).
     lengths = set(zip(rows["kind"], rows["length"]))
-    assert {("ergo", 64 + 64), ("crop", 64), ("full", 48 * 48)} < lengths and len(lengths) == 4
+    assert {("stage1", 64), ("ergo", 64 + 64), ("crop", 64), ("full", 48 * 48)} < lengths and len(lengths) == 5
     without = dataset.remove_columns(["region"]).map(lambda row, i: {"gt_bbox": None if i == 1 else row["gt_bbox"]},
                                                      with_indices=True)
     with pytest.raises(ValueError, match=r"rows \[1\] have no gt_bbox"):
@@ -91,13 +104,22 @@ def test_sft_trainer_learns_from_the_examples(tiny_folder, processor, dataset, t
 def test_vision_warm_up_trains_the_vision_tower_only(tiny_folder, processor, dataset):
     model = ErgoForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32)
     before = {name: weight.clone() for name, weight in model.named_parameters()}
-    accuracy = warm_up_vision(model, processor, dataset, steps=3, batch_size=2)
-    assert len(accuracy) == 3 and all(0.0 <= value <= 1.0 for value in accuracy)
+    history = warm_up_vision(model, processor, dataset, steps=3, batch_size=2)
+    for accuracy in (history.reading, history.pointing):
+        assert len(accuracy) == 3 and all(0.0 <= value <= 1.0 for value in accuracy)
     changed = {name for name, weight in model.named_parameters() if not torch.equal(weight, before[name])}
     assert changed and all(".visual." in name for name in changed)
     assert any("merger" in name for name in changed) and any("patch_embed" in name for name in changed)
     with pytest.raises(ValueError, match="gt_bbox"):
         warm_up_vision(model, processor, dataset.remove_columns(["region", "gt_bbox"]), steps=1)
+
+
+def test_pointing_target_is_the_box_tokens_in_the_cell_of_its_centre():
+    # A 1344 px image seen as 336 px (12 x 12 tokens of 28 px); the box maps to x 90-120, y 170-190 in the view.
+    target = pointing_target([360, 680, 480, 760], (1344, 1344), (336, 336), grid=4)
+    assert target.shape == (144, 16) and torch.isclose(target.sum(), torch.tensor(1.0))
+    tokens, cells = target.nonzero().T.tolist()
+    assert sorted(tokens) == [6 * 12 + 3, 6 * 12 + 3 + 1] and set(cells) == {2 * 4 + 1}  # row 6, columns 3-4
 
 
 def test_frozen_vision_tower_stays_as_it_was(tiny_folder, processor, dataset, tmp_path):

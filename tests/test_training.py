@@ -231,6 +231,12 @@ def test_shipped_recipe_builds_a_trainer_with_the_tiny_model(tiny_folder, data_f
     names = [func.__name__ for func in trainer.reward_funcs]
     assert names == ["accuracy_reward", "format_reward", "box_reward", "region_reward"]
     assert trainer.reward_weights.tolist() == [1.0, 1.0, 0.5, 1.0]
+    assert trainer.reward_funcs[2].threshold == 0.6
+    # γ is a recipe field: a flag (the synthetic recipe's) reaches r_box.
+    script, args, model_args = _parse(_recipe_args(tiny_folder, data_file, tmp_path, "--box_threshold", "0.1"))
+    box_reward = build_trainer(script, args, model_args).reward_funcs[2]
+    assert box_reward.threshold == 0.1
+    assert box_reward([None] * 2, image=[rows(1)[0]["image"]] * 2, region=[(0, 0, 100, 100), (0, 0, 900, 900)]) == [1.0, 0.0]
 
 
 def test_train_resume_and_export_a_loadable_ergo_folder(tiny_folder, data_file, tmp_path):

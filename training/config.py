@@ -47,6 +47,8 @@ class ErgoGRPOConfig(ErgoViewConfig, GRPOConfig):
 class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
     """SFTConfig plus the coarse/crop budgets (as at inference) and which example kinds each row gives."""
 
+    stage1_share: float = field(default=0.0, metadata={"help": "Share of rows giving a stage-1-only example (the "
+                                                                 "coarse view and the reply naming the region)."})
     ergo_share: float = field(default=1.0, metadata={"help": "Share of rows giving a two-stage example."})
     crop_share: float = field(default=1.0, metadata={"help": "Share of rows giving a crop-only single turn."})
     full_share: float = field(default=1.0, metadata={"help": "Share of rows giving a full-resolution single turn "
@@ -68,5 +70,5 @@ class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
 
     @property
     def shares(self) -> dict[str, float]:
-        return {"ergo": self.ergo_share, "crop": self.crop_share, "full": self.full_share,
+        return {"stage1": self.stage1_share, "ergo": self.ergo_share, "crop": self.crop_share, "full": self.full_share,
                 "evidence": self.evidence_share}

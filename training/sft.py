@@ -2,8 +2,10 @@
 
 GRPO can only reward regions a policy already writes, so a model that has never produced ``<zoom>[...]</zoom>`` is
 first shown the format. Each dataset row with a region (``region``, else ``gt_bbox``, in original pixels) gives
-examples of four kinds, each from a share of the rows (``ErgoSFTConfig.ergo_share`` and so on):
+examples of five kinds, each from a share of the rows (``ErgoSFTConfig.ergo_share`` and so on):
 
+* ``stage1``: stage 1 alone (ERGO's stage-1 input and the reply naming the region): the cheap kind that teaches
+  where to zoom, so a model that must learn to point can see many more images than two-stage examples allow;
 * ``ergo``: the two-stage conversation, token for token as ``ErgoForConditionalGeneration.generate`` builds it
   (``ErgoProcessor.prepare``, the stage-1 reply, ``plan_stage2`` on that reply, ``stage2_turn``, the answer), so the
   crop is exactly the one inference would cut for that box;
@@ -46,7 +48,8 @@ def sft_rows(dataset: Dataset, shares: dict[str, float], coarse_budget: int = PA
     region; ``evidence``: a ``gt_bbox``)."""
     counts = {kind: round(share * len(dataset)) for kind, share in shares.items() if share > 0}
     region_column = "region" if "region" in dataset.column_names else "gt_bbox"
-    _check_boxes(dataset, region_column, max(counts.get("ergo", 0), counts.get("crop", 0)), "'ergo' and 'crop'")
+    _check_boxes(dataset, region_column, max(counts.get(kind, 0) for kind in ("stage1", "ergo", "crop")),
+                 "'stage1', 'ergo' and 'crop'")
     _check_boxes(dataset, "gt_bbox", counts.get("evidence", 0), "'evidence'")
     pairs = [(index, kind) for kind, count in counts.items() for index in range(count)]
     rows = dataset.select([index for index, _ in pairs])
@@ -74,6 +77,8 @@ def _vision_tokens(row: dict, coarse_budget: int, crop_budget: int) -> int:
         width, height = image.size
     if row["kind"] == "full":
         return min(vision_tokens(width, height), FULL_RESOLUTION_BUDGET)
+    if row["kind"] == "stage1":
+        return coarse_budget
     x1, y1, x2, y2 = row["gt_bbox"] if row["kind"] == "evidence" else row["zoom_region"]
     crop = min(max(4, (x2 - x1) * (y2 - y1) // 784), crop_budget)
     return crop + (coarse_budget if row["kind"] == "ergo" else 0)
@@ -105,6 +110,10 @@ class ErgoSFTCollator:
         image = load_image(row["image"], name="training image")
         letter, shown = _answer(row)
         options = row["options"] or []
+        if row["kind"] == "stage1":
+            stage1 = self._stage1(image, row["question"], options)
+            reply, _ = self._zoom(stage1["ergo_context"], row["zoom_region"])
+            return self._with_reply(stage1, reply)
         if row["kind"] == "ergo":
             return self._two_stage(image, row["question"], options, row["zoom_region"], letter, shown)
         _, full = stage_questions(row["question"], options, self.postfix if options else "")
@@ -114,10 +123,14 @@ class ErgoSFTCollator:
             prompt = self.processor.single_pass([image], [full])
         return self._with_reply(prompt, letter)
 
+    def _stage1(self, image, question, options):
+        """ERGO's stage-1 input for one row, as ``generate`` gets it."""
+        postfix = self.postfix if options else ""
+        return self.processor.prepare([image], [question], options=[options], postfixes=[postfix], fallback="resize")
+
     def _two_stage(self, image, question, options, region, letter, shown):
         processor = self.processor
-        postfix = self.postfix if options else ""
-        stage1 = processor.prepare([image], [question], options=[options], postfixes=[postfix], fallback="resize")
+        stage1 = self._stage1(image, question, options)
         context: ErgoContext = stage1["ergo_context"]
         reply1, decision = self._zoom(context, region)
         turn = processor.stage2_turn(decision, context.samples[0].stage2_question, context.stage2_template)
@@ -150,9 +163,10 @@ class ErgoSFTCollator:
             raise ValueError(f"region {region} gives no crop ({decision.fallback})")
         return reply, decision
 
-    def _with_reply(self, prompt, letter: str):
+    def _with_reply(self, prompt, text: str):
+        """One turn: ``prompt``'s input, then ``text`` and the end-of-turn token, which alone are labelled."""
         prompt_ids = prompt["input_ids"][0].tolist()
-        reply = self._tokens(letter) + [self.end_of_turn]
+        reply = self._tokens(text) + [self.end_of_turn]
         types = prompt["mm_token_type_ids"][0].tolist() + [0] * len(reply)
         return prompt_ids + reply, [-100] * len(prompt_ids) + reply, (types, prompt["pixel_values"], prompt["image_grid_thw"])
 

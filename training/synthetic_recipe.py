@@ -8,13 +8,17 @@ Each step writes a folder under OUT and is skipped when that folder is complete,
 
 1. ``data``: the synthetic splits (``ergo_vqa.synthetic_task``), in the training schema;
 2. ``init``: a ``DEMO``-shape Qwen2.5-VL built from config, random weights, offline tokenizer;
-3. ``sft``: the vision warm-up (``training.vision_warmup``), then the two-turn supervised warm-up
-   (``training.sft``, TRL's SFTTrainer), written as an ERGO Hub folder;
-4. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the SFT model, which is also the frozen reward
+3. ``vision``: the vision warm-up (``training.vision_warmup``: reading crops and pointing at the target on the
+   coarse view), written as an ERGO Hub folder;
+4. ``sft``: the supervised warm-up (``training.sft``, TRL's SFTTrainer) from it, stage-1-only examples from every
+   training image, two-stage and crop examples from a third of them, a few full-image ones;
+5. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the SFT model, which is also the frozen reward
    model of r_region; its ERGO folder is ``grpo/ergo``;
-5. ``eval``: ``ergo_vqa.evaluation`` on the test split, the same samples for every mode: coarse-only and
+6. ``eval``: ``ergo_vqa.evaluation`` on the test split, the same samples for every mode: coarse-only and
    full-resolution single passes and ERGO for the SFT model, ERGO for the GRPO model; ``results.md`` and
    ``results.json`` hold the table.
+
+Each step's wall time is appended to ``OUT/timings.jsonl``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -71,49 +77,87 @@ Load it with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_cod
 class Recipe:
     """The sizes behind the published table (README, "Synthetic proof")."""
 
-    splits: tuple[tuple[str, int], ...] = (("train", 1000), ("validation", 100), ("test", 200))
+    splits: tuple[tuple[str, int], ...] = (("train", 3000), ("validation", 100), ("test", 200))
     budget: int = 144
     """Coarse and crop budget, vision tokens: the 1344x1344 image shrinks 4x in the coarse view."""
-    sft_epochs: float = 2.0
+    vision_warmup_steps: int = 300
+    vision_warmup_rows: int = 1000
+    """The first this many training rows feed the vision warm-up (both objectives)."""
+    sft_epochs: float = 1.0
     sft_learning_rate: float = 1e-3
-    ergo_share: float = 1.0
-    crop_share: float = 1.0
+    stage1_share: float = 1.0
+    """Every training row teaches stage 1 where to zoom: the cheap example kind, and the skill a model this small
+    needs the most images for."""
+    ergo_share: float = 1 / 3
+    crop_share: float = 1 / 3
     evidence_share: float = 0.0
-    full_share: float = 0.05
-    vision_warmup_steps: int = 400
+    full_share: float = 0.02
+    freeze_vision_tower: bool = True
     grpo_steps: int = 40
     grpo_learning_rate: float = 1e-4
+    box_threshold: float = 0.1
+    """γ of r_box: the target's cell is 1/16 of the image, so only a box about one cell large earns it (the paper's
+    0.6 does not tell the target's cell from a box ten times larger)."""
     seed: int = 0
 
 
 def run(out: Path, recipe: Recipe = Recipe()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
-    data = out / "data"
-    if not (data / "test.jsonl").is_file():
-        write_splits(data, dict(recipe.splits), seed=recipe.seed)
-    init = out / "init"
-    if not (init / "config.json").is_file():
-        tokenizer = build_tokenizer(DEMO_VOCAB_SIZE)
-        save_hub_folder(build_model(tokenizer, DEMO, seed=recipe.seed), build_processor(tokenizer), init)
-    sft = out / "sft"
-    if not (sft / "config.json").is_file():
-        supervised_warm_up(init, data / "train.jsonl", sft, recipe)
-    grpo = out / "grpo" / "ergo"
-    if not (grpo / "config.json").is_file():
-        grpo_main(grpo_arguments(sft, data / "train.jsonl", out / "grpo", recipe))
-    return evaluate_all({"SFT": sft, "SFT + GRPO": grpo}, data, out / "eval", recipe.budget)
+    data, init, vision, sft, grpo = out / "data", out / "init", out / "vision", out / "sft", out / "grpo" / "ergo"
+    train = data / "train.jsonl"
+    _step(out, "data", data / "test.jsonl", lambda: write_splits(data, dict(recipe.splits), seed=recipe.seed))
+    _step(out, "init", init / "config.json", lambda: build_init(init, recipe.seed))
+    _step(out, "vision", vision / "config.json", lambda: vision_warm_up(init, train, vision, recipe))
+    _step(out, "sft", sft / "config.json", lambda: supervised_warm_up(vision, train, sft, recipe))
+    _step(out, "grpo", grpo / "config.json", lambda: grpo_main(grpo_arguments(sft, train, out / "grpo", recipe)))
+    start = time.perf_counter()
+    result = evaluate_all({"SFT": sft, "SFT + GRPO": grpo}, data, out / "eval", recipe.budget)
+    _log_time(out, "eval", start)
+    return result
 
 
-def supervised_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe) -> Path:
+def _step(out: Path, name: str, done: Path, build: Callable[[], object]) -> None:
+    """Runs ``build`` unless its output ``done`` exists (an interrupted run resumes), timing it."""
+    if not done.is_file():
+        start = time.perf_counter()
+        build()
+        _log_time(out, name, start)
+
+
+def _log_time(out: Path, name: str, start: float) -> None:
+    """Appends the step's wall time to ``out/timings.jsonl``: ``make demo-model`` has to fit in 45 minutes on 2 CPU
+    cores."""
+    with (out / "timings.jsonl").open("a") as log:
+        log.write(json.dumps({"step": name, "seconds": round(time.perf_counter() - start, 1)}) + "\n")
+
+
+def build_init(folder: Path, seed: int) -> Path:
+    """A ``DEMO``-shape model with random weights and the offline tokenizer, as an ERGO Hub folder."""
+    tokenizer = build_tokenizer(DEMO_VOCAB_SIZE)
+    return save_hub_folder(build_model(tokenizer, DEMO, seed=seed), build_processor(tokenizer), folder)
+
+
+def vision_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe) -> Path:
+    """The vision tower of the model in ``init`` taught to read and to point (``training.vision_warmup``)."""
     processor = ErgoProcessor.from_pretrained(init, coarse_budget=recipe.budget)
     model = ErgoForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
     dataset = load_training_data(str(train_file))
-    warm_up_vision(model, processor, dataset, steps=recipe.vision_warmup_steps, batch_size=32, seed=recipe.seed)
+    history = warm_up_vision(model, processor, dataset.select(range(min(len(dataset), recipe.vision_warmup_rows))),
+                             steps=recipe.vision_warmup_steps, batch_size=32, seed=recipe.seed)
+    save_hub_folder(model, processor, folder, base_model="synthetic-init")
+    (folder / "warmup.json").write_text(json.dumps(asdict(history)) + "\n")
+    return folder
+
+
+def supervised_warm_up(vision: Path, train_file: Path, folder: Path, recipe: Recipe) -> Path:
+    processor = ErgoProcessor.from_pretrained(vision, coarse_budget=recipe.budget)
+    model = ErgoForConditionalGeneration.from_pretrained(vision, dtype=torch.float32)
+    dataset = load_training_data(str(train_file))
     args = ErgoSFTConfig(
-        output_dir=str(folder.parent / "sft-run"), coarse_budget=recipe.budget, ergo_share=recipe.ergo_share,
-        crop_share=recipe.crop_share, evidence_share=recipe.evidence_share, full_share=recipe.full_share,
-        freeze_vision_tower=True,
+        output_dir=str(folder.parent / "sft-run"), coarse_budget=recipe.budget, stage1_share=recipe.stage1_share,
+        ergo_share=recipe.ergo_share, crop_share=recipe.crop_share, evidence_share=recipe.evidence_share,
+        full_share=recipe.full_share, freeze_vision_tower=recipe.freeze_vision_tower,
         num_train_epochs=recipe.sft_epochs, learning_rate=recipe.sft_learning_rate, lr_scheduler_type="cosine",
         warmup_steps=0.05, per_device_train_batch_size=8, weight_decay=0.0, logging_steps=10, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
@@ -136,6 +180,7 @@ def grpo_arguments(sft: Path, train_file: Path, out: Path, recipe: Recipe) -> li
         "--gradient_checkpointing", "false", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
         "--num_generations", "4", "--max_completion_length", "64", "--stage2_max_completion_length", "32",
         "--coarse_budget", str(recipe.budget), "--learning_rate", str(recipe.grpo_learning_rate),
+        "--box_threshold", str(recipe.box_threshold),
         "--temperature", "1.0", "--report_to", "none", "--use_peft", "false", "--seed", str(recipe.seed),
     ]
 
