@@ -12,9 +12,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -c "import torch; print(torch.__version__)" > $(VENV)/.torch-version
 	$(BIN)/python -m pip install -q -e ".[train,eval,test,serve]"
-	@if $(BIN)/python -m pip list 2>/dev/null | grep -iE '^(torchvision|nvidia-)'; then \
-		echo "set-up pulled torchvision or CUDA packages (above); see setup.cfg" >&2; exit 1; fi
+	@# The extras must keep the torch installed above and bring no torchvision (it pulls a CUDA torch on CPUs).
+	@test "$$($(BIN)/python -c 'import torch; print(torch.__version__)')" = "$$(cat $(VENV)/.torch-version)" \
+		&& ! $(BIN)/python -m pip show -q torchvision 2>/dev/null \
+		|| { echo "the extras replaced torch or pulled torchvision; see setup.cfg" >&2; exit 1; }
 	touch $@
 
 demo: setup

@@ -66,8 +66,7 @@ def _load(args: argparse.Namespace):
 def _infer(args: argparse.Namespace) -> int:
     from .inference import answer, draw_region, summary
 
-    if not args.endpoint:
-        check_device(args.device)  # everything the user typed is checked before a model loads
+    _check_target(args)  # everything the user typed is checked before a model loads or a request goes out
     stage_questions(args.question)
     image = load_image(args.image, name=args.image)
     if args.viz:
@@ -76,9 +75,6 @@ def _infer(args: argparse.Namespace) -> int:
         budgets = {"coarse_budget": args.budget, "crop_budget": args.budget} if args.budget else {}
         result = _client(args).answer(image, args.question, **budgets)
     else:
-        if not args.model:
-            raise ValueError("infer needs --model, or --endpoint and --served-model")
-        _check_model(args.model)
         model, processor = _load(args)
         result = answer(model, processor, image, args.question, budget=args.budget,
                         max_new_tokens=args.max_new_tokens)
@@ -97,17 +93,40 @@ def _check_model(model: str) -> None:
         raise FileNotFoundError(f"model not found: {model} (a local folder or a Hub id like org/name)")
 
 
+def _check_target(args: argparse.Namespace) -> None:
+    """A local model (``--model``, ``--device``, ``--cache``, ``--batch-size``) or a served one (``--endpoint``,
+    ``--served-model``, ``--timeout``, ``--concurrency``), never flags of one with the other."""
+    served = {"--served-model": args.served_model, "--timeout": args.timeout,
+              "--concurrency": getattr(args, "concurrency", None)}
+    local = {"--device": args.device != "auto", "--cache": args.cache != "auto",
+             "--batch-size": getattr(args, "batch_size", None)}
+    if args.endpoint:
+        if not args.served_model:
+            raise ValueError("--endpoint needs --served-model, the name the server serves the model under")
+        if any(local.values()):
+            raise ValueError(f"{', '.join(flag for flag, value in local.items() if value)}: for a local model only, "
+                             f"not with --endpoint (--concurrency sets the requests in flight)")
+        source = args.model or args.served_model
+        if not Path(source).exists() and source.count("/") != 1:
+            raise FileNotFoundError(f"no processor settings at {source}: with --endpoint, --model names the folder or "
+                                    f"Hub id the served model was made from (default: --served-model)")
+        return
+    if any(value is not None for value in served.values()):
+        raise ValueError(f"{', '.join(flag for flag, value in served.items() if value is not None)}: only with --endpoint")
+    if not args.model:
+        raise ValueError(f"{args.command} needs --model, or --endpoint and --served-model")
+    _check_model(args.model)
+    check_device(args.device)
+
+
 def _client(args: argparse.Namespace):
     """``ErgoClient`` for ``--endpoint``: the processor (settings only, no weights) from ``--model``, else from the
     served model's name."""
     from .client import ErgoClient
 
-    if not args.served_model:
-        raise ValueError("--endpoint needs --served-model, the name the server serves the model under")
-    source = args.model or args.served_model
-    _check_model(source)
-    return ErgoClient(args.endpoint, args.served_model, source, max_tokens=args.max_new_tokens,
-                      concurrency=getattr(args, "concurrency", 1), timeout=args.timeout)
+    return ErgoClient(args.endpoint, args.served_model, args.model or args.served_model,
+                      max_tokens=args.max_new_tokens, concurrency=getattr(args, "concurrency", None) or 16,
+                      timeout=args.timeout or 120.0)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -125,21 +144,19 @@ def _eval(args: argparse.Namespace) -> int:
     from .eval_data import load_benchmark
     from .evaluation import comparable, evaluate, plot, run_settings
 
-    check_device(args.device)
+    _check_target(args)
     samples = load_benchmark(args.dataset, args.data_root, limit=args.limit, split=args.split)
     if args.endpoint:
         model = _client(args)
-        processor, batch_size = model.processor, args.concurrency
+        processor = model.processor
     else:
-        if not args.model:
-            raise ValueError("eval needs --model, or --endpoint and --served-model")
         model, processor = _load(args)
-        batch_size = args.batch_size
     out = Path(args.out)
     failed = 0
     for mode in args.mode:
         summary = evaluate(model, processor, samples, mode, out, args.dataset, budget=args.budget,
-                           batch_size=batch_size, max_new_tokens=args.max_new_tokens, fallback=args.fallback)
+                           batch_size=args.batch_size or 1, max_new_tokens=args.max_new_tokens,
+                           fallback=args.fallback)
         failed += summary["failed"] + summary["missing"]
     # The combined table and plot cover every mode and budget evaluated into this folder so far with this run's
     # other settings (model, weights, generation, fallback, template): never rows made under different ones.
@@ -212,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--budget", type=_budget, default=PAPER_BUDGET,
                             help=f"coarse and crop budget (default {PAPER_BUDGET}, the paper's headline)")
     evaluation.add_argument("--limit", type=_positive, default=None, help="first K samples only")
-    evaluation.add_argument("--batch-size", type=_positive, default=1)
+    evaluation.add_argument("--batch-size", type=_positive, default=None, help="samples per generate (default 1)")
     evaluation.add_argument("--fallback", choices=FALLBACK_POLICIES, default="reference",
                             help="ERGO mode without a usable region (default: the reference's, the whole original)")
     evaluation.add_argument("--max-new-tokens", type=_positive, default=1024, help="per stage (default 1024)")
@@ -221,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="KV cache; auto: static (compiled decode) on CUDA, dynamic elsewhere")
     evaluation.add_argument("--out", required=True, help="folder for per-sample records, summaries and the plot")
     _endpoint_arguments(evaluation)
-    evaluation.add_argument("--concurrency", type=_positive, default=16,
+    evaluation.add_argument("--concurrency", type=_positive, default=None,
                             help="with --endpoint: requests in flight (default 16, as the published evaluation)")
     evaluation.set_defaults(run=_eval)
 
@@ -244,7 +261,7 @@ def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an OpenAI-compatible server (vLLM, SGLang, ergo serve), e.g. http://localhost:8000/v1: "
                              "the two stages run against it instead of a local model")
     parser.add_argument("--served-model", metavar="NAME", help="with --endpoint: the model name the server serves")
-    parser.add_argument("--timeout", type=float, default=120.0,
+    parser.add_argument("--timeout", type=_positive, default=None,
                         help="with --endpoint: seconds per request attempt (default 120; 3 retries with backoff)")
 
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from PIL import Image
+from transformers import PretrainedConfig
 
 from processing_ergo import ErgoProcessor
 from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
@@ -55,23 +56,28 @@ class ErgoClient:
         model: the served model's name.
         processor: an ``ErgoProcessor``, or the folder / Hub id to load one from (default: ``model``, which is what
             ``transformers serve`` and ``vllm serve <folder>`` call it): its budgets, fallback policy and template
-            apply, as in ``generate()``. Only the processor's files are read, never weights.
+            apply, as in ``generate()``. Only the processor's and config's files are read, never weights.
         max_tokens: per stage, as ``max_new_tokens`` locally.
-        skip_answered: end after stage 1 when it answered without a region (``config.skip_answered_stage2``).
+        skip_answered: end after stage 1 when it answered without a region; default: the folder's
+            ``config.skip_answered_stage2``, as ``generate()`` does (False for a processor object).
         concurrency, timeout, max_retries, api_key: see ``ChatEndpoint``.
         **processor_settings: ``coarse_budget``, ``crop_budget``, ``fallback``, ``stage2_template`` overrides.
     """
 
     def __init__(self, base_url: str, model: str, processor: ErgoProcessor | str | None = None, *,
-                 max_tokens: int = 1024, skip_answered: bool = False, concurrency: int = 16, timeout: float = 120.0,
-                 max_retries: int = 3, api_key: str | None = None, **processor_settings):
+                 max_tokens: int = 1024, skip_answered: bool | None = None, concurrency: int = 16,
+                 timeout: float = 120.0, max_retries: int = 3, api_key: str | None = None, **processor_settings):
         self.endpoint = ChatEndpoint(base_url, model, api_key=api_key, timeout=timeout, max_retries=max_retries,
                                      concurrency=concurrency)
         if processor is None or isinstance(processor, str):
-            processor = ErgoProcessor.from_pretrained(processor or model, **processor_settings)
+            source = processor or model
+            processor = ErgoProcessor.from_pretrained(source, **processor_settings)
+            if skip_answered is None:
+                config, _ = PretrainedConfig.get_config_dict(source)
+                skip_answered = bool(config.get("skip_answered_stage2", False))
         elif processor_settings:
             raise TypeError("pass processor settings either to ErgoProcessor or to ErgoClient, not with a processor")
-        self.processor, self.max_tokens, self.skip_answered = processor, max_tokens, skip_answered
+        self.processor, self.max_tokens, self.skip_answered = processor, max_tokens, bool(skip_answered)
 
     @property
     def base_url(self) -> str:
@@ -89,27 +95,29 @@ class ErgoClient:
         override the processor's for this call, as in ``ErgoProcessor.prepare``."""
         return self.answer_many([ErgoRequest(image, question, options, postfix)], **settings)[0]
 
-    def answer_many(self, requests: list[ErgoRequest | tuple], **settings) -> list[ErgoResult]:
-        """ERGO on many requests, ``concurrency`` in flight, results in order (``(image, question)`` tuples too)."""
-        return self.endpoint.run(self.aanswer_many(requests, **settings))
+    def answer_many(self, requests: list[ErgoRequest | tuple], max_tokens: int | None = None, on_result=None,
+                    **settings) -> list[ErgoResult]:
+        """ERGO on many requests (``(image, question)`` tuples too), ``concurrency`` in flight, results in order;
+        ``on_result(index, result)`` sees each as it finishes."""
+        return self.endpoint.run(self.aanswer_many(requests, max_tokens, on_result, **settings))
 
     async def aanswer(self, image, question: str, options: list[str] | None = None, postfix: str = "",
                       **settings) -> ErgoResult:
         return (await self.aanswer_many([ErgoRequest(image, question, options, postfix)], **settings))[0]
 
-    async def aanswer_many(self, requests: list[ErgoRequest | tuple], **settings) -> list[ErgoResult]:
+    async def aanswer_many(self, requests: list[ErgoRequest | tuple], max_tokens: int | None = None,
+                           on_result=None, **settings) -> list[ErgoResult]:
         requests = [request if isinstance(request, ErgoRequest) else ErgoRequest(*request) for request in requests]
-        return await self.endpoint.amap(lambda session, request: self._two_stages(session, request, settings),
-                                        requests)
+        limit = max_tokens or self.max_tokens
+        return await self.endpoint.amap(
+            lambda session, request: _guarded(self._two_stages(session, request, limit, settings)), requests,
+            on_result)
 
-    async def _two_stages(self, session, request: ErgoRequest, settings: dict) -> ErgoResult:
+    async def _two_stages(self, session, request: ErgoRequest, max_tokens: int, settings: dict) -> ErgoResult:
         started = time.perf_counter()
-        try:
-            context, coarse, messages = await asyncio.to_thread(self._stage1_messages, request, settings)
-        except (ValueError, OSError) as error:  # ErgoImageError is a ValueError: unreadable image, bad question
-            return _failure(f"{type(error).__name__}: {error}", started)
+        context, coarse, messages = await asyncio.to_thread(self._stage1_messages, request, settings)
         # ------------------------------------------------------------ stage 1: coarse view
-        first = await self.endpoint.achat(session, messages, self.max_tokens)
+        first = await self.endpoint.achat(session, messages, max_tokens)
         if first.error:
             return _failure(f"stage 1: {first.error}", started)
         stage1_done = time.perf_counter()
@@ -119,7 +127,7 @@ class ErgoClient:
         # ------------------------------------------------------------ stage 2: the crop, same conversation
         second = None
         if decision.image is not None:
-            second = await self.endpoint.achat(session, messages, self.max_tokens)
+            second = await self.endpoint.achat(session, messages, max_tokens)
             if second.error:
                 return _failure(f"stage 2: {second.error}", started, first.text, decision)
         finished = time.perf_counter()
@@ -158,28 +166,22 @@ class ErgoClient:
 
     # ------------------------------------------------------------------ single pass (baselines)
 
-    def single_pass_many(self, images: list, questions: list[str], budget: int | None = None) -> list[ErgoResult]:
+    def single_pass_many(self, images: list, questions: list[str], budget: int | None = None,
+                         max_tokens: int | None = None, on_result=None) -> list[ErgoResult]:
         """One plain turn per (image, question), as ``ErgoProcessor.single_pass``: the original as it is (the
-        server's image processor then applies its own pixel limit, 16384 tokens for stock Qwen2.5-VL), or with
-        ``budget`` the image resized as ERGO's coarse view is."""
+        server's image processor then applies its own pixel limit, 16384 tokens for stock Qwen2.5-VL; the request
+        carries the whole original as PNG), or with ``budget`` the image resized as ERGO's coarse view is."""
+        limit = max_tokens or self.max_tokens
         return self.endpoint.run(self.endpoint.amap(
-            lambda session, pair: self._single_pass(session, *pair, budget), list(zip(images, questions))))
+            lambda session, pair: _guarded(self._single_pass(session, *pair, budget, limit)),
+            list(zip(images, questions)), on_result))
 
-    async def _single_pass(self, session, source, question: str, budget: int | None) -> ErgoResult:
+    async def _single_pass(self, session, source, question: str, budget: int | None, max_tokens: int) -> ErgoResult:
         started = time.perf_counter()
-        try:
-            image = await asyncio.to_thread(load_image, source, describe_source(source))
-            sent = image if budget is None else await asyncio.to_thread(resize_to_budget, image,
-                                                                          budget_to_pixels(budget))
-        except (ValueError, OSError) as error:
-            return _failure(f"{type(error).__name__}: {error}", started)
-        user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        messages = [{"role": "system", "content": SINGLE_PASS_SYSTEM_PROMPT}] + openai_messages(user, [sent])
-        reply = await self.endpoint.achat(session, messages, self.max_tokens)
+        tokens, messages = await asyncio.to_thread(self._single_pass_messages, source, question, budget)
+        reply = await self.endpoint.achat(session, messages, max_tokens)
         if reply.error:
             return _failure(reply.error, started)
-        tokens = (self.processor.image_tokens(*sent.size, sent.width * sent.height) if budget is not None
-                  else self.processor.full_resolution_tokens(image))
         return ErgoResult(
             answer=extract_answer(reply.text), final_text=reply.text, stage1_text=reply.text, region=None,
             fallback=None, second_image_size=None,
@@ -187,6 +189,31 @@ class ErgoClient:
             seconds=_rounded({"total": time.perf_counter() - started}),
             prompt_tokens=_usage(reply, None, "prompt_tokens"), completion_tokens=_usage(reply, None, "completion_tokens"),
         )
+
+    def _single_pass_messages(self, source, question: str, budget: int | None) -> tuple[int, list[dict]]:
+        """The request's vision tokens (from the geometry) and messages."""
+        image = load_image(source, name=describe_source(source))
+        if budget is None:
+            sent, tokens = image, self.processor.full_resolution_tokens(image)
+            if tokens is None:
+                raise ValueError(f"a {image.width}x{image.height} image is flatter than Qwen2.5-VL's limit: "
+                                 f"no full-resolution pass")
+        else:
+            sent = resize_to_budget(image, budget_to_pixels(budget))
+            tokens = self.processor.image_tokens(*sent.size, sent.width * sent.height)
+        messages = openai_messages([{"role": "system", "content": SINGLE_PASS_SYSTEM_PROMPT},
+                                    *self.processor.single_pass_messages(question)], [sent])
+        return tokens, messages
+
+
+async def _guarded(coroutine) -> ErgoResult:
+    """A request's result, or its failure: whatever goes wrong with one sample (an unreadable image, a reply the
+    parser or the crop cannot use, a server error) is that sample's, and the others go on."""
+    started = time.perf_counter()
+    try:
+        return await coroutine
+    except Exception as error:  # noqa: BLE001 - per-sample failures are values
+        return _failure(f"{type(error).__name__}: {error}", started)
 
 
 def _usage(first: ChatReply, second: ChatReply | None, field: str) -> dict[str, int | None]:

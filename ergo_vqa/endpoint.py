@@ -44,7 +44,8 @@ class ChatEndpoint:
         api_key: sent as a bearer token; default ``$OPENAI_API_KEY``, or ``EMPTY`` (local servers ignore it).
         timeout: seconds per attempt.
         max_retries: further attempts after a retryable failure, with the SDK's backoff (0.5 s doubling, 8 s at most).
-        concurrency: requests in flight at once, per ``chat_many`` / ``achat_many`` call.
+        concurrency: requests in flight at once, per ``chat_many`` / ``amap`` call (each call has its own bound and
+            connection pool: send a batch through one call rather than one call per request).
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
@@ -83,15 +84,19 @@ class ChatEndpoint:
         return ChatReply(text, choice.finish_reason, usage.prompt_tokens if usage else None,
                          usage.completion_tokens if usage else None, time.perf_counter() - started)
 
-    async def amap(self, function, items: list) -> list:
-        """``[await function(session, item) for item in items]`` with at most ``concurrency`` in flight, in order."""
+    async def amap(self, function, items: list, on_result=None) -> list:
+        """``[await function(session, item) for item in items]`` with at most ``concurrency`` in flight, in order;
+        ``on_result(index, result)`` is called as each one finishes (to write it down before the others end)."""
         limit = asyncio.Semaphore(self.concurrency)
         async with self.session() as session:
-            async def bounded(item):
+            async def bounded(index: int, item):
                 async with limit:
-                    return await function(session, item)
+                    result = await function(session, item)
+                if on_result is not None:
+                    on_result(index, result)
+                return result
 
-            return await asyncio.gather(*(bounded(item) for item in items))
+            return await asyncio.gather(*(bounded(index, item) for index, item in enumerate(items)))
 
     def run(self, coroutine):
         """Runs ``coroutine`` to completion from synchronous code (the sync methods' one way into asyncio)."""

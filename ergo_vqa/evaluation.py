@@ -31,11 +31,13 @@ from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET
 from processing_ergo.prompts_ergo import answer_letters, stage_questions
 
-
 from .client import ErgoClient, ErgoRequest
 from .eval_data import MMERWL_CATEGORIES, EvalSample
 
 MODES = ("ergo", "full", "coarse")
+MODEL_IDENTITY = ("weights", "endpoint", "served_model")
+"""The settings that say which model answered: a local model's weights fingerprint, or a served model's endpoint and
+name. Rows compare only when these agree, present or absent alike."""
 
 
 def letters_match(reply: str, answer: str) -> bool:
@@ -49,7 +51,8 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
              progress: bool = True) -> dict:
     """Runs the samples without a successful record under the same ``run_settings`` (failed ones run again), appends
     their records to ``<out>/<benchmark>-<mode>-<budget>-<settings id>.jsonl`` and returns the summary of
-    ``samples``. ``fallback`` (ERGO mode) defaults to the reference's: the unresized original when stage 1 gives no
+    ``samples``. ``model`` is a local model (``batch_size`` samples per ``generate``) or an ``ErgoClient`` (all
+    samples sent at once, its ``concurrency`` in flight; each record is written as its sample finishes). ``fallback`` (ERGO mode) defaults to the reference's: the unresized original when stage 1 gives no
     usable region."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -68,16 +71,27 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
         with open(records_path, "a", encoding="utf-8") as records:
             records.write("\n")  # end a line cut off by an interruption
     with open(records_path, "a", encoding="utf-8") as records:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            runnable = [sample for sample in batch if sample.error is None]
-            finished = [_record(sample, mode, failure=sample.error) for sample in batch if sample.error is not None]
-            if runnable:
-                finished += _run_batch(model, processor, runnable, mode, budget, max_new_tokens, fallback)
-            for record in finished:
-                records.write(json.dumps({**record, "settings": settings}) + "\n")
-                records.flush()
-                bar.update(1)
+        def write(record: dict) -> None:
+            records.write(json.dumps({**record, "settings": settings}) + "\n")
+            records.flush()
+            bar.update(1)
+
+        if isinstance(model, ErgoClient):  # every sample in flight at once, up to the client's concurrency
+            for sample in todo:
+                if sample.error is not None:
+                    write(_record(sample, mode, failure=sample.error))
+            _request(model, [sample for sample in todo if sample.error is None], mode, budget, max_new_tokens,
+                     fallback, write)
+        else:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                runnable = [sample for sample in batch if sample.error is None]
+                finished = [_record(sample, mode, failure=sample.error) for sample in batch
+                            if sample.error is not None]
+                if runnable:
+                    finished += _run_batch(model, processor, runnable, mode, budget, max_new_tokens, fallback)
+                for record in finished:
+                    write(record)
     bar.close()
     wanted = {sample.id for sample in samples}
     latest = {record["id"]: record for record in _read_records(records_path, settings) if record["id"] in wanted}
@@ -135,14 +149,13 @@ def comparable(summaries: list[dict], settings: dict) -> list[dict]:
     setting a mode does not use (the fallback in ``full`` mode) does not set it apart; summaries without settings
     (written before settings were recorded) are left out."""
     shared = {key: value for key, value in settings.items() if key not in ("mode", "budget")}
-    return [s for s in summaries
-            if "settings" in s and all(s["settings"].get(key, value) == value for key, value in shared.items())]
+    return [s for s in summaries if "settings" in s and all(
+        s["settings"].get(key, value) == value for key, value in shared.items())
+        and all(s["settings"].get(key) == settings.get(key) for key in MODEL_IDENTITY)]
 
 
 def _run_batch(model, processor, batch, mode, budget, max_new_tokens, fallback) -> list[dict]:
     """Records for a batch; when the batch fails, each sample is retried alone so one bad sample fails alone."""
-    if isinstance(model, ErgoClient):  # concurrent requests; each failure is already its own sample's
-        return _request(model, batch, mode, budget, fallback)
     try:
         return _generate(model, processor, batch, mode, budget, max_new_tokens, fallback)
     except Exception as error:  # noqa: BLE001 - recorded per sample below, never dropped
@@ -180,19 +193,23 @@ def _generate(model, processor, batch: list[EvalSample], mode, budget, max_new_t
             for sample, reply, count in zip(batch, replies, tokens)]
 
 
-def _request(client: ErgoClient, batch: list[EvalSample], mode, budget, fallback) -> list[dict]:
-    """Records for a batch sent to an endpoint, ``client.endpoint.concurrency`` requests at a time."""
+def _request(client: ErgoClient, samples: list[EvalSample], mode, budget, max_new_tokens, fallback, write) -> None:
+    """Sends ``samples`` to the client's endpoint, ``concurrency`` requests in flight, and hands each record to
+    ``write`` as its sample finishes (a failed request is its own sample's failure)."""
+    def finished(index: int, result) -> None:
+        sample = samples[index]
+        write({**_record(sample, mode, result.final_text, result.seconds["total"], result.vision_tokens,
+                         result.region, result.fallback, failure=result.error),
+               "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens})
+
     if mode == "ergo":
-        results = client.answer_many([ErgoRequest(s.image, s.stem, s.options, s.postfix) for s in batch],
-                                     coarse_budget=budget, crop_budget=budget, fallback=fallback)
+        client.answer_many([ErgoRequest(s.image, s.stem, s.options, s.postfix) for s in samples],
+                           max_tokens=max_new_tokens, on_result=finished,
+                           coarse_budget=budget, crop_budget=budget, fallback=fallback)
     else:
-        questions = [stage_questions(s.stem, s.options, s.postfix)[1] for s in batch]
-        results = client.single_pass_many([s.image for s in batch], questions,
-                                          budget=budget if mode == "coarse" else None)
-    return [{**_record(sample, mode, result.final_text, result.seconds["total"], result.vision_tokens,
-                       result.region, result.fallback, failure=result.error),
-             "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
-            for sample, result in zip(batch, results)]
+        questions = [stage_questions(s.stem, s.options, s.postfix)[1] for s in samples]
+        client.single_pass_many([s.image for s in samples], questions, budget=budget if mode == "coarse" else None,
+                                max_tokens=max_new_tokens, on_result=finished)
 
 
 def _record(sample: EvalSample, mode: str, reply: str | None = None, seconds: float | None = None,

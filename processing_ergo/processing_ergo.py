@@ -290,10 +290,14 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         if budget is not None:
             images = parallel_map(lambda image: resize_to_budget(image, budget_to_pixels(budget)), images)
             max_pixels = max(image.width * image.height for image in images)
-        texts = [self._render([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
-                 for question in questions]
+        texts = [self._render(self.single_pass_messages(question)) for question in questions]
         return self(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt",
                     images_kwargs={"size": size_up_to(max_pixels)})
+
+    @staticmethod
+    def single_pass_messages(question: str) -> list[dict]:
+        """A plain Qwen2.5-VL turn: one user message, the image before the question."""
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True,
                                         prompt_length: int | None = None, **kwargs) -> list[str]:

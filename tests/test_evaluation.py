@@ -14,7 +14,7 @@ import pytest
 from conftest import noise_image
 from ergo_vqa.cli import main as cli
 from ergo_vqa.eval_data import LETTER_POSTFIX, load_benchmark
-from ergo_vqa.evaluation import evaluate, letters_match, summarize
+from ergo_vqa.evaluation import comparable, evaluate, letters_match, summarize
 from hub_card.card import results_table
 from hub_card import build_model_card
 from processing_ergo.prompts_ergo import stage_questions
@@ -278,3 +278,11 @@ def test_plot_labels_name_the_budget_stay_inside_and_do_not_overlap(tmp_path, po
     assert not any(overlap(box, other) for box in boxes for other in markers + [box for _, box in layout.texts])
     assert not any(overlap(a, b) for i, (_, a) in enumerate(layout.texts) for _, b in layout.texts[i + 1:])
     assert Image.open(plot(summaries, tmp_path / "plot.png")).size == layout.size
+
+
+def test_a_local_and_a_served_run_never_share_a_table():
+    shared = {"benchmark": "vstar", "mode": "ergo", "budget": 640, "max_new_tokens": 8}
+    local = {"settings": {**shared, "weights": "0123abcd"}}
+    served = {"settings": {**shared, "endpoint": "http://127.0.0.1:8000/v1", "served_model": "ergo"}}
+    assert comparable([local, served], local["settings"]) == [local]
+    assert comparable([local, served], served["settings"]) == [served]

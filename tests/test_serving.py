@@ -130,14 +130,15 @@ class ScriptedServer:
     ``(status, body bytes, seconds to wait first)``."""
 
     def __init__(self, replies: list[tuple[int, bytes, float]]):
-        self.replies, self.requests = replies, 0
+        self.replies, self.requests, self.lock = replies, 0, threading.Lock()
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
-                status, body, wait = stub.replies[min(stub.requests, len(stub.replies) - 1)]
-                stub.requests += 1
+                with stub.lock:
+                    status, body, wait = stub.replies[min(stub.requests, len(stub.replies) - 1)]
+                    stub.requests += 1
                 time.sleep(wait)
                 try:
                     self.send_response(status)
@@ -314,7 +315,7 @@ def test_the_server_runs_both_stages_itself_for_a_plain_request(proxy, local, qu
     # Streamed, the reply is both stages' text in turn, as generate(streamer=...) streams it.
     from openai import OpenAI
 
-    stream = OpenAI(base_url=proxy.url, api_key="EMPTY").chat.completions.create(
+    stream = OpenAI(base_url=proxy.url, api_key="EMPTY", timeout=120, max_retries=0).chat.completions.create(
         model=proxy.served_model, messages=messages, max_tokens=64, temperature=0.0, stream=True)
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     proxy.take()
@@ -368,6 +369,9 @@ def test_load_64_requests_at_concurrency_8_none_lost_none_duplicated(proxy, ques
     sent = [texts(body)[1][1] for body in bodies]
     assert sorted(sent) == sorted(stage1_prompt(stage_questions(q)[0]) for _, q in requests)  # each once, none lost
     assert all(result.fallback == "truncated" and result.completion_tokens["stage1"] == 1 for result in results)
+    for (image, question), result in zip(requests, results):  # each result is its own request's
+        expected = processor.prepare([image], [question], coarse_budget=16)["input_ids"].shape[1]
+        assert result.prompt_tokens["stage1"] == expected
     with capsys.disabled():
         print(f"\n[load] 64 requests at concurrency 8 against ergo serve (CPU, demo model): {seconds:.1f} s, "
               f"{64 / seconds:.2f} requests/s")

@@ -63,15 +63,13 @@ class EndpointRewardModel:
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  retries: int = 2, concurrency: int = 16, max_tokens: int = 64):
-        self.endpoint = ChatEndpoint(base_url, model, api_key=os.environ.get(api_key_env), timeout=timeout,
+        self.endpoint = ChatEndpoint(base_url, model, api_key=os.environ.get(api_key_env, "EMPTY"), timeout=timeout,
                                      max_retries=retries, concurrency=concurrency)
         self.max_tokens = max_tokens
         self.failures = 0
 
     def answer(self, images: list[Image.Image], questions: list[str]) -> list[str | None]:
-        conversations = [openai_messages([{"role": "user", "content": [{"type": "image"},
-                                                                         {"type": "text", "text": question}]}],
-                                         [image.convert("RGB")])
+        conversations = [openai_messages(ErgoProcessor.single_pass_messages(question), [image.convert("RGB")])
                          for image, question in zip(images, questions)]
         replies = self.endpoint.chat_many(conversations, self.max_tokens)
         for reply in replies:
