@@ -26,6 +26,7 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# Rebuild the shipped demo model from nothing (data, SFT, GRPO, evaluation): about 30 minutes on 2 CPU cores.
+# Rebuild the demo model from nothing (data, warm-ups, SFT, GRPO, evaluation) and ship it: about 40 minutes on 2 CPU
+# cores. The recipe in the tree does not yet beat the shipped model (README, "Synthetic proof").
 demo-model: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m training.synthetic_recipe runs/synthetic --ship

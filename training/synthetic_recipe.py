@@ -11,7 +11,7 @@ Each step writes a folder under OUT and is skipped when that folder is complete,
 3. ``vision``: the vision warm-up (``training.vision_warmup``: reading crops and pointing at the target on the
    coarse view), written as an ERGO Hub folder;
 4. ``sft``: the supervised warm-up (``training.sft``, TRL's SFTTrainer) from it, stage-1-only examples from every
-   training image, two-stage and crop examples from a third of them, a few full-image ones;
+   training image, two-stage and crop examples from half of them, a few full-image ones;
 5. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the SFT model, which is also the frozen reward
    model of r_region; its ERGO folder is ``grpo/ergo``;
 6. ``eval``: ``ergo_vqa.evaluation`` on the test split, the same samples for every mode: coarse-only and
