@@ -88,9 +88,10 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_model(model: str) -> None:
+def _check_model(model: str, message: str | None = None) -> None:
+    """``model`` is a local folder or looks like a Hub id (org/name); else FileNotFoundError with ``message``."""
     if not Path(model).exists() and model.count("/") != 1:
-        raise FileNotFoundError(f"model not found: {model} (a local folder or a Hub id like org/name)")
+        raise FileNotFoundError(message or f"model not found: {model} (a local folder or a Hub id like org/name)")
 
 
 def _check_target(args: argparse.Namespace) -> None:
@@ -107,9 +108,8 @@ def _check_target(args: argparse.Namespace) -> None:
             raise ValueError(f"{', '.join(flag for flag, value in local.items() if value)}: for a local model only, "
                              f"not with --endpoint (--concurrency sets the requests in flight)")
         source = args.model or args.served_model
-        if not Path(source).exists() and source.count("/") != 1:
-            raise FileNotFoundError(f"no processor settings at {source}: with --endpoint, --model names the folder or "
-                                    f"Hub id the served model was made from (default: --served-model)")
+        _check_model(source, f"no processor settings at {source}: with --endpoint, --model names the folder or Hub "
+                             f"id the served model was made from (default: --served-model)")
         return
     if any(value is not None for value in served.values()):
         raise ValueError(f"{', '.join(flag for flag, value in served.items() if value is not None)}: only with --endpoint")
@@ -124,9 +124,9 @@ def _client(args: argparse.Namespace):
     served model's name."""
     from .client import ErgoClient
 
+    given = {"concurrency": getattr(args, "concurrency", None), "timeout": args.timeout}
     return ErgoClient(args.endpoint, args.served_model, args.model or args.served_model,
-                      max_tokens=args.max_new_tokens, concurrency=getattr(args, "concurrency", None) or 16,
-                      timeout=args.timeout or 120.0)
+                      max_tokens=args.max_new_tokens, **{key: value for key, value in given.items() if value is not None})
 
 
 def _demo(args: argparse.Namespace) -> int:
