@@ -8,8 +8,12 @@ from modeling_ergo import ErgoForConditionalGeneration
 from processing_ergo.geometry_ergo import parse_zoom_box
 from training.data import load_training_data
 from training.config import ErgoSFTConfig
-from training.sft import STAGE1_REPLY, STAGE2_REPLY, ErgoSFTCollator, build_sft_trainer, coarse_box, sft_rows
-from training.vision_warmup import pointing_target, warm_up_vision
+from training.sft import (
+    STAGE1_REPLY, STAGE2_REPLY, ErgoSFTCollator, build_sft_trainer, coarse_box, example_mean_loss, sft_rows,
+)
+from training.vision_warmup import (
+    AttentionProbe, centre_cell, centre_token, overlapped_tokens, token_cells, warm_up_vision, window_classes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +74,14 @@ def test_single_turn_examples_answer_with_the_letter(processor, dataset):
 
 
 def test_example_shares_and_missing_regions(dataset):
-    rows = sft_rows(dataset, {"stage1": 0.75, "ergo": 1.0, "crop": 0.5, "full": 0.25, "evidence": 0.25},
-                    coarse_budget=64)
-    assert sorted(rows["kind"]) == ["crop"] * 2 + ["ergo"] * 4 + ["evidence", "full"] + ["stage1"] * 3
+    rows = sft_rows(dataset, {"stage1": 0.75, "ergo": 1.0, "stage2": 0.5, "crop": 0.5, "full": 0.25,
+                              "evidence": 0.25}, coarse_budget=64)
+    assert sorted(rows["kind"]) == (["crop"] * 2 + ["ergo"] * 4 + ["evidence", "full"] + ["stage1"] * 3
+                                    + ["stage2"] * 2)
     # Lengths the trainer groups batches by: vision tokens (a 336 px cell is 144 tokens, capped at the budget).
     lengths = set(zip(rows["kind"], rows["length"]))
-    assert {("stage1", 64), ("ergo", 64 + 64), ("crop", 64), ("full", 48 * 48)} < lengths and len(lengths) == 5
+    assert {("stage1", 64), ("ergo", 64 + 64), ("stage2", 64 + 64), ("crop", 64), ("full", 48 * 48)} < lengths
+    assert len(lengths) == 6
     without = dataset.remove_columns(["region"]).map(lambda row, i: {"gt_bbox": None if i == 1 else row["gt_bbox"]},
                                                      with_indices=True)
     with pytest.raises(ValueError, match=r"rows \[1\] have no gt_bbox"):
@@ -87,12 +93,14 @@ def test_example_shares_and_missing_regions(dataset):
         ErgoSFTConfig(output_dir="unused", full_share=1.5)
 
 
-def test_sft_trainer_learns_from_the_examples(tiny_folder, processor, dataset, tmp_path):
+@pytest.mark.parametrize("example_mean_loss", [False, True])
+def test_sft_trainer_learns_from_the_examples(tiny_folder, processor, dataset, tmp_path, example_mean_loss):
     model = ErgoForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32)
     before = {name: weight.clone() for name, weight in model.named_parameters()}
     args = ErgoSFTConfig(output_dir=str(tmp_path), coarse_budget=64, full_share=0.25, max_steps=3,
                          per_device_train_batch_size=3, learning_rate=1e-3, logging_steps=1, save_strategy="no",
-                         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False)
+                         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                         example_mean_loss=example_mean_loss)
     trainer = build_sft_trainer(model, processor, dataset, args)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -114,12 +122,31 @@ def test_vision_warm_up_trains_the_vision_tower_only(tiny_folder, processor, dat
         warm_up_vision(model, processor, dataset.remove_columns(["region", "gt_bbox"]), steps=1)
 
 
-def test_pointing_target_is_the_box_tokens_in_the_cell_of_its_centre():
+def test_pointing_targets_are_the_box_tokens_and_the_cell_of_its_centre():
     # A 1344 px image seen as 336 px (12 x 12 tokens of 28 px); the box maps to x 90-120, y 170-190 in the view.
-    target = pointing_target([360, 680, 480, 760], (1344, 1344), (336, 336), grid=4)
-    assert target.shape == (144, 16) and torch.isclose(target.sum(), torch.tensor(1.0))
-    tokens, cells = target.nonzero().T.tolist()
-    assert sorted(tokens) == [6 * 12 + 3, 6 * 12 + 3 + 1] and set(cells) == {2 * 4 + 1}  # row 6, columns 3-4
+    where = overlapped_tokens([360, 680, 480, 760], (1344, 1344), (336, 336))
+    assert where.shape == (144,) and torch.isclose(where.sum(), torch.tensor(1.0))
+    assert where.nonzero().flatten().tolist() == [6 * 12 + 3, 6 * 12 + 4]  # row 6, columns 3-4
+    assert centre_cell([360, 680, 480, 760], (1344, 1344), grid=4) == 2 * 4 + 1  # centre (420, 720)
+    cells = token_cells((336, 336), grid=4).view(12, 12)  # 3 x 3 tokens per cell
+    assert cells[0, 0] == 0 and cells[2, 2] == 0 and cells[2, 3] == 1 and cells[3, 0] == 4 and cells[11, 11] == 15
+
+
+def test_reading_attention_target_is_the_token_of_the_box_centre_in_the_crop():
+    # The crop shows original x 336-672, y 0-336 as 168 px (6 x 6 tokens); the centre (430, 100) lands at (47, 50).
+    where = centre_token([400, 80, 460, 120], [336, 0, 672, 336], (168, 168))
+    assert where.sum() == 1 and where.nonzero().item() == 1 * 6 + 1
+
+
+def test_attention_probe_reads_the_token_its_attention_picks():
+    probe = AttentionProbe(hidden_size=8, classes=3)
+    with torch.no_grad():
+        probe.score.weight.zero_(), probe.score.bias.zero_(), probe.value.bias.zero_()
+        probe.score.weight[0, 0] = 50.0  # attend to the token with the largest first feature
+        probe.value.weight.zero_(), probe.value.weight[2, 1].fill_(1.0)  # class 2 <- second feature
+    tokens = torch.tensor([[0.0, -1.0] + [0.1] * 6, [1.0, 1.0] + [0.1] * 6, [0.0, -1.0] + [0.1] * 6])
+    logits, attention = probe(tokens)
+    assert attention.exp().argmax() == 1 and logits.argmax() == 2 and torch.isclose(attention.exp().sum(), torch.tensor(1.0))
 
 
 def test_frozen_vision_tower_stays_as_it_was(tiny_folder, processor, dataset, tmp_path):
@@ -131,3 +158,35 @@ def test_frozen_vision_tower_stays_as_it_was(tiny_folder, processor, dataset, tm
     build_sft_trainer(model, processor, dataset, args).train()
     changed = {name for name, weight in model.named_parameters() if not torch.equal(weight, before[name])}
     assert changed and not any(".visual." in name for name in changed)
+
+
+def test_reading_token_classes_are_the_answer_in_the_centre_tokens_window():
+    centre = torch.zeros(36)
+    centre[1 * 6 + 5] = 1.0  # row 1, column 5 of a 6 x 6 token crop; windows of 4 x 4 tokens start at 0
+    classes = window_classes(centre, (168, 168), window=4, answer=7, none=10).view(6, 6)
+    expected = torch.full((6, 6), 10)
+    expected[0:4, 4:6] = 7
+    assert torch.equal(classes, expected)
+
+
+def test_example_mean_loss_weighs_every_example_alike():
+    from transformers.modeling_outputs import CausalLMOutput
+
+    logits = torch.randn(3, 5, 7)
+    labels = torch.tensor([[-100, 1, 2, 3, 4], [-100, -100, -100, -100, 6], [-100] * 5])  # 4 tokens, 1, none
+    loss = example_mean_loss(CausalLMOutput(logits=logits), labels)
+    token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1),
+                                                     ignore_index=-100, reduction="none").view(3, 4)
+    expected = (token_losses[0].mean() + token_losses[1, 3]) / 2  # the third example has nothing to learn
+    assert torch.isclose(loss, expected)
+    assert not torch.isclose(loss, token_losses[:2].flatten()[[0, 1, 2, 3, 7]].mean())  # not TRL's token mean
+
+
+def test_stage2_example_trains_stage_2_only(processor, dataset):
+    collator = ErgoSFTCollator(processor)
+    both = collator.example({**dataset[0], "kind": "ergo", "zoom_region": dataset[0]["region"]})
+    only = collator.example({**dataset[0], "kind": "stage2", "zoom_region": dataset[0]["region"]})
+    assert only[0] == both[0]  # the same conversation
+    letter = dataset[0]["answer"]
+    digit = dataset[0]["options"][ord(letter) - ord("A")].split(") ")[1]
+    assert _labelled_text(processor, *only[:2]) == STAGE2_REPLY.format(digit, letter) + "<|im_end|>"

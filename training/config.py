@@ -50,6 +50,8 @@ class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
     stage1_share: float = field(default=0.0, metadata={"help": "Share of rows giving a stage-1-only example (the "
                                                                  "coarse view and the reply naming the region)."})
     ergo_share: float = field(default=1.0, metadata={"help": "Share of rows giving a two-stage example."})
+    stage2_share: float = field(default=0.0, metadata={"help": "Share of rows giving a two-stage example with only "
+                                                                 "stage 2's reply trained."})
     crop_share: float = field(default=1.0, metadata={"help": "Share of rows giving a crop-only single turn."})
     full_share: float = field(default=1.0, metadata={"help": "Share of rows giving a full-resolution single turn "
                                                                  "(the costly kind: every vision token of the image)."})
@@ -57,6 +59,9 @@ class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
                                                                      "gt_bbox crop alone (needs gt_bbox)."})
     freeze_vision_tower: bool = field(default=False, metadata={"help": "Train the language model only (keeps a "
                                                                       "warmed-up or pre-trained tower as it is)."})
+    example_mean_loss: bool = field(default=False, metadata={
+        "help": "Average the loss over each example's reply tokens, then over the examples, so that a one-letter "
+                "reply weighs as much as a 50-token one (with TRL's mean over all tokens it weighs 1/50 of it)."})
     multiple_choice_postfix: str = field(default=MULTIPLE_CHOICE_POSTFIX)
     remove_unused_columns: bool = False  # the collator reads the raw rows
     dataset_kwargs: dict = field(default_factory=lambda: {"skip_prepare_dataset": True})
@@ -70,5 +75,6 @@ class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
 
     @property
     def shares(self) -> dict[str, float]:
-        return {"stage1": self.stage1_share, "ergo": self.ergo_share, "crop": self.crop_share, "full": self.full_share,
+        return {"stage1": self.stage1_share, "ergo": self.ergo_share, "stage2": self.stage2_share,
+                "crop": self.crop_share, "full": self.full_share,
                 "evidence": self.evidence_share}

@@ -1,26 +1,36 @@
-"""Vision warm-up for a model trained from scratch: teach the vision tower to read the answer and to find the target.
+"""Vision warm-up for a model trained from scratch: teach the vision tower to read the answer and to find the target,
+in features the language model can use as they are.
 
 Released Qwen2.5-VL models start from a pre-trained vision tower; a model built from config does not, and then the
 language model's loss reaches the tower too weakly to shape it: on the synthetic task a from-scratch model stayed at
-chance through hundreds of supervised steps, while the same steps after this warm-up learned to read within one
-hundred, and its stage 1 never learned where the target is until the tower was taught that too (README, "Synthetic
-proof"). The warm-up trains only the vision tower (patch embedding, blocks, merger) and two throw-away linear heads
-on the merger's output tokens, on the sum of two objectives per step:
+chance through hundreds of supervised steps (README, "Synthetic proof"). The warm-up trains only the vision tower
+(patch embedding, blocks, merger), on the sum of two objectives per step, each read out by an ``AttentionProbe``: one
+attention head over an image's merged tokens, the operation a language-model layer applies to them. A probe that
+only needs "find the token by its content, copy what it carries" is what the language model can later learn quickly
+on a frozen tower; a max- or pair-softmax readout left that information in forms its attention could not use
+(stage 1 kept writing one or two fixed cells on a frozen tower).
 
-* reading: classify each row's answer from its evidence crop (``gt_bbox`` widened to the 28 px token grid of the
-  original, so the crop is taken at native resolution and never resampled, and the original's pixels meet the same
-  patches). An image's score per answer is its best token's (the detail sits in one token).
-* pointing: on the coarse view, built as inference builds it (``ErgoProcessor.make_context``), one softmax over
-  every (token, cell) pair, where the cells are a ``grid`` x ``grid`` partition of the view; the target is the
-  tokens overlapping ``gt_bbox`` paired with the cell holding the box's centre (normalised multi-hot). So the
-  target's tokens stand out, and their features say where they are, which stage 1's reply has to name.
+* reading, on the crop stage 2 gets for the true region (``ErgoProcessor.plan_stage2`` on a reply naming it, so the
+  crop is cut and sized as inference cuts it): the probe's answer is the row's answer, and its attention goes to the
+  token holding the centre of ``gt_bbox`` (where the label is). Besides, every token's own value must give the
+  answer as far as the tower can carry it (every token when a block attends over the whole image, as Qwen2.5-VL's
+  full-attention blocks do; else the tokens of that token's attention window), and "none" beyond: with the detail
+  on one token of 288, or on one window of 16, the language model's attention never found it (chance after 4500
+  reading examples, measured), while a detail every token carries reaches it through any attention at all.
+* pointing, on the coarse view (``ErgoProcessor.make_context``, as inference builds it): the probe's answer is the
+  cell of a ``grid`` x ``grid`` partition of the view holding the centre of ``gt_bbox`` (what stage 1's reply has to
+  name), and its attention goes to the tokens ``gt_bbox`` overlaps. Besides, every token's own value must name the
+  cell the token lies in: the tower has no absolute position embedding and has to work out where a token is from
+  the scene, and this dense signal teaches it on every token of every image, not only on the target's few.
 
-The heads are discarded; the language model is untouched.
+The attention targets make the search fast (each image says where to look); the answers make the attended tokens
+carry what the language model has to copy out. The probes are discarded; the language model is untouched.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -37,31 +47,67 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class WarmUpHistory:
-    """Per-step training accuracy of each head: the answer read from the crop; the top (token, cell) pair of the
-    coarse view on the target with the right cell."""
+    """Per-step training accuracy of each probe's answer (the row's answer; the target's cell)."""
 
     reading: list[float] = field(default_factory=list)
     pointing: list[float] = field(default_factory=list)
 
 
+class AttentionProbe(torch.nn.Module):
+    """One attention head over an image's tokens with a learned query: RMS-normed tokens (as a decoder layer norms
+    its input), a score per token, a softmax, and class logits from the weighted tokens."""
+
+    def __init__(self, hidden_size: int, classes: int):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(hidden_size)
+        self.score = torch.nn.Linear(hidden_size, 1)
+        self.value = torch.nn.Linear(hidden_size, classes)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits, log attention weights over the tokens) for one image's (tokens, hidden) features."""
+        normed = self.norm(tokens)
+        attention = self.score(normed).squeeze(-1).log_softmax(-1)
+        return attention.exp() @ self.value(normed), attention
+
+
+@dataclass
+class _Task:
+    """One objective's images with, per image, the probe's answer and where its attention should go."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+    attention: list[torch.Tensor] = field(default_factory=list)
+    token_classes: list[torch.Tensor] | None = None
+    """Per image, a class for every token's own value to predict; None: no per-token objective."""
+
+
 def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int = 300, batch_size: int = 32,
                    learning_rate: float = 1e-3, grid: int = 4, seed: int = 0) -> WarmUpHistory:
-    """Trains ``model.model.visual`` in place on both objectives (batches of ``batch_size`` rows each)."""
+    """Trains ``model.model.visual`` in place on both objectives (``batch_size`` images of each per step)."""
     if "gt_bbox" not in dataset.column_names or any(box is None for box in dataset["gt_bbox"]):
         raise ValueError("the vision warm-up needs a gt_bbox on every row")
+    region_column = "region" if "region" in dataset.column_names else "gt_bbox"
     answers = sorted(set(dataset["answer"]))
-    crops, labels, views, targets = [], [], [], []
+    reading, pointing = _Task(token_classes=[]), _Task(token_classes=[])
+    reach = _reach(model.config.vision_config)
     for row in dataset:
         image = load_image(row["image"], name="training image")
-        crops.append(image.crop(_on_token_grid(row["gt_bbox"], image.size)))
-        labels.append(answers.index(row["answer"]))
-        _, (view,) = processor.make_context([image], [row["question"]], fallback="resize")
-        views.append(view)
-        targets.append(pointing_target(row["gt_bbox"], image.size, view.size, grid))
+        context, (view,) = processor.make_context([image], [row["question"]], fallback="resize")
+        crop, crop_box = _inference_crop(processor, context, row[region_column] or row["gt_bbox"])
+        reading.images.append(crop)
+        reading.answers.append(answers.index(row["answer"]))
+        reading.attention.append(centre_token(row["gt_bbox"], crop_box, crop.size))
+        reading.token_classes.append(window_classes(reading.attention[-1], crop.size, reach or max(crop.size),
+                                                    reading.answers[-1], none=len(answers)))
+        pointing.images.append(view)
+        pointing.answers.append(centre_cell(row["gt_bbox"], image.size, grid))
+        pointing.attention.append(overlapped_tokens(row["gt_bbox"], image.size, view.size))
+        pointing.token_classes.append(token_cells(view.size, grid))
 
     vision = model.model.visual
     hidden = model.config.text_config.hidden_size
-    reader, pointer = torch.nn.Linear(hidden, len(answers)), torch.nn.Linear(hidden, grid * grid)
+    reader, pointer = AttentionProbe(hidden, len(answers) + 1), AttentionProbe(hidden, grid * grid)
+    reader.to(model.device), pointer.to(model.device)
     parameters = [*vision.parameters(), *reader.parameters(), *pointer.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     # A tenth of the steps of linear warm-up: without it, runs at 3e-3 sometimes collapsed to chance for good.
@@ -69,52 +115,111 @@ def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int
     rng = random.Random(seed)
     history = WarmUpHistory()
     vision.train()
-    reader.to(model.device), pointer.to(model.device)
     for step in range(steps):
-        picked = rng.sample(range(len(crops)), min(batch_size, len(crops)))
-        per_token = [reader(tokens) for tokens in _token_features(model, processor, [crops[i] for i in picked])]
-        logits = torch.stack([tokens.max(0).values for tokens in per_token])
-        answer = torch.tensor([labels[i] for i in picked], device=model.device)
-        reading_loss = torch.nn.functional.cross_entropy(logits, answer)
-        history.reading.append((logits.argmax(-1) == answer).float().mean().item())
-
-        picked = rng.sample(range(len(views)), min(batch_size, len(views)))
-        pointing_loss, hits = torch.zeros((), device=model.device), 0.0
-        for tokens, index in zip(_token_features(model, processor, [views[i] for i in picked]), picked):
-            scores = pointer(tokens).flatten().log_softmax(-1)
-            target = targets[index].to(model.device).flatten()
-            pointing_loss = pointing_loss - (target * scores).sum() / len(picked)
-            hits += float(target[scores.argmax()] > 0) / len(picked)
-        history.pointing.append(hits)
-
-        (reading_loss + pointing_loss).backward()
+        losses = []
+        for task, probe, accuracy in ((reading, reader, history.reading), (pointing, pointer, history.pointing)):
+            picked = rng.sample(range(len(task.images)), min(batch_size, len(task.images)))
+            loss, correct = _probe_loss(model, processor, task, probe, picked)
+            losses.append(loss)
+            accuracy.append(correct)
+        sum(losses).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
         if step % 25 == 0 or step == steps - 1:
-            logger.warning("vision warm-up step %d: reading loss %.3f, accuracy %.2f; pointing loss %.3f, hits %.2f",
-                           step, reading_loss.item(), history.reading[-1], pointing_loss.item(), hits)
+            logger.warning("vision warm-up step %d: reading loss %.3f, accuracy %.2f; pointing loss %.3f, accuracy %.2f",
+                           step, losses[0].item(), history.reading[-1], losses[1].item(), history.pointing[-1])
     return history
 
 
-def pointing_target(box: list[int], size: tuple[int, int], view_size: tuple[int, int], grid: int) -> torch.Tensor:
-    """(view tokens, grid * grid) normalised multi-hot: the merged tokens of the view that ``box`` (original pixels)
-    overlaps, each paired with the cell of the ``grid`` x ``grid`` partition holding the box's centre. Tokens are in
-    the merger's row-major order."""
+def _probe_loss(model, processor: ErgoProcessor, task: _Task, probe: AttentionProbe,
+                picked: list[int]) -> tuple[torch.Tensor, float]:
+    """Mean over the picked images of (answer cross-entropy + attention cross-entropy [+ mean per-token value
+    cross-entropy]), and the answer accuracy."""
+    loss, correct = torch.zeros((), device=model.device), 0
+    for tokens, index in zip(_token_features(model, processor, [task.images[i] for i in picked]), picked):
+        logits, attention = probe(tokens)
+        answer = torch.tensor(task.answers[index], device=model.device)
+        where = task.attention[index].to(model.device)
+        loss = loss + torch.nn.functional.cross_entropy(logits, answer) - (where * attention).sum()
+        if task.token_classes is not None:
+            own = task.token_classes[index].to(model.device)
+            loss = loss + torch.nn.functional.cross_entropy(probe.value(probe.norm(tokens)), own)
+        correct += int(logits.argmax() == answer)
+    return loss / len(picked), correct / len(picked)
+
+
+def _inference_crop(processor: ErgoProcessor, context, region: list[int]) -> tuple[Image.Image, list[int]]:
+    """(the crop stage 2 gets when stage 1 names ``region``, the part of the original it shows)."""
+    sample = context.samples[0]
+    (width, height), (view_width, view_height) = sample.image.size, sample.coarse_size
+    box = [math.floor(region[0] * view_width / width), math.floor(region[1] * view_height / height),
+           math.ceil(region[2] * view_width / width), math.ceil(region[3] * view_height / height)]
+    decision = processor.plan_stage2(context, [f"<zoom>[{', '.join(map(str, box))}]</zoom>"])[0]
+    if decision.fallback is not None:
+        raise ValueError(f"region {region} gives no crop ({decision.fallback})")
+    return decision.image, list(decision.region)
+
+
+def centre_token(box: list[int], crop_box: list[int], crop_size: tuple[int, int]) -> torch.Tensor:
+    """One-hot over the crop's merged tokens (row-major): the token holding the centre of ``box`` (original pixels)
+    in a crop of ``crop_box`` resized to ``crop_size``."""
+    scale_x = crop_size[0] / (crop_box[2] - crop_box[0])
+    scale_y = crop_size[1] / (crop_box[3] - crop_box[1])
+    columns, rows = crop_size[0] // IMAGE_FACTOR, crop_size[1] // IMAGE_FACTOR
+    column = min(columns - 1, max(0, int(((box[0] + box[2]) / 2 - crop_box[0]) * scale_x) // IMAGE_FACTOR))
+    row = min(rows - 1, max(0, int(((box[1] + box[3]) / 2 - crop_box[1]) * scale_y) // IMAGE_FACTOR))
+    target = torch.zeros(rows * columns)
+    target[row * columns + column] = 1.0
+    return target
+
+
+def centre_cell(box: list[int], size: tuple[int, int], grid: int) -> int:
+    """The cell of a ``grid`` x ``grid`` partition of the image holding the centre of ``box``, row-major."""
+    column = min(grid - 1, int((box[0] + box[2]) / 2 / size[0] * grid))
+    row = min(grid - 1, int((box[1] + box[3]) / 2 / size[1] * grid))
+    return row * grid + column
+
+
+def window_classes(centre: torch.Tensor, size: tuple[int, int], window: int, answer: int, none: int) -> torch.Tensor:
+    """Per merged token of an image (row-major): ``answer`` for the tokens in the same ``window`` x ``window`` tower
+    attention window as the one-hot ``centre`` token, ``none`` for the rest."""
+    columns, rows = size[0] // IMAGE_FACTOR, size[1] // IMAGE_FACTOR
+    row, column = divmod(int(centre.argmax()), columns)
+    in_window = ((torch.arange(rows) // window == row // window)[:, None]
+                 & (torch.arange(columns) // window == column // window)[None, :])
+    return torch.where(in_window, answer, none).flatten()
+
+
+def _reach(vision_config) -> int | None:
+    """How far, in merged tokens per side, the vision tower can move information: None (the whole image) when a
+    block has full attention, else the side of its attention window (Qwen2.5-VL: ``window_size`` pixels)."""
+    if vision_config.fullatt_block_indexes:
+        return None
+    return max(1, vision_config.window_size // (vision_config.patch_size * vision_config.spatial_merge_size))
+
+
+def token_cells(view_size: tuple[int, int], grid: int) -> torch.Tensor:
+    """Per merged token of a view (row-major), the cell of a ``grid`` x ``grid`` partition holding its centre."""
+    columns, rows = view_size[0] // IMAGE_FACTOR, view_size[1] // IMAGE_FACTOR
+    column = ((torch.arange(columns) + 0.5) * grid / columns).long().clamp(max=grid - 1)
+    row = ((torch.arange(rows) + 0.5) * grid / rows).long().clamp(max=grid - 1)
+    return (row[:, None] * grid + column[None, :]).flatten()
+
+
+def overlapped_tokens(box: list[int], size: tuple[int, int], view_size: tuple[int, int]) -> torch.Tensor:
+    """Normalised multi-hot over the view's merged tokens (row-major): those ``box`` (original pixels) overlaps."""
     (width, height), (view_width, view_height) = size, view_size
     x1, x2 = box[0] * view_width / width, box[2] * view_width / width
     y1, y2 = box[1] * view_height / height, box[3] * view_height / height
     columns, rows = view_width // IMAGE_FACTOR, view_height // IMAGE_FACTOR
-    cell = (min(grid - 1, int((y1 + y2) / 2 / view_height * grid)) * grid
-            + min(grid - 1, int((x1 + x2) / 2 / view_width * grid)))
-    target = torch.zeros(rows * columns, grid * grid)
+    target = torch.zeros(rows, columns)
     for row in range(rows):
         for column in range(columns):
             left, top = column * IMAGE_FACTOR, row * IMAGE_FACTOR
-            if x1 < left + IMAGE_FACTOR and x2 > left and y1 < top + IMAGE_FACTOR and y2 > top:
-                target[row * columns + column, cell] = 1.0
-    return target / target.sum()
+            target[row, column] = float(x1 < left + IMAGE_FACTOR and x2 > left and y1 < top + IMAGE_FACTOR and y2 > top)
+    return target.flatten() / target.sum()
 
 
 def _token_features(model, processor: ErgoProcessor, images: list[Image.Image]) -> tuple[torch.Tensor, ...]:
@@ -125,12 +230,3 @@ def _token_features(model, processor: ErgoProcessor, images: list[Image.Image]) 
     features = model.model.visual(pixels["pixel_values"].to(model.device), grid_thw=grid)
     features = getattr(features, "pooler_output", features)
     return features.split((grid.prod(-1) // processor.image_processor.merge_size ** 2).tolist())
-
-
-def _on_token_grid(box: list[int], size: tuple[int, int], grid: int = IMAGE_FACTOR) -> tuple[int, int, int, int]:
-    """``box`` widened outwards to multiples of ``grid`` (at least 2x2 tokens), inside the image."""
-    width, height = size
-    x1, y1 = box[0] // grid * grid, box[1] // grid * grid
-    x2 = min(width // grid * grid, max(x1 + 2 * grid, -(-box[2] // grid) * grid))
-    y2 = min(height // grid * grid, max(y1 + 2 * grid, -(-box[3] // grid) * grid))
-    return x1, y1, x2, y2
