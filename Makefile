@@ -27,6 +27,6 @@ test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # Rebuild the demo model from nothing (data, warm-ups, SFT, GRPO, evaluation) and ship it: about 40 minutes on 2 CPU
-# cores. The recipe in the tree does not yet beat the shipped model (README, "Synthetic proof").
+# cores (README, "Synthetic proof").
 demo-model: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m training.synthetic_recipe runs/synthetic --ship

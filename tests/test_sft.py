@@ -74,14 +74,12 @@ def test_single_turn_examples_answer_with_the_letter(processor, dataset):
 
 
 def test_example_shares_and_missing_regions(dataset):
-    rows = sft_rows(dataset, {"stage1": 0.75, "ergo": 1.0, "stage2": 0.5, "crop": 0.5, "full": 0.25,
-                              "evidence": 0.25}, coarse_budget=64)
-    assert sorted(rows["kind"]) == (["crop"] * 2 + ["ergo"] * 4 + ["evidence", "full"] + ["stage1"] * 3
-                                    + ["stage2"] * 2)
+    rows = sft_rows(dataset, {"stage1": 0.75, "ergo": 1.0, "crop": 0.5, "full": 0.25, "evidence": 0.25},
+                    coarse_budget=64)
+    assert sorted(rows["kind"]) == ["crop"] * 2 + ["ergo"] * 4 + ["evidence", "full"] + ["stage1"] * 3
     # Lengths the trainer groups batches by: vision tokens (a 336 px cell is 144 tokens, capped at the budget).
     lengths = set(zip(rows["kind"], rows["length"]))
-    assert {("stage1", 64), ("ergo", 64 + 64), ("stage2", 64 + 64), ("crop", 64), ("full", 48 * 48)} < lengths
-    assert len(lengths) == 6
+    assert {("stage1", 64), ("ergo", 64 + 64), ("crop", 64), ("full", 48 * 48)} < lengths and len(lengths) == 5
     without = dataset.remove_columns(["region"]).map(lambda row, i: {"gt_bbox": None if i == 1 else row["gt_bbox"]},
                                                      with_indices=True)
     with pytest.raises(ValueError, match=r"rows \[1\] have no gt_bbox"):
@@ -181,12 +179,3 @@ def test_example_mean_loss_weighs_every_example_alike():
     assert torch.isclose(loss, expected)
     assert not torch.isclose(loss, token_losses[:2].flatten()[[0, 1, 2, 3, 7]].mean())  # not TRL's token mean
 
-
-def test_stage2_example_trains_stage_2_only(processor, dataset):
-    collator = ErgoSFTCollator(processor)
-    both = collator.example({**dataset[0], "kind": "ergo", "zoom_region": dataset[0]["region"]})
-    only = collator.example({**dataset[0], "kind": "stage2", "zoom_region": dataset[0]["region"]})
-    assert only[0] == both[0]  # the same conversation
-    letter = dataset[0]["answer"]
-    digit = dataset[0]["options"][ord(letter) - ord("A")].split(") ")[1]
-    assert _labelled_text(processor, *only[:2]) == STAGE2_REPLY.format(digit, letter) + "<|im_end|>"

@@ -50,8 +50,6 @@ class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
     stage1_share: float = field(default=0.0, metadata={"help": "Share of rows giving a stage-1-only example (the "
                                                                  "coarse view and the reply naming the region)."})
     ergo_share: float = field(default=1.0, metadata={"help": "Share of rows giving a two-stage example."})
-    stage2_share: float = field(default=0.0, metadata={"help": "Share of rows giving a two-stage example with only "
-                                                                 "stage 2's reply trained."})
     crop_share: float = field(default=1.0, metadata={"help": "Share of rows giving a crop-only single turn."})
     full_share: float = field(default=1.0, metadata={"help": "Share of rows giving a full-resolution single turn "
                                                                  "(the costly kind: every vision token of the image)."})
@@ -75,6 +73,5 @@ class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
 
     @property
     def shares(self) -> dict[str, float]:
-        return {"stage1": self.stage1_share, "ergo": self.ergo_share, "stage2": self.stage2_share,
-                "crop": self.crop_share, "full": self.full_share,
+        return {"stage1": self.stage1_share, "ergo": self.ergo_share, "crop": self.crop_share, "full": self.full_share,
                 "evidence": self.evidence_share}

@@ -1,6 +1,6 @@
 """The synthetic demo model end to end on a CPU: data, supervised warm-up, GRPO with TCE, evaluation.
 
-    python -m training.synthetic_recipe runs/synthetic           # about 45 minutes on 2 CPU cores
+    python -m training.synthetic_recipe runs/synthetic           # about 40 minutes on 2 CPU cores
     python -m training.synthetic_recipe runs/synthetic --ship    # then copy the trained model to ergo_vqa/demo_model
                                                           # (without its remote code: ergo_vqa.demo adds it)
 
@@ -10,12 +10,13 @@ Each step writes a folder under OUT and is skipped when that folder is complete,
 2. ``init``: a ``DEMO``-shape Qwen2.5-VL built from config, random weights, offline tokenizer;
 3. ``vision``: the vision warm-up (``training.vision_warmup``: reading crops and pointing at the target on the
    coarse view), written as an ERGO Hub folder;
-4. ``sft``: the supervised warm-up (``training.sft``, TRL's SFTTrainer) from it, stage-1-only examples from every
-   training image, two-stage and crop examples from half of them, a few full-image ones;
-5. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the SFT model, which is also the frozen reward
-   model of r_region; its ERGO folder is ``grpo/ergo``;
-6. ``eval``: ``ergo_vqa.evaluation`` on the test split, the same samples for every mode: coarse-only and
-   full-resolution single passes and ERGO for the SFT model, ERGO for the GRPO model; ``results.md`` and
+4. ``sft``: the first supervised phase (``training.sft``, TRL's SFTTrainer, tower frozen) from it: stage-1-only and
+   crop-only examples from every training image, two-stage examples from half of them, a few full-image ones;
+5. ``reading``: the second phase from that model, the loss averaged per example (``Recipe.reading_shares``);
+6. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the second phase's model, which is also the
+   frozen reward model of r_region; its ERGO folder is ``grpo/ergo``;
+7. ``eval``: ``ergo_vqa.evaluation`` on the test split, the same samples for every mode: coarse-only and
+   full-resolution single passes and ERGO for the supervised model, ERGO for the GRPO model; ``results.md`` and
    ``results.json`` hold the table.
 
 Each step's wall time is appended to ``OUT/timings.jsonl``.
@@ -59,7 +60,7 @@ tags: [ergo, qwen2_5_vl, synthetic]
 
 A 1.6M-parameter Qwen2.5-VL-architecture model trained from scratch, on 2 CPU cores, by the ERGO project's own
 recipe (`python -m training.synthetic_recipe runs/synthetic --ship`): a vision warm-up (reading digits in crops,
-pointing at the target on the coarse view), a supervised warm-up on ERGO's two-turn format, then GRPO with the TCE
+pointing at the target on the coarse view), two supervised phases on ERGO's two-turn format, then GRPO with the TCE
 reward (the supervised model as the frozen reward model), on the synthetic task of `ergo_vqa.synthetic_task` (find the one saturated shape in a 1344x1344 image seen at 144 vision tokens, zoom on
 it, read its digit in the native-resolution crop). It is a demonstration, not a general model. How well it finds
 the target and reads the digit is the table below: measured on held-out questions when it was trained, not claimed
@@ -87,25 +88,18 @@ class Recipe:
     """The first this many training rows feed the vision warm-up (both objectives)."""
     sft_epochs: float = 1.0
     sft_learning_rate: float = 1e-3
-    stage1_share: float = 1.0
-    """Every training row teaches stage 1 where to zoom: the cheap example kind, and the skill a model this small
-    needs the most images for."""
-    ergo_share: float = 0.0
-    stage2_share: float = 1.0
-    """Every training row teaches stage 2 to read the crop after stage 1's turn, stage 1's reply untrained there (the
-    stage-1 examples teach it): trained on both replies, the two-stage examples left stage 2 at chance while stage 1
-    found the target 97 times in 100 (validation)."""
-    crop_share: float = 0.5
-    """Reading the crop alone (one short turn): what r_region's frozen reward model is asked."""
-    evidence_share: float = 0.0
-    full_share: float = 0.02
-    example_mean_loss: bool = True
-    """Each example weighs alike, whatever its reply's length (``ErgoSFTConfig.example_mean_loss``): under TRL's
-    mean over all tokens the one-letter crop replies, batched with 50-token stage-1 replies, never taught reading."""
     freeze_vision_tower: bool = True
-    """The warm-up's features are used as they are: the language model learns to find and copy them (measured on the
-    validation split after the probe warm-up: stage 1's region held the target for 93 of 100 questions with the
-    tower frozen), and a frozen tower makes each step cheaper."""
+    """The warm-up's features are used as they are, in both supervised phases: the language model learns to find and
+    copy them (stage 1's region held the target for 98 of 100 validation questions after the first phase), and a
+    frozen tower makes each step cheaper."""
+    sft_shares: tuple[tuple[str, float], ...] = (("stage1", 1.0), ("ergo", 0.5), ("crop", 1.0), ("full", 0.02))
+    """First phase: a stage-1-only example from every training row (the cheap kind that teaches where to zoom), the
+    two-stage conversation from half, the crop alone from every row, a few full images; loss averaged over all
+    tokens, as TRL does."""
+    reading_shares: tuple[tuple[str, float], ...] = (("stage1", 0.34), ("ergo", 0.34), ("crop", 0.67))
+    """Second phase, from the first's model with the loss averaged per example (``ErgoSFTConfig.example_mean_loss``):
+    the one-letter crop replies, batched with 50-token stage-1 replies, taught nothing under the token mean (validation
+    crops read at chance), while this phase reads every validation crop and keeps stage 1 (97 of 100)."""
     grpo_steps: int = 40
     grpo_learning_rate: float = 1e-4
     box_threshold: float = 0.1
@@ -118,14 +112,18 @@ def run(out: Path, recipe: Recipe = Recipe()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     data, init, vision, sft, grpo = out / "data", out / "init", out / "vision", out / "sft", out / "grpo" / "ergo"
+    reading = out / "reading"
     train = data / "train.jsonl"
     _step(out, "data", data / "test.jsonl", lambda: write_splits(data, dict(recipe.splits), seed=recipe.seed))
     _step(out, "init", init / "config.json", lambda: build_init(init, recipe.seed))
     _step(out, "vision", vision / "config.json", lambda: vision_warm_up(init, train, vision, recipe))
-    _step(out, "sft", sft / "config.json", lambda: supervised_warm_up(vision, train, sft, recipe))
-    _step(out, "grpo", grpo / "config.json", lambda: grpo_main(grpo_arguments(sft, train, out / "grpo", recipe)))
+    _step(out, "sft", sft / "config.json",
+          lambda: supervised_warm_up(vision, train, sft, recipe, dict(recipe.sft_shares), example_mean_loss=False))
+    _step(out, "reading", reading / "config.json",
+          lambda: supervised_warm_up(sft, train, reading, recipe, dict(recipe.reading_shares), example_mean_loss=True))
+    _step(out, "grpo", grpo / "config.json", lambda: grpo_main(grpo_arguments(reading, train, out / "grpo", recipe)))
     start = time.perf_counter()
-    result = evaluate_all({"SFT": sft, "SFT + GRPO": grpo}, data, out / "eval", recipe.budget)
+    result = evaluate_all({"SFT": reading, "SFT + GRPO": grpo}, data, out / "eval", recipe.budget)
     _log_time(out, "eval", start)
     return result
 
@@ -163,15 +161,16 @@ def vision_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe) -
     return folder
 
 
-def supervised_warm_up(vision: Path, train_file: Path, folder: Path, recipe: Recipe) -> Path:
-    processor = ErgoProcessor.from_pretrained(vision, coarse_budget=recipe.budget)
-    model = ErgoForConditionalGeneration.from_pretrained(vision, dtype=torch.float32)
+def supervised_warm_up(start: Path, train_file: Path, folder: Path, recipe: Recipe, shares: dict[str, float],
+                       example_mean_loss: bool) -> Path:
+    """One supervised phase (``training.sft``, TRL's SFTTrainer) from the model in ``start``."""
+    processor = ErgoProcessor.from_pretrained(start, coarse_budget=recipe.budget)
+    model = ErgoForConditionalGeneration.from_pretrained(start, dtype=torch.float32)
     dataset = load_training_data(str(train_file))
     args = ErgoSFTConfig(
-        output_dir=str(folder.parent / "sft-run"), coarse_budget=recipe.budget, stage1_share=recipe.stage1_share,
-        ergo_share=recipe.ergo_share, stage2_share=recipe.stage2_share, crop_share=recipe.crop_share, evidence_share=recipe.evidence_share,
-        full_share=recipe.full_share, freeze_vision_tower=recipe.freeze_vision_tower,
-        example_mean_loss=recipe.example_mean_loss,
+        output_dir=str(folder.parent / f"{folder.name}-run"), coarse_budget=recipe.budget,
+        **{f"{kind}_share": shares.get(kind, 0.0) for kind in ("stage1", "ergo", "crop", "full", "evidence")},
+        freeze_vision_tower=recipe.freeze_vision_tower, example_mean_loss=example_mean_loss,
         num_train_epochs=recipe.sft_epochs, learning_rate=recipe.sft_learning_rate, lr_scheduler_type="cosine",
         warmup_steps=0.05, per_device_train_batch_size=8, weight_decay=0.0, logging_steps=10, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
