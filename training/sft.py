@@ -31,7 +31,7 @@ from trl import SFTTrainer
 
 from processing_ergo.geometry_ergo import PAPER_BUDGET, vision_tokens
 from processing_ergo.images_ergo import load_image
-from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET, ErgoContext, ErgoProcessor
+from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET, ErgoContext, ErgoProcessor, ZoomDecision
 from processing_ergo.prompts_ergo import stage_questions
 
 from .config import ErgoSFTConfig
@@ -112,7 +112,7 @@ class ErgoSFTCollator:
         options = row["options"] or []
         if row["kind"] == "stage1":
             stage1 = self._stage1(image, row["question"], options)
-            reply, _ = self._zoom(stage1["ergo_context"], row["zoom_region"])
+            reply, _ = zoom_on(self.processor, stage1["ergo_context"], row["zoom_region"])
             return self._with_reply(stage1, reply)
         if row["kind"] == "ergo":
             return self._two_stage(image, row["question"], options, row["zoom_region"], letter, shown)
@@ -132,7 +132,7 @@ class ErgoSFTCollator:
         processor = self.processor
         stage1 = self._stage1(image, question, options)
         context: ErgoContext = stage1["ergo_context"]
-        reply1, decision = self._zoom(context, region)
+        reply1, decision = zoom_on(processor, context, region)
         turn = processor.stage2_turn(decision, context.samples[0].stage2_question, context.stage2_template)
         sequence = processor.stage2_sequence(stage1["input_ids"][0].tolist(), self._tokens(reply1), turn)
         reply2_ids = self._tokens(STAGE2_REPLY.format(shown, letter)) + [self.end_of_turn]
@@ -150,18 +150,9 @@ class ErgoSFTCollator:
     def _crop_prompt(self, image, full, region):
         """The crop an ``ergo`` example zooming on ``region`` would cut, alone under the plain single-turn prompt."""
         context, _ = self.processor.make_context([image], [full], fallback="resize")
-        _, decision = self._zoom(context, region)
+        _, decision = zoom_on(self.processor, context, region)
         crop_budget = self.processor.crop_budget or self.processor.coarse_budget
         return self.processor.single_pass([decision.image], [full], budget=crop_budget)
-
-    def _zoom(self, context: ErgoContext, region: list[int]):
-        """(stage-1 reply naming ``region``, the crop decision inference makes for it) for the context's sample."""
-        sample = context.samples[0]
-        reply = STAGE1_REPLY.format(*coarse_box(region, sample.image.size, sample.coarse_size))
-        decision = self.processor.plan_stage2(context, [reply])[0]
-        if decision.fallback is not None:
-            raise ValueError(f"region {region} gives no crop ({decision.fallback})")
-        return reply, decision
 
     def _with_reply(self, prompt, text: str):
         """One turn: ``prompt``'s input, then ``text`` and the end-of-turn token, which alone are labelled."""
@@ -172,6 +163,17 @@ class ErgoSFTCollator:
 
     def _tokens(self, text: str) -> list[int]:
         return self.processor.tokenizer.encode(text, add_special_tokens=False)
+
+
+def zoom_on(processor: ErgoProcessor, context: ErgoContext, region: list[int]) -> tuple[str, ZoomDecision]:
+    """(stage-1 reply naming ``region`` (original pixels), the crop decision inference makes for it) for the
+    context's one sample; a region that gives no crop raises."""
+    sample = context.samples[0]
+    reply = STAGE1_REPLY.format(*coarse_box(region, sample.image.size, sample.coarse_size))
+    decision = processor.plan_stage2(context, [reply])[0]
+    if decision.fallback is not None:
+        raise ValueError(f"region {region} gives no crop ({decision.fallback})")
+    return reply, decision
 
 
 def coarse_box(region: list[int], original_size: tuple[int, int], coarse_size: tuple[int, int]) -> list[int]:

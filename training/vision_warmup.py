@@ -10,13 +10,14 @@ only needs "find the token by its content, copy what it carries" is what the lan
 on a frozen tower; a max- or pair-softmax readout left that information in forms its attention could not use
 (stage 1 kept writing one or two fixed cells on a frozen tower).
 
-* reading, on the crop stage 2 gets for the true region (``ErgoProcessor.plan_stage2`` on a reply naming it, so the
-  crop is cut and sized as inference cuts it): the probe's answer is the row's answer, and its attention goes to the
-  token holding the centre of ``gt_bbox`` (where the label is). Besides, every token's own value must give the
-  answer as far as the tower can carry it (every token when a block attends over the whole image, as Qwen2.5-VL's
-  full-attention blocks do; else the tokens of that token's attention window), and "none" beyond: with the detail
-  on one token of 288, or on one window of 16, the language model's attention never found it (chance after 4500
-  reading examples, measured), while a detail every token carries reaches it through any attention at all.
+* reading, on the crop stage 2 gets for the true region (``training.sft.zoom_on``: ``plan_stage2`` on a reply naming
+  it, so the crop is cut and sized as inference cuts it): the probe's answer is the row's answer, and its attention
+  goes to the token holding the centre of ``gt_bbox`` (where the label is). Besides, every token's own value must
+  give the answer as far as the tower can carry it (every token when a block attends over the whole image, as
+  Qwen2.5-VL's full-attention blocks do; else the tokens of that token's attention window), and "none" beyond: with
+  the detail on one token of 288, or on one window of 16, the language model's attention never found it (chance
+  after 4500 reading examples, measured), while a detail every token carries reaches it through any attention at
+  all.
 * pointing, on the coarse view (``ErgoProcessor.make_context``, as inference builds it): the probe's answer is the
   cell of a ``grid`` x ``grid`` partition of the view holding the centre of ``gt_bbox`` (what stage 1's reply has to
   name), and its attention goes to the tokens ``gt_bbox`` overlaps. Besides, every token's own value must name the
@@ -30,7 +31,6 @@ carry what the language model has to copy out. The probes are discarded; the lan
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 
@@ -41,6 +41,8 @@ from PIL import Image
 from processing_ergo.geometry_ergo import IMAGE_FACTOR
 from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import ErgoProcessor, size_up_to
+
+from .sft import zoom_on
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +79,8 @@ class _Task:
     images: list[Image.Image] = field(default_factory=list)
     answers: list[int] = field(default_factory=list)
     attention: list[torch.Tensor] = field(default_factory=list)
-    token_classes: list[torch.Tensor] | None = None
-    """Per image, a class for every token's own value to predict; None: no per-token objective."""
+    token_classes: list[torch.Tensor] = field(default_factory=list)
+    """Per image, a class for every token's own value to predict."""
 
 
 def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int = 300, batch_size: int = 32,
@@ -88,12 +90,13 @@ def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int
         raise ValueError("the vision warm-up needs a gt_bbox on every row")
     region_column = "region" if "region" in dataset.column_names else "gt_bbox"
     answers = sorted(set(dataset["answer"]))
-    reading, pointing = _Task(token_classes=[]), _Task(token_classes=[])
+    reading, pointing = _Task(), _Task()
     reach = _reach(model.config.vision_config)
     for row in dataset:
         image = load_image(row["image"], name="training image")
         context, (view,) = processor.make_context([image], [row["question"]], fallback="resize")
-        crop, crop_box = _inference_crop(processor, context, row[region_column] or row["gt_bbox"])
+        _, decision = zoom_on(processor, context, row[region_column] or row["gt_bbox"])
+        crop, crop_box = decision.image, decision.region
         reading.images.append(crop)
         reading.answers.append(answers.index(row["answer"]))
         reading.attention.append(centre_token(row["gt_bbox"], crop_box, crop.size))
@@ -135,31 +138,18 @@ def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int
 
 def _probe_loss(model, processor: ErgoProcessor, task: _Task, probe: AttentionProbe,
                 picked: list[int]) -> tuple[torch.Tensor, float]:
-    """Mean over the picked images of (answer cross-entropy + attention cross-entropy [+ mean per-token value
-    cross-entropy]), and the answer accuracy."""
+    """Mean over the picked images of (answer cross-entropy + attention cross-entropy + mean per-token value
+    cross-entropy), and the answer accuracy."""
     loss, correct = torch.zeros((), device=model.device), 0
     for tokens, index in zip(_token_features(model, processor, [task.images[i] for i in picked]), picked):
         logits, attention = probe(tokens)
         answer = torch.tensor(task.answers[index], device=model.device)
         where = task.attention[index].to(model.device)
-        loss = loss + torch.nn.functional.cross_entropy(logits, answer) - (where * attention).sum()
-        if task.token_classes is not None:
-            own = task.token_classes[index].to(model.device)
-            loss = loss + torch.nn.functional.cross_entropy(probe.value(probe.norm(tokens)), own)
+        own = task.token_classes[index].to(model.device)
+        loss = (loss + torch.nn.functional.cross_entropy(logits, answer) - (where * attention).sum()
+                + torch.nn.functional.cross_entropy(probe.value(probe.norm(tokens)), own))
         correct += int(logits.argmax() == answer)
     return loss / len(picked), correct / len(picked)
-
-
-def _inference_crop(processor: ErgoProcessor, context, region: list[int]) -> tuple[Image.Image, list[int]]:
-    """(the crop stage 2 gets when stage 1 names ``region``, the part of the original it shows)."""
-    sample = context.samples[0]
-    (width, height), (view_width, view_height) = sample.image.size, sample.coarse_size
-    box = [math.floor(region[0] * view_width / width), math.floor(region[1] * view_height / height),
-           math.ceil(region[2] * view_width / width), math.ceil(region[3] * view_height / height)]
-    decision = processor.plan_stage2(context, [f"<zoom>[{', '.join(map(str, box))}]</zoom>"])[0]
-    if decision.fallback is not None:
-        raise ValueError(f"region {region} gives no crop ({decision.fallback})")
-    return decision.image, list(decision.region)
 
 
 def centre_token(box: list[int], crop_box: list[int], crop_size: tuple[int, int]) -> torch.Tensor:
