@@ -42,6 +42,22 @@ def test_two_stage_example_is_the_inference_layout_with_replies_labelled(process
     assert text.count(row["options"][0]) == 1 and text.index(row["options"][0]) > text.index("<zoom>[")
 
 
+def test_stage2_example_is_the_conversations_stage2_turn_alone(processor, dataset):
+    collator = ErgoSFTCollator(processor)
+    row = {**dataset[1], "zoom_region": dataset[1]["region"]}
+    ergo_ids, ergo_labels, (_, ergo_pixels, ergo_grid) = collator.example({**row, "kind": "ergo"})
+    ids, labels, (types, pixels, grid) = collator.example({**row, "kind": "stage2"})
+    user = processor.tokenizer.encode("<|im_start|>user", add_special_tokens=False)
+    starts = [index for index in range(len(ergo_ids)) if ergo_ids[index:index + len(user)] == user]
+    # The same crop, stage-2 prompt and reply as the conversation's second user turn, after ERGO's system prompt.
+    assert ids[-(len(ergo_ids) - starts[-1]):] == ergo_ids[starts[-1]:]
+    assert ids[:starts[0]] == ergo_ids[:starts[0]]
+    assert torch.equal(grid, ergo_grid[1:]) and torch.equal(pixels, ergo_pixels[-pixels.shape[0]:])
+    assert _labelled_text(processor, ids, labels) == _labelled_text(processor, ergo_ids, ergo_labels).split(
+        "<|im_end|>", 1)[1]  # stage 2's reply
+    assert len(types) == len(ids) and sum(types) == ids.count(processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+
+
 def test_stage1_example_is_the_stage1_input_with_the_zoom_reply_labelled(processor, dataset):
     collator = ErgoSFTCollator(processor)
     row = {**dataset[3], "kind": "stage1", "zoom_region": dataset[3]["region"]}

@@ -17,6 +17,10 @@ from processing_ergo.geometry_ergo import PAPER_BUDGET
 from .data import MULTIPLE_CHOICE_POSTFIX
 
 
+EXAMPLE_KINDS = ("stage1", "ergo", "stage2", "crop", "full", "evidence")
+"""The supervised example kinds (``training.sft``); ``ErgoSFTConfig`` has a ``<kind>_share`` for each."""
+
+
 @dataclass
 class ErgoViewConfig:
     """The vision-token budgets of the coarse view and the crop, and the stage-2 prompt, as at inference."""
@@ -50,6 +54,8 @@ class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
     stage1_share: float = field(default=0.0, metadata={"help": "Share of rows giving a stage-1-only example (the "
                                                                  "coarse view and the reply naming the region)."})
     ergo_share: float = field(default=1.0, metadata={"help": "Share of rows giving a two-stage example."})
+    stage2_share: float = field(default=0.0, metadata={"help": "Share of rows giving stage 2's turn alone (the crop "
+                                                                 "and the stage-2 prompt, answered as stage 2)."})
     crop_share: float = field(default=1.0, metadata={"help": "Share of rows giving a crop-only single turn."})
     full_share: float = field(default=1.0, metadata={"help": "Share of rows giving a full-resolution single turn "
                                                                  "(the costly kind: every vision token of the image)."})
@@ -73,5 +79,4 @@ class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
 
     @property
     def shares(self) -> dict[str, float]:
-        return {"stage1": self.stage1_share, "ergo": self.ergo_share, "crop": self.crop_share, "full": self.full_share,
-                "evidence": self.evidence_share}
+        return {kind: getattr(self, f"{kind}_share") for kind in EXAMPLE_KINDS}

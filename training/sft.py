@@ -2,13 +2,15 @@
 
 GRPO can only reward regions a policy already writes, so a model that has never produced ``<zoom>[...]</zoom>`` is
 first shown the format. Each dataset row with a region (``region``, else ``gt_bbox``, in original pixels) gives
-examples of five kinds, each from a share of the rows (``ErgoSFTConfig.ergo_share`` and so on):
+examples of six kinds, each from a share of the rows (``ErgoSFTConfig.ergo_share`` and so on):
 
 * ``stage1``: stage 1 alone (ERGO's stage-1 input and the reply naming the region): the cheap kind that teaches
   where to zoom, so a model that must learn to point can see many more images than two-stage examples allow;
 * ``ergo``: the two-stage conversation, token for token as ``ErgoForConditionalGeneration.generate`` builds it
   (``ErgoProcessor.prepare``, the stage-1 reply, ``plan_stage2`` on that reply, ``stage2_turn``, the answer), so the
   crop is exactly the one inference would cut for that box;
+* ``stage2``: stage 2's turn alone (ERGO's system prompt, the crop, the stage-2 prompt) and stage 2's reply: the
+  crop sits as far before the reply as in the conversation, without the coarse view and stage 1's turn before it;
 * ``crop``: one plain turn over the crop alone, answered with the letter: what r_region's frozen reward model is
   asked, so the warm-up model can serve as that reward model;
 * ``full``: one plain turn over the whole image at native resolution: the single-pass baseline's skill;
@@ -32,7 +34,7 @@ from trl import SFTTrainer
 from processing_ergo.geometry_ergo import PAPER_BUDGET, vision_tokens
 from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET, ErgoContext, ErgoProcessor, ZoomDecision
-from processing_ergo.prompts_ergo import stage_questions
+from processing_ergo.prompts_ergo import SYSTEM_PROMPT, stage_questions
 
 from .config import ErgoSFTConfig
 from .data import MULTIPLE_CHOICE_POSTFIX
@@ -48,8 +50,8 @@ def sft_rows(dataset: Dataset, shares: dict[str, float], coarse_budget: int = PA
     region; ``evidence``: a ``gt_bbox``)."""
     counts = {kind: round(share * len(dataset)) for kind, share in shares.items() if share > 0}
     region_column = "region" if "region" in dataset.column_names else "gt_bbox"
-    _check_boxes(dataset, region_column, max(counts.get(kind, 0) for kind in ("stage1", "ergo", "crop")),
-                 "'stage1', 'ergo' and 'crop'")
+    _check_boxes(dataset, region_column, max(counts.get(kind, 0) for kind in ("stage1", "ergo", "stage2", "crop")),
+                 "'stage1', 'ergo', 'stage2' and 'crop'")
     _check_boxes(dataset, "gt_bbox", counts.get("evidence", 0), "'evidence'")
     pairs = [(index, kind) for kind, count in counts.items() for index in range(count)]
     rows = dataset.select([index for index, _ in pairs])
@@ -116,6 +118,8 @@ class ErgoSFTCollator:
             return self._with_reply(stage1, reply)
         if row["kind"] == "ergo":
             return self._two_stage(image, row["question"], options, row["zoom_region"], letter, shown)
+        if row["kind"] == "stage2":
+            return self._stage2_alone(image, row["question"], options, row["zoom_region"], letter, shown)
         _, full = stage_questions(row["question"], options, self.postfix if options else "")
         if row["kind"] in ("crop", "evidence"):
             prompt = self._crop_prompt(image, full, row["zoom_region" if row["kind"] == "crop" else "gt_bbox"])
@@ -146,6 +150,18 @@ class ErgoSFTCollator:
         pixels = torch.cat([stage1["pixel_values"], sequence.pixel_values])
         grid = torch.cat([stage1["image_grid_thw"], sequence.image_grid_thw])
         return ids, labels, (types, pixels, grid)
+
+    def _stage2_alone(self, image, question, options, region, letter, shown):
+        """Stage 2's turn without stage 1's: ERGO's system prompt, then the crop and the stage-2 prompt as in
+        ``_two_stage``, answered the same way. The crop sits as far from the reply as in the conversation."""
+        context: ErgoContext = self._stage1(image, question, options)["ergo_context"]
+        _, decision = zoom_on(self.processor, context, region)
+        system = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}]
+        messages = system + self.processor.stage2_messages(context.samples[0].stage2_question, context.stage2_template)
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = self.processor(text=[text], images=[decision.image], return_tensors="pt",
+                                images_kwargs={"size": decision.processor_size})
+        return self._with_reply(prompt, STAGE2_REPLY.format(shown, letter))
 
     def _crop_prompt(self, image, full, region):
         """The crop an ``ergo`` example zooming on ``region`` would cut, alone under the plain single-turn prompt."""

@@ -10,14 +10,14 @@ Each step writes a folder under OUT and is skipped when that folder is complete,
 2. ``init``: a ``DEMO``-shape Qwen2.5-VL built from config, random weights, offline tokenizer;
 3. ``vision``: the vision warm-up (``training.vision_warmup``: reading crops and pointing at the target on the
    coarse view), written as an ERGO Hub folder;
-4. ``sft``: the first supervised phase (``training.sft``, TRL's SFTTrainer, tower frozen) from it: stage-1-only and
-   crop-only examples from every training image, two-stage examples from half of them, a few full-image ones;
-5. ``reading``: the second phase from that model, the loss averaged per example (``Recipe.reading_shares``);
-6. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the second phase's model, which is also the
-   frozen reward model of r_region; its ERGO folder is ``grpo/ergo``;
-7. ``eval``: ``ergo_vqa.evaluation`` on the test split, the same samples for every mode: coarse-only and
-   full-resolution single passes and ERGO for the supervised model, ERGO for the GRPO model; ``results.md`` and
-   ``results.json`` hold the table.
+4. ``sft``, ``reading``, ``answering``: three supervised phases (``training.sft``, TRL's SFTTrainer, tower frozen),
+   each from the previous one's model (``Recipe.formatting``, ``Recipe.reading``, ``Recipe.answering``): the
+   format, then reading the crop, then reading it at stage 2 of the conversation;
+5. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the ``answering`` model, with the ``reading``
+   model (it reads crops shown alone) as r_region's frozen reward model; its ERGO folder is ``grpo/ergo``;
+6. ``eval``: ``ergo_vqa.evaluation`` on the test split, the same samples for every mode: coarse-only and
+   full-resolution single passes and ERGO for both later supervised models, ERGO for the GRPO model;
+   ``results.md`` and ``results.json`` hold the table.
 
 Each step's wall time is appended to ``OUT/timings.jsonl``.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from processing_ergo import ErgoProcessor
 
 from .data import load_training_data
 from .grpo import main as grpo_main
-from .config import ErgoSFTConfig
+from .config import EXAMPLE_KINDS, ErgoSFTConfig
 from .sft import build_sft_trainer
 from .vision_warmup import warm_up_vision
 
@@ -75,6 +76,19 @@ Load it with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_cod
 
 
 @dataclass(frozen=True)
+class SupervisedPhase:
+    """One supervised phase (``training.sft``): the examples each training row gives and how the loss weighs them."""
+
+    shares: tuple[tuple[str, float], ...]
+    """(example kind, share of the training rows giving one), as ``ErgoSFTConfig``'s ``<kind>_share``."""
+    example_mean_loss: bool = False
+    ergo_answer_only: bool = False
+    learning_rate: float = 1e-3
+    max_steps: int = -1
+    """Batches of 8; -1: one epoch."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     """The sizes behind the published table (README, "Synthetic proof")."""
 
@@ -86,20 +100,26 @@ class Recipe:
     """Images of each objective per warm-up step."""
     vision_warmup_rows: int = 1000
     """The first this many training rows feed the vision warm-up (both objectives)."""
-    sft_epochs: float = 1.0
-    sft_learning_rate: float = 1e-3
     freeze_vision_tower: bool = True
-    """The warm-up's features are used as they are, in both supervised phases: the language model learns to find and
+    """The warm-up's features are used as they are, in every supervised phase: the language model learns to find and
     copy them (stage 1's region held the target for 98 of 100 validation questions after the first phase), and a
     frozen tower makes each step cheaper."""
-    sft_shares: tuple[tuple[str, float], ...] = (("stage1", 1.0), ("ergo", 0.5), ("crop", 1.0), ("full", 0.02))
-    """First phase: a stage-1-only example from every training row (the cheap kind that teaches where to zoom), the
-    two-stage conversation from half, the crop alone from every row, a few full images; loss averaged over all
-    tokens, as TRL does."""
-    reading_shares: tuple[tuple[str, float], ...] = (("stage1", 0.34), ("ergo", 0.34), ("crop", 0.67))
-    """Second phase, from the first's model with the loss averaged per example (``ErgoSFTConfig.example_mean_loss``):
-    the one-letter crop replies, batched with 50-token stage-1 replies, taught nothing under the token mean (validation
-    crops read at chance), while this phase reads every validation crop and keeps stage 1 (97 of 100)."""
+    formatting: SupervisedPhase = SupervisedPhase(
+        shares=(("stage1", 1.0), ("ergo", 0.5), ("crop", 1.0), ("full", 0.02)))
+    """A stage-1-only example from every training row (the cheap kind that teaches where to zoom), the two-stage
+    conversation from half, the crop alone from every row, a few full images; loss averaged over all tokens, as TRL
+    does."""
+    reading: SupervisedPhase = SupervisedPhase(
+        shares=(("stage1", 0.34), ("ergo", 0.34), ("crop", 0.67)), example_mean_loss=True)
+    """Loss averaged per example: the one-letter crop replies, batched with 50-token stage-1 replies, taught nothing
+    under the token mean (validation crops read at chance), while this phase reads every validation crop and keeps
+    stage 1 (97 of 100). This phase's model is r_region's frozen reward model."""
+    answering: SupervisedPhase = SupervisedPhase(
+        shares=(("stage2", 1.0), ("ergo", 0.34), ("stage1", 0.34)), example_mean_loss=True)
+    """Stage 2 reading the crop inside the conversation. The reading model reads every crop shown alone, yet read the
+    digit at stage 2 for 12 of 100 validation questions: its reading does not carry over to a crop that follows the
+    stage-2 prompt and comes after the coarse view and stage 1's turn. Stage 2's turn alone (``stage2`` examples)
+    is learned in a few hundred steps and carries over to the conversation."""
     grpo_steps: int = 40
     grpo_learning_rate: float = 1e-4
     box_threshold: float = 0.1
@@ -112,18 +132,21 @@ def run(out: Path, recipe: Recipe = Recipe()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     data, init, vision, sft, grpo = out / "data", out / "init", out / "vision", out / "sft", out / "grpo" / "ergo"
-    reading = out / "reading"
+    reading, answering = out / "reading", out / "answering"
     train = data / "train.jsonl"
     _step(out, "data", data / "test.jsonl", lambda: write_splits(data, dict(recipe.splits), seed=recipe.seed))
     _step(out, "init", init / "config.json", lambda: build_init(init, recipe.seed))
     _step(out, "vision", vision / "config.json", lambda: vision_warm_up(init, train, vision, recipe))
-    _step(out, "sft", sft / "config.json",
-          lambda: supervised_warm_up(vision, train, sft, recipe, dict(recipe.sft_shares), example_mean_loss=False))
+    _step(out, "sft", sft / "config.json", lambda: supervised_phase(vision, train, sft, recipe, recipe.formatting))
     _step(out, "reading", reading / "config.json",
-          lambda: supervised_warm_up(sft, train, reading, recipe, dict(recipe.reading_shares), example_mean_loss=True))
-    _step(out, "grpo", grpo / "config.json", lambda: grpo_main(grpo_arguments(reading, train, out / "grpo", recipe)))
+          lambda: supervised_phase(sft, train, reading, recipe, recipe.reading))
+    _step(out, "answering", answering / "config.json",
+          lambda: supervised_phase(reading, train, answering, recipe, recipe.answering))
+    _step(out, "grpo", grpo / "config.json",
+          lambda: grpo_main(grpo_arguments(answering, reading, train, out / "grpo", recipe)))
     start = time.perf_counter()
-    result = evaluate_all({"SFT": reading, "SFT + GRPO": grpo}, data, out / "eval", recipe.budget)
+    result = evaluate_all({"SFT phases 1-2": (reading, ALL_MODES), "SFT phases 1-3": (answering, ALL_MODES),
+                           "SFT + GRPO": (grpo, ("ergo",))}, data, out / "eval", recipe.budget)
     _log_time(out, "eval", start)
     return result
 
@@ -161,17 +184,18 @@ def vision_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe) -
     return folder
 
 
-def supervised_warm_up(start: Path, train_file: Path, folder: Path, recipe: Recipe, shares: dict[str, float],
-                       example_mean_loss: bool) -> Path:
+def supervised_phase(start: Path, train_file: Path, folder: Path, recipe: Recipe, phase: SupervisedPhase) -> Path:
     """One supervised phase (``training.sft``, TRL's SFTTrainer) from the model in ``start``."""
     processor = ErgoProcessor.from_pretrained(start, coarse_budget=recipe.budget)
     model = ErgoForConditionalGeneration.from_pretrained(start, dtype=torch.float32)
     dataset = load_training_data(str(train_file))
+    shares = dict(phase.shares)
     args = ErgoSFTConfig(
         output_dir=str(folder.parent / f"{folder.name}-run"), coarse_budget=recipe.budget,
-        **{f"{kind}_share": shares.get(kind, 0.0) for kind in ("stage1", "ergo", "crop", "full", "evidence")},
-        freeze_vision_tower=recipe.freeze_vision_tower, example_mean_loss=example_mean_loss,
-        num_train_epochs=recipe.sft_epochs, learning_rate=recipe.sft_learning_rate, lr_scheduler_type="cosine",
+        **{f"{kind}_share": shares.get(kind, 0.0) for kind in EXAMPLE_KINDS},
+        freeze_vision_tower=recipe.freeze_vision_tower, example_mean_loss=phase.example_mean_loss,
+        ergo_answer_only=phase.ergo_answer_only, num_train_epochs=1.0, max_steps=phase.max_steps,
+        learning_rate=phase.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=0.05, per_device_train_batch_size=8, weight_decay=0.0, logging_steps=10, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
         dataloader_num_workers=0, max_length=None,
@@ -182,12 +206,12 @@ def supervised_warm_up(start: Path, train_file: Path, folder: Path, recipe: Reci
     return folder
 
 
-def grpo_arguments(sft: Path, train_file: Path, out: Path, recipe: Recipe) -> list[str]:
-    """The shipped 7B recipe with this model, data and CPU-sized settings."""
+def grpo_arguments(policy: Path, reward_model: Path, train_file: Path, out: Path, recipe: Recipe) -> list[str]:
+    """The shipped 7B recipe with these models, data and CPU-sized settings."""
     recipe_file = Path(__file__).parent / "recipes" / "ergo-qwen2.5-vl-7b.yaml"
     return [
-        "--config", str(recipe_file), "--model_name_or_path", str(sft), "--dataset", str(train_file),
-        "--reward_model_endpoint", "", "--reward_model", str(sft), "--reward_model_batch_size", "16",
+        "--config", str(recipe_file), "--model_name_or_path", str(policy), "--dataset", str(train_file),
+        "--reward_model_endpoint", "", "--reward_model", str(reward_model), "--reward_model_batch_size", "16",
         "--dtype", "float32", "--output_dir", str(out), "--max_steps", str(recipe.grpo_steps),
         "--save_steps", str(recipe.grpo_steps), "--use_cpu", "true", "--bf16", "false",
         "--gradient_checkpointing", "false", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
@@ -198,15 +222,19 @@ def grpo_arguments(sft: Path, train_file: Path, out: Path, recipe: Recipe) -> li
     ]
 
 
-def evaluate_all(models: dict[str, Path], data: Path, out: Path, budget: int) -> dict:
-    """The table: accuracy, vision tokens, latency, and for ERGO how often stage 1's region held the target."""
+ALL_MODES = ("coarse", "full", "ergo")
+
+
+def evaluate_all(models: dict[str, tuple[Path, tuple[str, ...]]], data: Path, out: Path, budget: int) -> dict:
+    """The table: accuracy, vision tokens, latency, and for ERGO how often stage 1's region held the target, for each
+    model (name: (folder, modes)). "share of full" is of the first model's full-resolution pass."""
     samples = load_benchmark("synthetic", data, split="test")
     targets = {row["id"]: row["gt_bbox"] for row in map(json.loads, (data / "test.jsonl").read_text().splitlines())}
     rows = []
-    for name, folder in models.items():
+    for name, (folder, modes) in models.items():
         model, processor = load(str(folder), device="cpu")
-        records = out / name.replace(" ", "").replace("+", "-")
-        for mode in ("coarse", "full", "ergo") if name == "SFT" else ("ergo",):
+        records = out / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        for mode in modes:
             summary = evaluate(model, processor, samples, mode, records, "synthetic", budget=budget, batch_size=8,
                                max_new_tokens=64, progress=False)
             hits = None
