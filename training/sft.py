@@ -110,7 +110,7 @@ class ErgoSFTCollator:
     def example(self, row: dict) -> tuple[list[int], list[int], tuple[list[int], torch.Tensor, torch.Tensor]]:
         """(input ids, labels, (mm token types, pixel values, grid)) of one row."""
         image = load_image(row["image"], name="training image")
-        letter, shown = _answer(row)
+        letter, shown = answer_and_shown(row)
         options = row["options"] or []
         if row["kind"] == "stage1":
             stage1 = self._stage1(image, row["question"], options)
@@ -200,7 +200,7 @@ def coarse_box(region: list[int], original_size: tuple[int, int], coarse_size: t
             min(coarse_size[0], math.ceil(x2 * scale_x)), min(coarse_size[1], math.ceil(y2 * scale_y))]
 
 
-def _answer(row: dict) -> tuple[str, str]:
+def answer_and_shown(row: dict) -> tuple[str, str]:
     """(what the reply answers, what stage 2's reasoning says it sees): the letter and its option's text for
     multiple choice, the answer itself otherwise."""
     answer = row["answer"].strip()

@@ -1,6 +1,6 @@
 """The synthetic demo model end to end on a CPU: data, supervised warm-up, GRPO with TCE, evaluation.
 
-    python -m training.synthetic_recipe runs/synthetic           # about 40 minutes on 2 CPU cores
+    python -m training.synthetic_recipe runs/synthetic           # about 55 minutes on 2 CPU cores
     python -m training.synthetic_recipe runs/synthetic --ship    # then copy the trained model to ergo_vqa/demo_model
                                                           # (without its remote code: ergo_vqa.demo adds it)
 
@@ -61,11 +61,12 @@ tags: [ergo, qwen2_5_vl, synthetic]
 
 A 1.6M-parameter Qwen2.5-VL-architecture model trained from scratch, on 2 CPU cores, by the ERGO project's own
 recipe (`python -m training.synthetic_recipe runs/synthetic --ship`): a vision warm-up (reading digits in crops,
-pointing at the target on the coarse view), two supervised phases on ERGO's two-turn format, then GRPO with the TCE
-reward (the supervised model as the frozen reward model), on the synthetic task of `ergo_vqa.synthetic_task` (find the one saturated shape in a 1344x1344 image seen at 144 vision tokens, zoom on
-it, read its digit in the native-resolution crop). It is a demonstration, not a general model. How well it finds
-the target and reads the digit is the table below: measured on held-out questions when it was trained, not claimed
-(the project README's "Synthetic proof" says where the recipe stands).
+pointing at the target on the coarse view), three supervised phases on ERGO's two-turn format (the format; reading
+crops; reading the crop at stage 2), then GRPO with the TCE reward, on the synthetic task of
+`ergo_vqa.synthetic_task`: find the one saturated shape in a 1344x1344 image seen at 144 vision tokens, zoom on it,
+read its digit in the native-resolution crop. It is a demonstration, not a general model: it answers ERGO's two-stage
+conversation, and its single-pass replies (coarse, full) are not in a format the scorer reads. The table below was
+measured on held-out questions when it was trained (the project README's "Synthetic proof" says how).
 
 Load it with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)`.
 
