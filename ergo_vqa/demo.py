@@ -14,6 +14,7 @@ from pathlib import Path
 from hub_card.folder import copy_remote_code
 from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
 
+from .eval_data import MULTIPLE_CHOICE_POSTFIX
 from .evaluation import letters_match
 from .inference import answer, draw_region, load, summary
 from .synthetic_task import generate_sample
@@ -46,7 +47,8 @@ def run(out_dir: str | Path = "ergo-demo", budget: int | None = None, seed: int 
     model, processor = load(str(folder), device="cpu")
     budget = budget or processor.coarse_budget
     sample = generate_sample(f"demo/{seed}")
-    question = "\n".join([sample.question, *sample.options])
+    # As the model was trained and evaluated: the options, then V*'s answer-format line.
+    question = "\n".join([sample.question, *sample.options, MULTIPLE_CHOICE_POSTFIX])
     result = answer(model, processor, sample.image, question, budget=budget, max_new_tokens=64)
     scene_path = draw_region(sample.image, result.region, out_dir / "scene.png")
     coarse_path = out_dir / "coarse.png"

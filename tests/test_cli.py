@@ -86,6 +86,7 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     for label in ("trained on the synthetic task", "answer:", "region:", "correct:", "verdict:", "vision tokens:"):
         assert label in printed
+    assert "verdict:       correct" in printed  # the shipped model answers this generated question right
     assert (tmp_path / "demo" / "scene.png").is_file() and (tmp_path / "demo" / "coarse.png").is_file()
 
 
