@@ -22,7 +22,6 @@ from datasets import Dataset
 
 from modeling_ergo import ErgoForConditionalGeneration
 from processing_ergo import ErgoProcessor
-
 from processing_ergo.images_ergo import load_image
 from processing_ergo.prompts_ergo import stage_questions
 
@@ -50,7 +49,7 @@ def first_answer_token_accuracy(model, processor: ErgoProcessor, dataset: Datase
         batch = collator(batch_rows)
         with torch.no_grad():
             logits = model(**{key: value.to(model.device) for key, value in batch.items() if key != "labels"}).logits
-        for row, ids, labels, row_logits in zip(batch_rows, batch["input_ids"], batch["labels"], logits):
+        for ids, labels, row_logits in zip(batch["input_ids"], batch["labels"], logits):
             labelled = (labels != -100).nonzero().flatten()
             if kind in ("ergo", "stage2"):  # stage 2's reply follows the last image; the answer follows its prefix
                 last_image = (ids == image_token).nonzero().flatten()[-1]
