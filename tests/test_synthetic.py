@@ -111,3 +111,18 @@ def test_reading_probe_on_the_shipped_model(tmp_path):
     rows = load_training_data(str(write_split(tmp_path / "data", "check", 20, seed=7)))
     assert first_answer_token_accuracy(model, processor, rows, "ergo") >= 0.8
     assert first_answer_token_accuracy(model, processor, rows, "coarse") <= 0.3
+
+
+def test_recipe_supervised_phase_trains_and_writes_a_hub_folder(tmp_path):
+    """Two steps (the first is warm-up, at learning rate 0) of a synthetic-recipe phase (here the ``stage2`` kind of phase 3) through TRL's SFTTrainer, from a
+    DEMO-shape folder: the language model changes, the frozen tower does not, and the result loads back."""
+    from training.synthetic_recipe import Recipe, SupervisedPhase, build_init, supervised_phase
+
+    init = build_init(tmp_path / "init", seed=0)
+    train = write_split(tmp_path / "data", "train", 8)
+    phase = SupervisedPhase(shares=(("stage2", 1.0),), example_mean_loss=True, max_steps=2)
+    folder = supervised_phase(init, train, tmp_path / "phase", Recipe(), phase)
+    before = AutoModelForImageTextToText.from_pretrained(init, trust_remote_code=True).state_dict()
+    after = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(".visual." not in name and not name.startswith("model.visual") for name in changed)

@@ -83,7 +83,6 @@ class SupervisedPhase:
     shares: tuple[tuple[str, float], ...]
     """(example kind, share of the training rows giving one), as ``ErgoSFTConfig``'s ``<kind>_share``."""
     example_mean_loss: bool = False
-    ergo_answer_only: bool = False
     learning_rate: float = 1e-3
     max_steps: int = -1
     """Batches of 8; -1: one epoch."""
@@ -195,7 +194,7 @@ def supervised_phase(start: Path, train_file: Path, folder: Path, recipe: Recipe
         output_dir=str(folder.parent / f"{folder.name}-run"), coarse_budget=recipe.budget,
         **{f"{kind}_share": shares.get(kind, 0.0) for kind in EXAMPLE_KINDS},
         freeze_vision_tower=recipe.freeze_vision_tower, example_mean_loss=phase.example_mean_loss,
-        ergo_answer_only=phase.ergo_answer_only, num_train_epochs=1.0, max_steps=phase.max_steps,
+        num_train_epochs=1.0, max_steps=phase.max_steps,
         learning_rate=phase.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=0.05, per_device_train_batch_size=8, weight_decay=0.0, logging_steps=10, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
