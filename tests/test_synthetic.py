@@ -114,8 +114,10 @@ def test_reading_probe_on_the_shipped_model(tmp_path):
 
 
 def test_recipe_supervised_phase_trains_and_writes_a_hub_folder(tmp_path):
-    """Two steps (the first is warm-up, at learning rate 0) of a synthetic-recipe phase (here the ``stage2`` kind of phase 3) through TRL's SFTTrainer, from a
-    DEMO-shape folder: the language model changes, the frozen tower does not, and the result loads back."""
+    """Two steps (the first is warm-up, at learning rate 0) of a synthetic-recipe phase, here phase 3's ``stage2``
+    kind, through TRL's SFTTrainer from a DEMO-shape folder: the language model changes, the frozen tower does not,
+    and the result loads back."""
+
     from training.synthetic_recipe import Recipe, SupervisedPhase, build_init, supervised_phase
 
     init = build_init(tmp_path / "init", seed=0)
