@@ -118,9 +118,9 @@ class ErgoSFTCollator:
             return self._with_reply(stage1, reply)
         if row["kind"] == "ergo":
             return self._two_stage(image, row["question"], options, row["zoom_region"], letter, shown)
-        if row["kind"] == "stage2":
-            return self._stage2_alone(image, row["question"], options, row["zoom_region"], letter, shown)
         _, full = stage_questions(row["question"], options, self.postfix if options else "")
+        if row["kind"] == "stage2":
+            return self._stage2_alone(image, full, row["zoom_region"], letter, shown)
         if row["kind"] in ("crop", "evidence"):
             prompt = self._crop_prompt(image, full, row["zoom_region" if row["kind"] == "crop" else "gt_bbox"])
         else:
@@ -151,13 +151,12 @@ class ErgoSFTCollator:
         grid = torch.cat([stage1["image_grid_thw"], sequence.image_grid_thw])
         return ids, labels, (types, pixels, grid)
 
-    def _stage2_alone(self, image, question, options, region, letter, shown):
+    def _stage2_alone(self, image, full, region, letter, shown):
         """Stage 2's turn without stage 1's: ERGO's system prompt, then the crop and the stage-2 prompt as in
         ``_two_stage``, answered the same way. The crop sits as far from the reply as in the conversation."""
-        context: ErgoContext = self._stage1(image, question, options)["ergo_context"]
-        _, decision = zoom_on(self.processor, context, region)
+        context, decision = self._zoom(image, full, region)
         system = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}]
-        messages = system + self.processor.stage2_messages(context.samples[0].stage2_question, context.stage2_template)
+        messages = system + self.processor.stage2_messages(full, context.stage2_template)
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt = self.processor(text=[text], images=[decision.image], return_tensors="pt",
                                 images_kwargs={"size": decision.processor_size})
@@ -165,10 +164,15 @@ class ErgoSFTCollator:
 
     def _crop_prompt(self, image, full, region):
         """The crop an ``ergo`` example zooming on ``region`` would cut, alone under the plain single-turn prompt."""
-        context, _ = self.processor.make_context([image], [full], fallback="resize")
-        _, decision = zoom_on(self.processor, context, region)
+        _, decision = self._zoom(image, full, region)
         crop_budget = self.processor.crop_budget or self.processor.coarse_budget
         return self.processor.single_pass([decision.image], [full], budget=crop_budget)
+
+    def _zoom(self, image, full, region) -> tuple[ErgoContext, ZoomDecision]:
+        """The context stage 1 would get (coarse view and stage-2 question, untokenised) and the crop inference
+        cuts for a reply naming ``region``."""
+        context, _ = self.processor.make_context([image], [full], fallback="resize")
+        return context, zoom_on(self.processor, context, region)[1]
 
     def _with_reply(self, prompt, text: str):
         """One turn: ``prompt``'s input, then ``text`` and the end-of-turn token, which alone are labelled."""
