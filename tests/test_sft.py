@@ -116,11 +116,33 @@ def test_sft_trainer_learns_from_the_examples(tiny_folder, processor, dataset, t
                          report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
                          example_mean_loss=example_mean_loss)
     trainer = build_sft_trainer(model, processor, dataset, args)
+    forwards = []
+    model.register_forward_hook(lambda module, args, output: forwards.append(output))
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(forwards) == 3  # one forward pass per step, loss and TRL's metrics from the same one
     changed = [name for name, weight in trainer.model.named_parameters() if not torch.equal(weight, before[name])]
     assert any("visual" in name for name in changed) and any("language_model" in name for name in changed)
+
+
+def test_example_mean_loss_trainer_returns_the_mean_of_each_examples_loss(tiny_folder, processor, dataset, tmp_path):
+    model = ErgoForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32)
+    args = ErgoSFTConfig(output_dir=str(tmp_path), coarse_budget=64, stage1_share=1.0, crop_share=1.0, ergo_share=0.0,
+                         full_share=0.0, report_to="none", use_cpu=True, bf16=False, example_mean_loss=True)
+    trainer = build_sft_trainer(model, processor, dataset, args)
+    kinds = trainer.train_dataset["kind"]
+    batch = trainer.data_collator([trainer.train_dataset[kinds.index(kind)] for kind in ("stage1", "crop")])
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    logits = trainer.model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+    targets = batch["labels"][:, 1:]
+    token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
+                                                     reduction="none")
+    labelled = targets != -100
+    counts = labelled.sum(dim=1)
+    assert counts[1] < counts[0]  # the crop's one-letter reply beside stage 1's reply
+    expected = ((token_losses * labelled).sum(dim=1) / counts).mean()
+    assert torch.isclose(loss, expected, atol=1e-5)
 
 
 def test_vision_warm_up_trains_the_vision_tower_only(tiny_folder, processor, dataset):
@@ -184,14 +206,10 @@ def test_reading_token_classes_are_the_answer_in_the_centre_tokens_window():
 
 
 def test_example_mean_loss_weighs_every_example_alike():
-    from transformers.modeling_outputs import CausalLMOutput
-
-    logits = torch.randn(3, 5, 7)
-    labels = torch.tensor([[-100, 1, 2, 3, 4], [-100, -100, -100, -100, 6], [-100] * 5])  # 4 tokens, 1, none
-    loss = example_mean_loss(CausalLMOutput(logits=logits), labels)
-    token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1),
-                                                     ignore_index=-100, reduction="none").view(3, 4)
-    expected = (token_losses[0].mean() + token_losses[1, 3]) / 2  # the third example has nothing to learn
-    assert torch.isclose(loss, expected)
-    assert not torch.isclose(loss, token_losses[:2].flatten()[[0, 1, 2, 3, 7]].mean())  # not TRL's token mean
-
+    log_probs = -torch.rand(3, 4)
+    label_mask = torch.tensor([[True] * 4, [False, False, False, True], [False] * 4])  # 4 tokens, 1, none
+    log_probs = log_probs * label_mask  # as TRL's fused head gives them: zero where the label is ignored
+    expected = (-log_probs[0].mean() - log_probs[1, 3]) / 2  # the third example has nothing to learn
+    assert torch.isclose(example_mean_loss(log_probs, label_mask), expected)
+    assert not torch.isclose(example_mean_loss(log_probs, label_mask), -log_probs.sum() / 5)  # not TRL's token mean
+    assert example_mean_loss(log_probs[2:], label_mask[2:]) == 0  # finite when no example is labelled

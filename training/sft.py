@@ -221,22 +221,43 @@ def build_sft_trainer(model, processor: ErgoProcessor, dataset: Dataset, args: E
     rows = sft_rows(dataset, args.shares, processor.coarse_budget, processor.crop_budget)
     if args.freeze_vision_tower:
         model.model.visual.requires_grad_(False)
-    return SFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor,
-                      compute_loss_func=example_mean_loss if args.example_mean_loss else None)
+    return ErgoSFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor)
 
 
-def example_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Cross-entropy averaged over each example's labelled tokens, then over the examples that have any.
+class ErgoSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer, with ``ErgoSFTConfig.example_mean_loss``.
+
+    The per-example mean is computed from the per-token log-probabilities of the one forward pass TRL's
+    ``compute_loss`` runs (its fused LM head), caught with a forward hook. As a ``compute_loss_func`` it would make
+    TRL run the model a second time, without gradients, for its metrics: a third more time per step here."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.example_mean_loss:
+            self.loss_is_scaled_for_ga = False  # a mean per micro-batch: the Trainer divides by the accumulation steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.args.example_mean_loss:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        caught = []
+        hook = model.register_forward_hook(lambda module, args, output: caught.append(output))
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            hook.remove()
+        loss = example_mean_loss(caught[0].log_probs, caught[0].label_mask)  # caught[0]: the fused forward
+        return (loss, result[1]) if return_outputs else loss
+
+
+def example_mean_loss(log_probs: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood averaged over each example's labelled tokens, then over the examples that have any
+    (zero when none has).
 
     Stage-1 replies are about 50 tokens and crop replies two (the letter, the end of turn), and both kinds share
     batches (same vision tokens). Measured on the synthetic task: after a phase under TRL's mean over all tokens the
     model answered 12 of 100 validation crops (chance), and one more phase of the same mixture under this mean
-    answered all 100. ``num_items_in_batch`` (the token count across accumulated batches) does not apply to a
-    per-example mean and is ignored."""
-    targets = labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(outputs.logits[:, :-1].transpose(1, 2).float(), targets,
-                                               ignore_index=-100, reduction="none")
-    labelled = targets != -100
-    counts = labelled.sum(dim=1)
-    per_example = (losses * labelled).sum(dim=1) / counts.clamp(min=1)
-    return per_example[counts > 0].mean()
+    answered all 100."""
+    counts = label_mask.sum(dim=1)
+    per_example = -(log_probs * label_mask).sum(dim=1) / counts.clamp(min=1)
+    labelled = (counts > 0).to(per_example.dtype)
+    return (per_example * labelled).sum() / labelled.sum().clamp(min=1)
