@@ -105,11 +105,12 @@ class Recipe:
     """The warm-up's features are used as they are, in every supervised phase: the language model learns to find and
     copy them (stage 1's region held the target for 98 of 100 validation questions after the first phase), and a
     frozen tower makes each step cheaper."""
-    formatting: SupervisedPhase = SupervisedPhase(shares=(("stage1", 1.0), ("ergo", 0.5), ("full", 0.02)))
+    formatting: SupervisedPhase = SupervisedPhase(
+        shares=(("stage1", 1.0), ("ergo", 0.5), ("crop", 1.0), ("full", 0.02)))
     """A stage-1-only example from every training row (the cheap kind that teaches where to zoom), the two-stage
-    conversation from half, a few full images; loss averaged over all tokens, as TRL does. No crop examples: under
-    this loss a one-letter crop reply weighs 1/50 of a stage-1 reply in the same batch, and with a crop example from
-    every row (a third of the phase's time) the model read 12 of 100 validation crops afterwards, chance."""
+    conversation from half, the crop alone from every row, a few full images; loss averaged over all tokens, as TRL
+    does. The crop examples take nearly half of this phase's time, and after it the model reads crops at chance, but
+    they are needed: without them phase 2 did not learn to read (8% of validation crops, against 100% with them)."""
     reading: SupervisedPhase = SupervisedPhase(
         shares=(("stage1", 0.34), ("ergo", 0.34), ("crop", 0.67)), example_mean_loss=True)
     """Loss averaged per example: the one-letter crop replies, batched with 50-token stage-1 replies, taught nothing
