@@ -229,7 +229,8 @@ class ErgoSFTTrainer(SFTTrainer):
 
     The per-example mean is computed from the per-token log-probabilities of the one forward pass TRL's
     ``compute_loss`` runs (its fused LM head), caught with a forward hook. As a ``compute_loss_func`` it would make
-    TRL run the model a second time, without gradients, for its metrics: a third more time per step here."""
+    TRL run the model a second time, without gradients, for its metrics (phase 3 of the synthetic recipe: 0.93 s
+    per step that way, over 300 steps; 0.70 s this way, over its 630)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
