@@ -66,8 +66,10 @@ pointing at the target on the coarse view), three supervised phases on ERGO's tw
 crops; reading the crop at stage 2), then GRPO with the TCE reward, on the synthetic task of
 `ergo_vqa.synthetic_task`: find the one saturated shape in a 1344x1344 image seen at 144 vision tokens, zoom on it,
 read its digit in the native-resolution crop. It is a demonstration, not a general model: it answers ERGO's two-stage
-conversation, and its single-pass replies (coarse, full) are not in a format the scorer reads. The table below was
-measured on held-out questions when it was trained (the project README's "Synthetic proof" says how).
+conversation. Its single-pass replies are malformed: on the coarse view, a stage-1 reply the scorer cannot read;
+on the full image, for most questions, a letter followed by dots or repeated words (the letter was right for 10 of
+the first 40 test questions, `ergo eval --mode full --limit 40`). The table below was measured on held-out
+questions when it was trained (the project README's "Synthetic proof" says how).
 
 Load it with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)`.
 
