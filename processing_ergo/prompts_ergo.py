@@ -67,7 +67,9 @@ def stage_questions(question: str, options: list[str] | None = None, postfix: st
     ``question`` is taken as the stem; otherwise options written into the question are detected
     (``split_question``) and the question goes to stage 2 unchanged.
     """
-    if not isinstance(question, str) or not question.strip():
+    if question is not None and not isinstance(question, str):  # a ValueError too, so callers catch one kind
+        raise ValueError(f"the question must be a string, got {type(question).__name__} ({repr(question)[:80]})")
+    if not question or not question.strip():
         raise ValueError("the question is empty")
     if options:
         parts = [question.strip(), "\n".join(str(option) for option in options)] + ([postfix] if postfix else [])

@@ -39,11 +39,13 @@ def test_decompression_bombs_are_refused(monkeypatch):
         load_image(data)
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "P", "1", "I;16", "I", "F"])
+@pytest.mark.parametrize("mode", ["L", "LA", "La", "RGBA", "RGBa", "PA", "CMYK", "P", "1", "I;16", "I", "F"])
 def test_every_mode_becomes_rgb(mode):
     if mode in ("I;16", "I", "F"):
         image = Image.linear_gradient("L").convert("I").point(lambda v: v * 200)
         image = image.convert(mode) if mode != "I" else image
+    elif mode in ("La", "PA"):  # PIL converts to these only from their plain-alpha modes
+        image = noise_image(64, 48).convert({"La": "LA", "PA": "P"}[mode]).convert(mode)
     else:
         image = noise_image(64, 48).convert(mode)
     rgb = load_image(image)
@@ -56,6 +58,21 @@ def test_every_mode_becomes_rgb(mode):
 def test_transparent_pixels_become_white():
     image = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
     assert load_image(image).getpixel((5, 5)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("mode", ["LA", "La", "RGBa", "P"])
+def test_alpha_modes_composite_onto_white(mode):
+    """Half-transparent black shows as mid grey, whether the alpha is straight (LA), premultiplied (La, RGBa) or a
+    palette's transparent index (P, fully transparent: white)."""
+    if mode == "P":
+        image = Image.new("P", (10, 10), 3)
+        image.info["transparency"] = 3
+        expected = {255}
+    else:
+        base = "LA" if mode == "La" else "RGBA"
+        image = Image.new(base, (10, 10), (0, 128) if base == "LA" else (0, 0, 0, 128)).convert(mode)
+        expected = {126, 127}
+    assert set(load_image(image).getpixel((5, 5))) <= expected
 
 
 def test_mixed_batch_of_odd_but_usable_inputs_runs(model, processor):
@@ -106,6 +123,9 @@ def test_reference_fallback_resizes_what_qwen_cannot_take_unresized(model, proce
         (noise_image(300, 200), "", ValueError, "sample 0: the question is empty"),
         (noise_image(300, 200), "  \n", ValueError, "empty"),
         (b"junk", "q", ErgoImageError, r"^4 bytes: cannot read image"),
+        (noise_image(300, 200), 42, ValueError, r"sample 0: the question must be a string, got int \(42\)"),
+        (noise_image(300, 200), None, ValueError, "sample 0: the question is empty"),
+        (noise_image(300, 200), ["What?"], ValueError, r"must be a string, got list \(\['What\?'\]\)"),
     ],
 )
 def test_unusable_requests_fail_before_generation(processor, image, question, error, message):
