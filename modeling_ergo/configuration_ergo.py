@@ -56,6 +56,21 @@ class ErgoConfig(Qwen2_5_VLConfig):
 
 VISION_ATTENTION_CHOICES = ("auto", "loaded")
 
+ERGO_DEFAULTS = {
+    "stage1_generation_kwargs": None,
+    "stage2_generation_kwargs": None,
+    "reuse_stage1_cache": True,
+    "skip_answered_stage2": False,
+    "vision_attention": "auto",
+}
+"""ERGO's config fields and their defaults (the same as ``ErgoConfig``'s)."""
+
+
+def ergo_setting(config, name: str):
+    """``config.<name>``, or ERGO's default when the config lacks it: the class also runs with a stock
+    ``Qwen2_5_VLConfig`` (transformers' own tests, ``from_pretrained(folder, config=Qwen2_5_VLConfig(...))``)."""
+    return getattr(config, name, ERGO_DEFAULTS[name])
+
 AUTO_MAP = {
     "AutoConfig": "configuration_ergo.ErgoConfig",
     "AutoModel": "modeling_ergo.ErgoForConditionalGeneration",
@@ -67,4 +82,4 @@ AUTO_MAP = {
 ErgoConfig.register_for_auto_class()
 
 
-__all__ = ["ErgoConfig", "AUTO_MAP", "VISION_ATTENTION_CHOICES"]
+__all__ = ["ErgoConfig", "AUTO_MAP", "VISION_ATTENTION_CHOICES", "ERGO_DEFAULTS", "ergo_setting"]

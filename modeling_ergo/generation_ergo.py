@@ -33,6 +33,8 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import ModelOutput
 
+from .configuration_ergo import ergo_setting
+
 STATIC_CACHE_BUCKET = 256
 """Static caches are sized in multiples of this many tokens, so that calls of similar length share one cache and
 one compiled decode step instead of recompiling for every length."""
@@ -132,11 +134,12 @@ class ErgoGenerationMixin:
         vision = {key: kwargs.pop(key) for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
         if kwargs.get("generation_config") is None:
             kwargs.pop("generation_config", None)  # passing it with other arguments is deprecated; leave it out
-        stage1_kwargs = _stage_kwargs(kwargs, self.config.stage1_generation_kwargs, stage1_overrides)
-        stage2_kwargs = _stage_kwargs(kwargs, self.config.stage2_generation_kwargs, stage2_overrides)
+        stage1_kwargs = _stage_kwargs(kwargs, ergo_setting(self.config, "stage1_generation_kwargs"), stage1_overrides)
+        stage2_kwargs = _stage_kwargs(kwargs, ergo_setting(self.config, "stage2_generation_kwargs"), stage2_overrides)
         stage1_config, stage2_config = self._stage_config(stage1_kwargs), self._stage_config(stage2_kwargs)
         _check_stage_arguments(stage1_config, stage2_config,
-                               {**(self.config.stage2_generation_kwargs or {}), **(stage2_overrides or {})})
+                               {**(ergo_setting(self.config, "stage2_generation_kwargs") or {}),
+                                **(stage2_overrides or {})})
         streamer = kwargs.pop("streamer", None)  # one stream over both stages: see _StageStreamer
         if streamer is not None:
             stage1_kwargs["streamer"], stage2_kwargs["streamer"] = _StageStreamer(streamer), _StageStreamer(streamer, 1)
@@ -168,7 +171,7 @@ class ErgoGenerationMixin:
         stage1_done = time.perf_counter()
 
         # ---------------------------------------------------------------- zoom: region, crop, stage-2 input
-        decisions = processor.plan_stage2(context, stage1_texts, skip_answered=self.config.skip_answered_stage2,
+        decisions = processor.plan_stage2(context, stage1_texts, skip_answered=ergo_setting(self.config, "skip_answered_stage2"),
                                           truncated=truncated)
         turns = {index: turn.to(input_ids.device) for index, turn in processor.stage2_turns(context, decisions).items()}
         cache, stage1.past_key_values = stage1.past_key_values, None
@@ -281,7 +284,7 @@ class ErgoGenerationMixin:
         Reuse needs ``config.reuse_stage1_cache``, one row per sample in order (no beam search in either stage, as
         beams reorder and multiply rows) and the same cache kind in both stages, dynamic or static; other kinds
         (offloaded, quantized, ...) re-prefill."""
-        if not self.config.reuse_stage1_cache:
+        if not ergo_setting(self.config, "reuse_stage1_cache"):
             return None
         kinds = [config.cache_implementation or "dynamic" for config in (stage1_config, stage2_config)]
         beams = [config.num_beams or 1 for config in (stage1_config, stage2_config)]

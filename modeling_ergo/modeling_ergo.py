@@ -13,7 +13,7 @@ import torch
 from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from .configuration_ergo import ErgoConfig
+from .configuration_ergo import ErgoConfig, ergo_setting
 from .generation_ergo import ErgoGenerateOutput, ErgoGenerationMixin
 
 try:  # PyTorch >= 2.10
@@ -74,7 +74,7 @@ class ErgoForConditionalGeneration(ErgoGenerationMixin, Qwen2_5_VLForConditional
         (SDPA on CPU). Restored afterwards, so training forwards keep the loaded implementation."""
         vision_config = self.model.visual.config
         loaded = vision_config._attn_implementation
-        switch = (self.config.vision_attention == "auto" and loaded == "sdpa"
+        switch = (ergo_setting(self.config, "vision_attention") == "auto" and loaded == "sdpa"
                   and varlen_available(self.model.visual.device, self.model.visual.dtype))
         if switch:
             vision_config._attn_implementation = VARLEN_ATTENTION

@@ -5,10 +5,19 @@ from threading import Thread
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import CompileConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration, TextIteratorStreamer
+from transformers import (
+    CompileConfig,
+    GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    TextIteratorStreamer,
+)
 
 from conftest import noise_image
 from ergo_vqa.testing_utils import scripted_stage1, zoom_text
+from ergo_vqa.tiny import config_kwargs
+from modeling_ergo import ErgoForConditionalGeneration
+from modeling_ergo.configuration_ergo import ERGO_DEFAULTS, ergo_setting
 from processing_ergo.geometry_ergo import (
     budget_to_pixels,
     crop_size,
@@ -411,3 +420,20 @@ def test_a_stage_1_cut_off_before_its_region_is_reported_as_truncated(model, pro
     out = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, stage1_generate_kwargs=stage1)
     assert out.fallbacks == ["truncated", "no_region"]
     assert out.regions == [None, None] and all(size is not None for size in out.crop_sizes)  # resize fallback
+
+
+def test_ergo_class_runs_both_stages_with_a_stock_qwen_config(tiny_folder, tokenizer, processor):
+    """A stock ``Qwen2_5_VLConfig`` has none of ERGO's fields (transformers' own tests build the class that way):
+    every one then takes its documented default, and ``generate`` runs both stages as with ``ErgoConfig``."""
+    torch.manual_seed(0)
+    models = [
+        ErgoForConditionalGeneration(Qwen2_5_VLConfig(**config_kwargs(tokenizer))).eval(),
+        ErgoForConditionalGeneration.from_pretrained(tiny_folder, config=Qwen2_5_VLConfig(**config_kwargs(tokenizer))),
+    ]
+    for model in models:
+        assert not hasattr(model.config, "vision_attention")
+        _, out = run(model, processor, [noise_image(900, 600, 46)], [zoom_text((5, 5, 40, 40))])
+        assert out.fallbacks == [None] and out.cache == "dynamic" and out.crop_sizes[0] is not None
+    assert {name: ergo_setting(models[0].config, name) for name in ERGO_DEFAULTS} == {
+        "stage1_generation_kwargs": None, "stage2_generation_kwargs": None, "reuse_stage1_cache": True,
+        "skip_answered_stage2": False, "vision_attention": "auto"}
