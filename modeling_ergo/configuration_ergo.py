@@ -56,14 +56,8 @@ class ErgoConfig(Qwen2_5_VLConfig):
 
 VISION_ATTENTION_CHOICES = ("auto", "loaded")
 
-ERGO_DEFAULTS = {
-    "stage1_generation_kwargs": None,
-    "stage2_generation_kwargs": None,
-    "reuse_stage1_cache": True,
-    "skip_answered_stage2": False,
-    "vision_attention": "auto",
-}
-"""ERGO's config fields and their defaults (the same as ``ErgoConfig``'s)."""
+ERGO_DEFAULTS = {name: getattr(ErgoConfig, name) for name in ErgoConfig.__annotations__}
+"""ERGO's own config fields (those ``ErgoConfig`` adds to Qwen2.5-VL's) and their defaults."""
 
 
 def ergo_setting(config, name: str):
