@@ -10,8 +10,12 @@ The server only generates; everything ERGO-specific runs here, with the code ``g
 3. stage 2: the same messages, stage 1's reply as the assistant turn, then the crop and the stage-2 prompt, so a
    server with prefix caching (vLLM's automatic prefix caching, SGLang's radix cache) reuses stage 1's prefix.
 
-Vision tokens are counted from the geometry (the server does not report them); prompt and completion tokens come
-from each response's ``usage``.
+Vision tokens are counted from the geometry (the server does not report them); prompt, completion and cached prompt
+tokens come from each response's ``usage`` (cached ones where the server reports them: vLLM with
+``--enable-prompt-tokens-details``).
+
+``ErgoChat`` holds what every chat engine shares (the requests, the zoom and the results); ``ErgoClient`` sends the
+requests over HTTP, ``ergo_vqa.vllm_runner.ErgoVLLM`` to an in-process ``vllm.LLM``.
 """
 
 from __future__ import annotations
@@ -48,20 +52,120 @@ class ErgoRequest:
     postfix: str = ""
 
 
-class ErgoClient:
+@dataclass
+class Stage1Turn:
+    """One request's stage 1: its ERGO context (original image, questions, settings), the coarse view, and the
+    messages sent."""
+
+    context: ErgoContext
+    coarse: Image.Image
+    messages: list[dict]
+
+
+class ErgoChat:
+    """ERGO's two stages over an engine that answers OpenAI-format chat messages: the requests each stage sends, the
+    zoom between them and the results, with ``ErgoProcessor``'s code. Subclasses send the requests.
+
+    Args:
+        processor: an ``ErgoProcessor``, or the folder / Hub id to load one from: its budgets, fallback policy and
+            template apply, as in ``generate()``. Only the processor's and config's files are read, never weights.
+        max_tokens: per stage, as ``max_new_tokens`` locally.
+        skip_answered: end after stage 1 when it answered without a region; default: the folder's
+            ``config.skip_answered_stage2``, as ``generate()`` does (False for a processor object).
+        **processor_settings: ``coarse_budget``, ``crop_budget``, ``fallback``, ``stage2_template`` overrides.
+    """
+
+    def __init__(self, processor: ErgoProcessor | str, max_tokens: int = 1024, skip_answered: bool | None = None,
+                 **processor_settings):
+        if isinstance(processor, str):
+            source = processor
+            processor = ErgoProcessor.from_pretrained(source, **processor_settings)
+            if skip_answered is None:
+                config, _ = PretrainedConfig.get_config_dict(source)
+                skip_answered = bool(config.get("skip_answered_stage2", False))
+        elif processor_settings:
+            raise TypeError("pass processor settings either to ErgoProcessor or to the engine, not with a processor")
+        self.processor, self.max_tokens, self.skip_answered = processor, max_tokens, bool(skip_answered)
+
+    def identity(self) -> dict[str, str]:
+        """What names the answering model in evaluation records (``evaluation.MODEL_IDENTITY``)."""
+        raise NotImplementedError
+
+    @property
+    def description(self) -> str:
+        """The answering model, for people (summaries, logs)."""
+        raise NotImplementedError
+
+    def stage1(self, request: ErgoRequest, settings: dict) -> Stage1Turn:
+        image = load_image(request.image, name=describe_source(request.image))
+        stem, full_question = stage_questions(request.question, request.options, request.postfix)
+        context, (coarse,) = self.processor.make_context([image], [full_question], **settings)
+        return Stage1Turn(context, coarse, openai_messages(self.processor.stage1_messages(stem), [coarse]))
+
+    def stage2(self, turn: Stage1Turn, first: ChatReply) -> tuple[ZoomDecision, list[dict] | None]:
+        """The zoom decision, and stage 1's conversation continued with its reply and the stage-2 turn (``None``
+        when the decision skips stage 2)."""
+        decision = self.processor.plan_stage2(turn.context, [first.text], skip_answered=self.skip_answered,
+                                              truncated=[first.finish_reason == "length"])[0]
+        if decision.image is None:
+            return decision, None
+        question = self.processor.stage2_messages(turn.context.samples[0].stage2_question, turn.context.stage2_template)
+        return decision, turn.messages + [{"role": "assistant", "content": first.text}] + openai_messages(
+            question, [decision.image])
+
+    def result(self, turn: Stage1Turn, first: ChatReply, decision: ZoomDecision, second: ChatReply | None,
+               seconds: dict[str, float]) -> ErgoResult:
+        """The request's ``ErgoResult``: the answer, region, vision tokens (from the geometry) and usage."""
+        coarse = turn.coarse
+        final_text = second.text if second else first.text
+        stage1_tokens = self.processor.image_tokens(*coarse.size, coarse.width * coarse.height)
+        stage2_tokens = self.processor.second_image_tokens(decision)
+        return ErgoResult(
+            answer=extract_answer(final_text), final_text=final_text, stage1_text=first.text,
+            region=list(decision.region) if decision.region else None, fallback=decision.fallback,
+            second_image_size=list(decision.image.size) if decision.image is not None else None,
+            vision_tokens={"stage1": stage1_tokens, "stage2": stage2_tokens, "total": stage1_tokens + stage2_tokens,
+                           "full_resolution": self.processor.full_resolution_tokens(turn.context.samples[0].image)},
+            seconds=_rounded(seconds), **_usages(first, second),
+        )
+
+    def single_pass_messages(self, source, question: str, budget: int | None) -> tuple[int, list[dict]]:
+        """One plain turn, as ``ErgoProcessor.single_pass``: the request's vision tokens (from the geometry) and
+        messages. The original as it is (the engine's image processor then applies its own pixel limit, 16384 tokens
+        for stock Qwen2.5-VL), or with ``budget`` the image resized as ERGO's coarse view is."""
+        image = load_image(source, name=describe_source(source))
+        if budget is None:
+            sent, tokens = image, self.processor.full_resolution_tokens(image)
+            if tokens is None:
+                raise ValueError(f"a {image.width}x{image.height} image is flatter than Qwen2.5-VL's limit: "
+                                 f"no full-resolution pass")
+        else:
+            sent = resize_to_budget(image, budget_to_pixels(budget))
+            tokens = self.processor.image_tokens(*sent.size, sent.width * sent.height)
+        messages = openai_messages([{"role": "system", "content": SINGLE_PASS_SYSTEM_PROMPT},
+                                    *self.processor.single_pass_messages(question)], [sent])
+        return tokens, messages
+
+    @staticmethod
+    def single_pass_result(tokens: int, reply: ChatReply, seconds: float) -> ErgoResult:
+        return ErgoResult(
+            answer=extract_answer(reply.text), final_text=reply.text, stage1_text=reply.text, region=None,
+            fallback=None, second_image_size=None,
+            vision_tokens={"stage1": tokens, "stage2": 0, "total": tokens, "full_resolution": None},
+            seconds=_rounded({"total": seconds}), **_usages(reply, None),
+        )
+
+
+class ErgoClient(ErgoChat):
     """ERGO over an OpenAI-compatible endpoint.
 
     Args:
         base_url: e.g. ``http://localhost:8000/v1``.
         model: the served model's name.
         processor: an ``ErgoProcessor``, or the folder / Hub id to load one from (default: ``model``, which is what
-            ``transformers serve`` and ``vllm serve <folder>`` call it): its budgets, fallback policy and template
-            apply, as in ``generate()``. Only the processor's and config's files are read, never weights.
-        max_tokens: per stage, as ``max_new_tokens`` locally.
-        skip_answered: end after stage 1 when it answered without a region; default: the folder's
-            ``config.skip_answered_stage2``, as ``generate()`` does (False for a processor object).
+            ``transformers serve`` and ``vllm serve <folder>`` call it); see ``ErgoChat``.
+        max_tokens, skip_answered, **processor_settings: see ``ErgoChat``.
         concurrency, timeout, max_retries, api_key: see ``ChatEndpoint``.
-        **processor_settings: ``coarse_budget``, ``crop_budget``, ``fallback``, ``stage2_template`` overrides.
     """
 
     def __init__(self, base_url: str, model: str, processor: ErgoProcessor | str | None = None, *,
@@ -69,15 +173,7 @@ class ErgoClient:
                  timeout: float = 120.0, max_retries: int = 3, api_key: str | None = None, **processor_settings):
         self.endpoint = ChatEndpoint(base_url, model, api_key=api_key, timeout=timeout, max_retries=max_retries,
                                      concurrency=concurrency)
-        if processor is None or isinstance(processor, str):
-            source = processor or model
-            processor = ErgoProcessor.from_pretrained(source, **processor_settings)
-            if skip_answered is None:
-                config, _ = PretrainedConfig.get_config_dict(source)
-                skip_answered = bool(config.get("skip_answered_stage2", False))
-        elif processor_settings:
-            raise TypeError("pass processor settings either to ErgoProcessor or to ErgoClient, not with a processor")
-        self.processor, self.max_tokens, self.skip_answered = processor, max_tokens, bool(skip_answered)
+        super().__init__(processor or model, max_tokens, skip_answered, **processor_settings)
 
     @property
     def base_url(self) -> str:
@@ -86,6 +182,13 @@ class ErgoClient:
     @property
     def model(self) -> str:
         return self.endpoint.model
+
+    def identity(self) -> dict[str, str]:
+        return {"endpoint": self.base_url, "served_model": self.model}
+
+    @property
+    def description(self) -> str:
+        return f"{self.model} at {self.base_url}"
 
     # ------------------------------------------------------------------ ERGO
 
@@ -107,70 +210,39 @@ class ErgoClient:
 
     async def aanswer_many(self, requests: list[ErgoRequest | tuple], max_tokens: int | None = None,
                            on_result=None, **settings) -> list[ErgoResult]:
-        requests = [request if isinstance(request, ErgoRequest) else ErgoRequest(*request) for request in requests]
         limit = max_tokens or self.max_tokens
         return await self.endpoint.amap(
-            lambda session, request: _guarded(self._two_stages(session, request, limit, settings)), requests,
-            on_result)
+            lambda session, request: _guarded(self._two_stages(session, request, limit, settings)),
+            as_requests(requests), on_result)
 
     async def _two_stages(self, session, request: ErgoRequest, max_tokens: int, settings: dict) -> ErgoResult:
         started = time.perf_counter()
-        context, coarse, messages = await asyncio.to_thread(self._stage1_messages, request, settings)
+        turn = await asyncio.to_thread(self.stage1, request, settings)
         # ------------------------------------------------------------ stage 1: coarse view
-        first = await self.endpoint.achat(session, messages, max_tokens)
+        first = await self.endpoint.achat(session, turn.messages, max_tokens)
         if first.error:
-            return _failure(f"stage 1: {first.error}", started)
+            return failure(f"stage 1: {first.error}", started)
         stage1_done = time.perf_counter()
         # ------------------------------------------------------------ zoom: region, crop, stage-2 turn
-        decision, messages = await asyncio.to_thread(self._stage2_messages, context, messages, first)
+        decision, messages = await asyncio.to_thread(self.stage2, turn, first)
         zoom_done = time.perf_counter()
         # ------------------------------------------------------------ stage 2: the crop, same conversation
         second = None
-        if decision.image is not None:
+        if messages is not None:
             second = await self.endpoint.achat(session, messages, max_tokens)
             if second.error:
-                return _failure(f"stage 2: {second.error}", started, first.text, decision)
+                return failure(f"stage 2: {second.error}", started, first.text, decision)
         finished = time.perf_counter()
-        sample = context.samples[0]
-        final_text = second.text if second else first.text
-        stage1_tokens = self.processor.image_tokens(*coarse.size, coarse.width * coarse.height)
-        stage2_tokens = self.processor.second_image_tokens(decision)
-        return ErgoResult(
-            answer=extract_answer(final_text), final_text=final_text, stage1_text=first.text,
-            region=list(decision.region) if decision.region else None, fallback=decision.fallback,
-            second_image_size=list(decision.image.size) if decision.image is not None else None,
-            vision_tokens={"stage1": stage1_tokens, "stage2": stage2_tokens, "total": stage1_tokens + stage2_tokens,
-                           "full_resolution": self.processor.full_resolution_tokens(sample.image)},
-            seconds=_rounded({"stage1": stage1_done - started, "zoom": zoom_done - stage1_done,
-                              "stage2": finished - zoom_done, "total": finished - started}),
-            prompt_tokens=_usage(first, second, "prompt_tokens"),
-            completion_tokens=_usage(first, second, "completion_tokens"),
-        )
-
-    def _stage1_messages(self, request: ErgoRequest, settings: dict) -> tuple[ErgoContext, Image.Image, list[dict]]:
-        image = load_image(request.image, name=describe_source(request.image))
-        stem, full_question = stage_questions(request.question, request.options, request.postfix)
-        context, (coarse,) = self.processor.make_context([image], [full_question], **settings)
-        return context, coarse, openai_messages(self.processor.stage1_messages(stem), [coarse])
-
-    def _stage2_messages(self, context: ErgoContext, messages: list[dict],
-                         first: ChatReply) -> tuple[ZoomDecision, list[dict]]:
-        """The zoom decision, and stage 1's conversation continued with its reply and the stage-2 turn."""
-        decision = self.processor.plan_stage2(context, [first.text], skip_answered=self.skip_answered,
-                                              truncated=[first.finish_reason == "length"])[0]
-        if decision.image is None:
-            return decision, messages
-        turn = self.processor.stage2_messages(context.samples[0].stage2_question, context.stage2_template)
-        return decision, messages + [{"role": "assistant", "content": first.text}] + openai_messages(
-            turn, [decision.image])
+        return self.result(turn, first, decision, second, {
+            "stage1": stage1_done - started, "zoom": zoom_done - stage1_done, "stage2": finished - zoom_done,
+            "total": finished - started})
 
     # ------------------------------------------------------------------ single pass (baselines)
 
     def single_pass_many(self, images: list, questions: list[str], budget: int | None = None,
                          max_tokens: int | None = None, on_result=None) -> list[ErgoResult]:
-        """One plain turn per (image, question), as ``ErgoProcessor.single_pass``: the original as it is (the
-        server's image processor then applies its own pixel limit, 16384 tokens for stock Qwen2.5-VL; the request
-        carries the whole original as PNG), or with ``budget`` the image resized as ERGO's coarse view is."""
+        """One plain turn per (image, question); see ``ErgoChat.single_pass_messages``. The request carries the
+        image as PNG."""
         limit = max_tokens or self.max_tokens
         return self.endpoint.run(self.endpoint.amap(
             lambda session, pair: _guarded(self._single_pass(session, *pair, budget, limit)),
@@ -178,32 +250,15 @@ class ErgoClient:
 
     async def _single_pass(self, session, source, question: str, budget: int | None, max_tokens: int) -> ErgoResult:
         started = time.perf_counter()
-        tokens, messages = await asyncio.to_thread(self._single_pass_messages, source, question, budget)
+        tokens, messages = await asyncio.to_thread(self.single_pass_messages, source, question, budget)
         reply = await self.endpoint.achat(session, messages, max_tokens)
         if reply.error:
-            return _failure(reply.error, started)
-        return ErgoResult(
-            answer=extract_answer(reply.text), final_text=reply.text, stage1_text=reply.text, region=None,
-            fallback=None, second_image_size=None,
-            vision_tokens={"stage1": tokens, "stage2": 0, "total": tokens, "full_resolution": None},
-            seconds=_rounded({"total": time.perf_counter() - started}),
-            prompt_tokens=_usage(reply, None, "prompt_tokens"), completion_tokens=_usage(reply, None, "completion_tokens"),
-        )
+            return failure(reply.error, started)
+        return self.single_pass_result(tokens, reply, time.perf_counter() - started)
 
-    def _single_pass_messages(self, source, question: str, budget: int | None) -> tuple[int, list[dict]]:
-        """The request's vision tokens (from the geometry) and messages."""
-        image = load_image(source, name=describe_source(source))
-        if budget is None:
-            sent, tokens = image, self.processor.full_resolution_tokens(image)
-            if tokens is None:
-                raise ValueError(f"a {image.width}x{image.height} image is flatter than Qwen2.5-VL's limit: "
-                                 f"no full-resolution pass")
-        else:
-            sent = resize_to_budget(image, budget_to_pixels(budget))
-            tokens = self.processor.image_tokens(*sent.size, sent.width * sent.height)
-        messages = openai_messages([{"role": "system", "content": SINGLE_PASS_SYSTEM_PROMPT},
-                                    *self.processor.single_pass_messages(question)], [sent])
-        return tokens, messages
+
+def as_requests(requests: list[ErgoRequest | tuple]) -> list[ErgoRequest]:
+    return [request if isinstance(request, ErgoRequest) else ErgoRequest(*request) for request in requests]
 
 
 async def _guarded(coroutine) -> ErgoResult:
@@ -213,20 +268,27 @@ async def _guarded(coroutine) -> ErgoResult:
     try:
         return await coroutine
     except Exception as error:  # noqa: BLE001 - per-sample failures are values
-        return _failure(f"{type(error).__name__}: {error}", started)
+        return failure(f"{type(error).__name__}: {error}", started)
 
 
-def _usage(first: ChatReply, second: ChatReply | None, field: str) -> dict[str, int | None]:
-    counts = {"stage1": getattr(first, field), "stage2": getattr(second, field) if second else 0}
-    counts["total"] = None if None in counts.values() else sum(counts.values())
-    return counts
+def _usages(first: ChatReply, second: ChatReply | None) -> dict[str, dict[str, int | None]]:
+    """``prompt_tokens``, ``completion_tokens`` and ``cached_prompt_tokens`` of ``ErgoResult``, per stage and in
+    total (``None`` where the engine did not report it)."""
+    usages = {}
+    for name, field in (("prompt_tokens", "prompt_tokens"), ("completion_tokens", "completion_tokens"),
+                        ("cached_prompt_tokens", "cached_tokens")):
+        counts = {"stage1": getattr(first, field), "stage2": getattr(second, field) if second else 0}
+        counts["total"] = None if None in counts.values() else sum(counts.values())
+        usages[name] = counts
+    return usages
 
 
 def _rounded(seconds: dict[str, float]) -> dict[str, float]:
     return {key: round(value, 4) for key, value in seconds.items()}
 
 
-def _failure(error: str, started: float, stage1_text: str = "", decision: ZoomDecision | None = None) -> ErgoResult:
+def failure(error: str, started: float, stage1_text: str = "", decision: ZoomDecision | None = None) -> ErgoResult:
+    """The ``ErgoResult`` of a request that ended without an answer."""
     return ErgoResult(
         answer=None, final_text="", stage1_text=stage1_text,
         region=list(decision.region) if decision and decision.region else None,

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import time
+import urllib.request
 from dataclasses import dataclass
 
 from PIL import Image
@@ -31,6 +32,9 @@ class ChatReply:
     """``stop``, or ``length`` when the reply was cut off by ``max_tokens``."""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    """Prompt tokens the engine took from its prefix cache, where it reports them (vLLM:
+    ``usage.prompt_tokens_details.cached_tokens`` with ``--enable-prompt-tokens-details``)."""
     seconds: float = 0.0
     error: str | None = None
 
@@ -81,8 +85,10 @@ class ChatEndpoint:
         except Exception as error:  # noqa: BLE001 - per-request errors are values; the caller decides
             return ChatReply(None, seconds=time.perf_counter() - started, error=describe_error(error))
         usage = response.usage
+        details = getattr(usage, "prompt_tokens_details", None)
         return ChatReply(text, choice.finish_reason, usage.prompt_tokens if usage else None,
-                         usage.completion_tokens if usage else None, time.perf_counter() - started)
+                         usage.completion_tokens if usage else None, getattr(details, "cached_tokens", None),
+                         time.perf_counter() - started)
 
     async def amap(self, function, items: list, on_result=None) -> list:
         """``[await function(session, item) for item in items]`` with at most ``concurrency`` in flight, in order;
@@ -97,6 +103,25 @@ class ChatEndpoint:
                 return result
 
             return await asyncio.gather(*(bounded(index, item) for index, item in enumerate(items)))
+
+    def prefix_cache_counters(self) -> dict[str, float] | None:
+        """vLLM's server-wide prefix-cache counters from its Prometheus ``/metrics`` (``queries`` and ``hits``, in
+        prompt tokens, since the server started), or ``None`` where the server exposes none. The difference over a
+        run is what that run's requests took from the cache when no other client was sending."""
+        root = self.base_url.removesuffix("/v1")
+        try:
+            with urllib.request.urlopen(f"{root}/metrics", timeout=min(self.timeout, 10.0)) as response:
+                text = response.read().decode(errors="replace")
+        except (OSError, ValueError):
+            return None
+        counters = {"queries": 0.0, "hits": 0.0}
+        found = False
+        for line in text.splitlines():
+            for name in counters:
+                if line.startswith(f"vllm:prefix_cache_{name}_total"):
+                    counters[name] += float(line.rsplit(" ", 1)[1])
+                    found = True
+        return counters if found else None
 
     def run(self, coroutine):
         """Runs ``coroutine`` to completion from synchronous code (the sync methods' one way into asyncio)."""

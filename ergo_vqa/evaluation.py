@@ -6,8 +6,9 @@ the ``<answer>`` block (or of the whole reply without one); correct iff it equal
 
 Departure from the reference, on purpose: a sample that fails (unreadable image or row, error, no reply) is counted
 as wrong and listed; the reference drops it from numerator and denominator. The summary reports both figures.
-The model runs in this process, or behind an OpenAI-compatible endpoint (an ``ErgoClient``: the same code builds
-the views, prompts and crops; records then carry the endpoint, the served model and the server's token ``usage``).
+The model runs in this process, behind an OpenAI-compatible endpoint (an ``ErgoClient``), or on an in-process vLLM
+(an ``ErgoVLLM``): the same code builds the views, prompts and crops; records then carry the endpoint or engine, the
+served model and the engine's token ``usage``, cached prompt tokens included where the engine reports them.
 Per-sample records are appended to ``<out>/<benchmark>-<mode>-<budget>-<settings id>.jsonl`` as they finish, so a
 rerun with the same settings resumes and a run with other settings starts its own file.
 """
@@ -31,13 +32,13 @@ from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET
 from processing_ergo.prompts_ergo import answer_letters, stage_questions
 
-from .client import ErgoClient, ErgoRequest
+from .client import ErgoChat, ErgoClient, ErgoRequest
 from .eval_data import MMERWL_CATEGORIES, EvalSample
 
 MODES = ("ergo", "full", "coarse")
-MODEL_IDENTITY = ("weights", "endpoint", "served_model")
-"""The settings that say which model answered: a local model's weights fingerprint, or a served model's endpoint and
-name. Rows compare only when these agree, present or absent alike."""
+MODEL_IDENTITY = ("weights", "endpoint", "engine", "served_model")
+"""The settings that say which model answered: a local model's weights fingerprint, a served model's endpoint and
+name, or an in-process engine and its model. Rows compare only when these agree, present or absent alike."""
 
 
 def letters_match(reply: str, answer: str) -> bool:
@@ -51,8 +52,9 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
              progress: bool = True) -> dict:
     """Runs the samples without a successful record under the same ``run_settings`` (failed ones run again), appends
     their records to ``<out>/<benchmark>-<mode>-<budget>-<settings id>.jsonl`` and returns the summary of
-    ``samples``. ``model`` is a local model (``batch_size`` samples per ``generate``) or an ``ErgoClient`` (all
-    samples sent at once, its ``concurrency`` in flight; each record is written as its sample finishes). ``fallback`` (ERGO mode) defaults to the reference's: the unresized original when stage 1 gives no
+    ``samples``. ``model`` is a local model (``batch_size`` samples per ``generate``), an ``ErgoClient`` (all
+    samples sent at once, its ``concurrency`` in flight; each record is written as its sample finishes) or an
+    ``ErgoVLLM`` (all samples in one batch per stage). ``fallback`` (ERGO mode) defaults to the reference's: the unresized original when stage 1 gives no
     usable region."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -76,7 +78,8 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
             records.flush()
             bar.update(1)
 
-        if isinstance(model, ErgoClient):  # every sample in flight at once, up to the client's concurrency
+        counters_before = model.endpoint.prefix_cache_counters() if isinstance(model, ErgoClient) else None
+        if isinstance(model, ErgoChat):  # every sample in flight at once (a client: up to its concurrency)
             for sample in todo:
                 if sample.error is not None:
                     write(_record(sample, mode, failure=sample.error))
@@ -95,9 +98,11 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
     bar.close()
     wanted = {sample.id for sample in samples}
     latest = {record["id"]: record for record in _read_records(records_path, settings) if record["id"] in wanted}
-    name = f"{model.model} at {model.base_url}" if isinstance(model, ErgoClient) else model.config.name_or_path
+    name = model.description if isinstance(model, ErgoChat) else model.config.name_or_path
     summary = {**summarize(list(latest.values()), settings, requested=len(samples)), "records": records_path.name,
                "model": name}
+    if counters_before is not None and (counters_after := model.endpoint.prefix_cache_counters()) is not None:
+        summary["server_prefix_cache"] = _counter_delta(counters_before, counters_after)
     (out_dir / f"{stem}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -108,9 +113,9 @@ def run_settings(model, processor, benchmark: str, mode: str, budget: int, max_n
     its records apart): written into every record and summary, and hashed into the file names. A local model is
     identified by its weights, not by how its path was written, so a copy, a re-download or ``./m`` for ``m``
     resumes; the summary names the path it was loaded from. A served one (``ErgoClient``) by its endpoint and
-    served name: what the server holds behind that name is the server's to keep stable."""
-    identity = ({"endpoint": model.base_url, "served_model": model.model} if isinstance(model, ErgoClient)
-                else {"weights": weights_fingerprint(model)})
+    served name: what the server holds behind that name is the server's to keep stable; an ``ErgoVLLM`` by its
+    engine and model."""
+    identity = model.identity() if isinstance(model, ErgoChat) else {"weights": weights_fingerprint(model)}
     settings = {"benchmark": benchmark, "mode": mode, "budget": budget if mode != "full" else FULL_RESOLUTION_BUDGET,
                 "max_new_tokens": max_new_tokens, **identity}
     if mode == "ergo":
@@ -193,14 +198,15 @@ def _generate(model, processor, batch: list[EvalSample], mode, budget, max_new_t
             for sample, reply, count in zip(batch, replies, tokens)]
 
 
-def _request(client: ErgoClient, samples: list[EvalSample], mode, budget, max_new_tokens, fallback, write) -> None:
-    """Sends ``samples`` to the client's endpoint, ``concurrency`` requests in flight, and hands each record to
-    ``write`` as its sample finishes (a failed request is its own sample's failure)."""
+def _request(client: ErgoChat, samples: list[EvalSample], mode, budget, max_new_tokens, fallback, write) -> None:
+    """Sends ``samples`` to the client's engine and hands each record to ``write`` as its sample finishes (a failed
+    request is its own sample's failure)."""
     def finished(index: int, result) -> None:
         sample = samples[index]
         write({**_record(sample, mode, result.final_text, result.seconds["total"], result.vision_tokens,
                          result.region, result.fallback, failure=result.error),
-               "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens})
+               "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+               "cached_prompt_tokens": result.cached_prompt_tokens})
 
     if mode == "ergo":
         client.answer_many([ErgoRequest(s.image, s.stem, s.options, s.postfix) for s in samples],
@@ -253,6 +259,7 @@ def summarize(records: list[dict], settings: dict, requested: int) -> dict:
         "no_answer": [r["id"] for r in records if r["failure"] is None and not answer_letters(r["reply"] or "")],
         "mean_vision_tokens": sum(r["vision_tokens"]["total"] for r in ran) / len(ran) if ran else None,
         "mean_seconds": sum(r["seconds"] for r in ran) / len(ran) if ran else None,
+        "mean_cached_prompt_tokens": _mean_per_stage(records, "cached_prompt_tokens"),
         "settings_id": settings_id(settings),
         "settings": settings,
     }
@@ -415,6 +422,22 @@ def _marker(draw: ImageDraw.ImageDraw, x: float, y: float, shape: str, color: st
 
 def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
     return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _mean_per_stage(records: list[dict], field: str) -> dict[str, float] | None:
+    """Per-stage means of a usage field over the records that carry it (the engine reported it), else ``None``."""
+    counted = [r[field] for r in records if r["failure"] is None and (r.get(field) or {}).get("total") is not None]
+    if not counted:
+        return None
+    return {stage: sum(counts[stage] for counts in counted) / len(counted) for stage in ("stage1", "stage2", "total")}
+
+
+def _counter_delta(before: dict[str, float], after: dict[str, float]) -> dict:
+    """The server's prefix-cache counters over a run (``/metrics``): server-wide, so exact only when no other
+    client was sending."""
+    queries, hits = after["queries"] - before["queries"], after["hits"] - before["hits"]
+    return {"queried_tokens": int(queries), "hit_tokens": int(hits),
+            "hit_rate": round(hits / queries, 4) if queries else None, "source": "/metrics difference, server-wide"}
 
 
 def _accuracy(records: list[dict]) -> float | None:

@@ -30,6 +30,8 @@ class ErgoResult:
     prompt_tokens: dict[str, int | None] | None = None
     """Per stage and in total, from the server's ``usage`` (``ErgoClient`` only)."""
     completion_tokens: dict[str, int | None] | None = None
+    cached_prompt_tokens: dict[str, int | None] | None = None
+    """Of ``prompt_tokens``, those the engine served from its prefix cache, where it reports them (vLLM)."""
     error: str | None = None
     """Why there is no answer (``ErgoClient`` only: a failed request or an unreadable image)."""
 
@@ -138,6 +140,8 @@ def summary(result: ErgoResult) -> str:
         "seconds:       " + ", ".join(f"{key} {value:.3f}" for key, value in result.seconds.items()),
         *([f"usage:         prompt tokens {_per_stage(result.prompt_tokens)}; completion tokens "
            f"{_per_stage(result.completion_tokens)}"] if result.prompt_tokens else []),
+        *([f"prefix cache:  cached prompt tokens {_per_stage(result.cached_prompt_tokens)}"]
+          if result.cached_prompt_tokens and result.cached_prompt_tokens["total"] is not None else []),
         f"stage 1 said:  {result.stage1_text!r}",
     ])
 
