@@ -19,6 +19,8 @@ from processing_ergo.prompts_ergo import stage_questions
 from .evaluation import MODES
 from .inference import CACHE_CHOICES, check_device
 
+ENGINES = ("transformers", "vllm")
+
 
 def _budget(text: str) -> int:
     try:
@@ -101,6 +103,12 @@ def _check_target(args: argparse.Namespace) -> None:
               "--concurrency": getattr(args, "concurrency", None)}
     local = {"--device": args.device != "auto", "--cache": args.cache != "auto",
              "--batch-size": getattr(args, "batch_size", None)}
+    if getattr(args, "engine", "transformers") == "vllm":
+        if args.endpoint:
+            raise ValueError("--engine vllm runs the model in this process: not with --endpoint")
+        if any(local.values()):
+            raise ValueError(f"{', '.join(flag for flag, value in local.items() if value)}: for transformers' "
+                             f"generate() only, not with --engine vllm (vLLM batches each stage itself)")
     if args.endpoint:
         if not args.served_model:
             raise ValueError("--endpoint needs --served-model, the name the server serves the model under")
@@ -129,6 +137,17 @@ def _client(args: argparse.Namespace):
                       max_tokens=args.max_new_tokens, **{key: value for key, value in given.items() if value is not None})
 
 
+def _vllm(args: argparse.Namespace):
+    """``ErgoVLLM`` for ``--engine vllm``: the model runs on an in-process vLLM, one batch per stage."""
+    try:
+        from .vllm_runner import ErgoVLLM
+
+        return ErgoVLLM(args.model, max_tokens=args.max_new_tokens)
+    except ImportError as error:
+        raise ValueError(f"--engine vllm needs vLLM in this environment ({error}): `pip install vllm` on a GPU "
+                         f"machine; on x86-64 CPUs with AVX-512, `make vllm-env` builds .venv-vllm") from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -148,6 +167,9 @@ def _eval(args: argparse.Namespace) -> int:
     samples = load_benchmark(args.dataset, args.data_root, limit=args.limit, split=args.split)
     if args.endpoint:
         model = _client(args)
+        processor = model.processor
+    elif args.engine == "vllm":
+        model = _vllm(args)
         processor = model.processor
     else:
         model, processor = _load(args)
@@ -237,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--cache", choices=CACHE_CHOICES, default="auto",
                             help="KV cache; auto: static (compiled decode) on CUDA, dynamic elsewhere")
     evaluation.add_argument("--out", required=True, help="folder for per-sample records, summaries and the plot")
+    evaluation.add_argument("--engine", choices=ENGINES, default="transformers",
+                            help="runs --model with transformers' generate() (default) or on an in-process vLLM, "
+                                 "one batch per stage (needs vLLM installed)")
     _endpoint_arguments(evaluation)
     evaluation.add_argument("--concurrency", type=_positive, default=None,
                             help="with --endpoint: requests in flight (default 16, as the published evaluation)")
