@@ -56,16 +56,21 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    startup_seconds = STARTUP_SECONDS
+    environment = {"HF_HUB_OFFLINE": "1"}
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "ergo_vqa.cli", "serve", self.folder, "--host", "127.0.0.1", "--port",
+                str(self.port), "--device", "cpu", "--dtype", "float32"]
+
     def start(self) -> "Server":
-        command = [sys.executable, "-m", "ergo_vqa.cli", "serve", self.folder, "--host", "127.0.0.1", "--port",
-                   str(self.port), "--device", "cpu", "--dtype", "float32"]
         self.log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        deadline = time.monotonic() + STARTUP_SECONDS
+        self.process = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **self.environment})
+        deadline = time.monotonic() + self.startup_seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ergo serve exited with {self.process.returncode}: "
+                raise RuntimeError(f"the server exited with {self.process.returncode}: "
                                    f"{open(self.log_path, 'rb').read()[-2000:].decode(errors='replace')}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
@@ -73,7 +78,7 @@ class Server:
             except (urllib.error.URLError, OSError):
                 time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"ergo serve did not answer within {STARTUP_SECONDS} s")
+        raise TimeoutError(f"{' '.join(self.command()[:4])} did not answer within {self.startup_seconds} s")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
