@@ -99,6 +99,20 @@ def build_model_card(base_model: str | None, coarse_budget: int, results: list[d
     return ModelCard(CARD_TEMPLATE.format(card_data=data.to_yaml(), coarse_budget=coarse_budget, results=section))
 
 
+SUMMARY_KEYS = ("benchmark", "mode", "budget", "accuracy", "accuracy_reference_protocol", "samples",
+                "mean_vision_tokens", "mean_seconds", "categories")
+"""What the card reads from each ``ergo eval`` summary."""
+
+
+def check_summary(summary: object, name: str) -> None:
+    """Raises ValueError naming ``name`` when ``summary`` is not an ``ergo eval`` summary, so a wrong file stops a
+    conversion before it writes anything, not in the middle with a KeyError."""
+    missing = [key for key in SUMMARY_KEYS if key not in summary] if isinstance(summary, dict) else list(SUMMARY_KEYS)
+    if missing:
+        raise ValueError(f"{name} is not an `ergo eval` summary (<out>/<benchmark>-summary.json): no "
+                         f"{', '.join(repr(key) for key in missing)}")
+
+
 def results_table(summaries: list[dict]) -> str:
     """``ergo eval`` summaries as a Markdown table: one row per (benchmark, mode, budget), then one per category.
     ``samples`` are the scored ones; requested = run + failed + missing (summaries written before these counts

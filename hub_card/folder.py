@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -23,7 +24,7 @@ import processing_ergo.prompts_ergo
 from modeling_ergo import ErgoConfig
 from processing_ergo import ErgoProcessor
 
-from .card import build_model_card
+from .card import build_model_card, check_summary
 
 REMOTE_CODE_MODULES = (
     modeling_ergo.configuration_ergo,
@@ -37,6 +38,26 @@ REMOTE_CODE_MODULES = (
 """The flat files a Hub folder carries; they import only each other, transformers, torch and Pillow."""
 
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "generation_config.json")
+"""What a conversion copies from the source byte for byte."""
+
+STALE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.index.json", "generation_config.json")
+"""What converting with ``overwrite`` removes first: an earlier checkpoint's weights, indexes or generation defaults
+left beside the new ones would be loaded with (or instead of) them."""
+
+ERGO_SETTINGS = ("coarse_budget", "crop_budget", "stage2_template", "fallback")
+"""The ``ErgoProcessor`` settings an ERGO folder saves in ``processor_config.json``."""
+
+VIDEO_PROCESSOR_KEYS = ("do_convert_rgb", "do_resize", "size", "resample", "do_rescale", "rescale_factor",
+                        "do_normalize", "image_mean", "image_std", "patch_size", "temporal_patch_size", "merge_size")
+"""Image-processor settings that ``Qwen2VLVideoProcessor`` takes under the same names."""
+
+
+@dataclass
+class Conversion:
+    """What ``convert_checkpoint`` wrote: the folder and one line per setting, the card and each removed file."""
+
+    folder: Path
+    notes: list[str]
 
 
 def copy_remote_code(folder: str | Path) -> list[Path]:
@@ -49,6 +70,29 @@ def copy_remote_code(folder: str | Path) -> list[Path]:
     return copied
 
 
+def write_video_processor_config(folder: str | Path, processor: ErgoProcessor) -> Path:
+    """``video_preprocessor_config.json``: ERGO reads no video, but engines that load Qwen2.5-VL's own processor
+    (vLLM) refuse a folder without a video processor. Its settings are the image processor's, as transformers derives
+    them for a Qwen checkpoint that ships only image settings. Written as JSON: ``Qwen2VLVideoProcessor`` itself
+    needs torchvision, which this package never installs, and ``ErgoProcessor`` does not load it."""
+    image = processor.image_processor.to_dict()
+    config = {key: image[key] for key in VIDEO_PROCESSOR_KEYS if key in image}
+    config.update(min_pixels=image["size"]["shortest_edge"], max_pixels=image["size"]["longest_edge"],
+                  video_processor_type="Qwen2VLVideoProcessor")
+    path = Path(folder) / "video_preprocessor_config.json"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def ergo_settings(folder: str | Path) -> dict | None:
+    """The ERGO processor settings saved in ``folder``; None when it is not an ERGO folder (a stock checkpoint)."""
+    path = Path(folder) / "processor_config.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("processor_class") != "ErgoProcessor":
+        return None
+    return {key: saved.get(key) for key in ERGO_SETTINGS}
+
+
 def write_card(folder: str | Path, base_model: str | None, processor: ErgoProcessor,
                results: list[dict] | None = None) -> Path:
     """The folder's model card; ``results``: ``ergo eval`` summaries to report."""
@@ -59,43 +103,86 @@ def write_card(folder: str | Path, base_model: str | None, processor: ErgoProces
 
 def save_hub_folder(model, processor: ErgoProcessor, folder: str | Path, base_model: str | None = None) -> Path:
     """Save a model and processor as a complete ERGO Hub folder: their own ``save_pretrained`` already writes the
-    weights, configs, remote code and ``auto_map``; this adds the model card."""
+    weights, configs, remote code and ``auto_map``; this adds the video-processor file engines need and the card."""
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    write_video_processor_config(folder, processor)
     write_card(folder, base_model, processor)
     return folder
 
 
-def convert_checkpoint(source: str | Path, folder: str | Path, **processor_settings) -> Path:
+def convert_checkpoint(source: str | Path, folder: str | Path, overwrite: bool = False,
+                       results: list[dict] | None = None, **processor_settings) -> Conversion:
     """Turn a local Qwen2.5-VL (or ERGO) checkpoint folder into an ERGO Hub folder without loading its weights.
 
     The safetensors shards are copied byte for byte (they already use the Hub key layout); the config and the
-    processor are re-saved with ERGO's ``auto_map`` and settings. ``processor_settings`` are ``ErgoProcessor``
-    arguments such as ``coarse_budget=640``.
+    processor are re-saved with ERGO's ``auto_map``. ``processor_settings`` are ``ErgoProcessor`` arguments such as
+    ``coarse_budget=640``; settings not given keep the source's (an ERGO folder's own, else ERGO's defaults), and an
+    ERGO source's model card is kept unless ``results`` (``ergo eval`` summaries) ask for a new one. Everything is
+    checked before anything is written. A non-empty ``folder`` is refused unless ``overwrite``, which first removes
+    its weight files (``STALE_PATTERNS``), so that loading it never mixes two checkpoints.
     """
     source, folder = Path(source), Path(folder)
+    _check_source(source)
+    if source.resolve() == folder.resolve():
+        raise ValueError("convert into a new folder, not onto the source")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} is not empty, and an earlier checkpoint's files there could load with this "
+                              f"one's: choose an empty folder, or --overwrite (overwrite=True) to replace its weights")
+    for index, summary in enumerate(results or []):
+        check_summary(summary, f"results[{index}]")
+    config = ErgoConfig.from_pretrained(source)
+    processor = ErgoProcessor.from_pretrained(source, **processor_settings)  # checks the settings
+    before, after = ergo_settings(source), {key: getattr(processor, key) for key in ERGO_SETTINGS}
+    keep_card = before is not None and (source / "README.md").is_file() and not results
+
+    folder.mkdir(parents=True, exist_ok=True)
+    removed = sorted({path for pattern in STALE_PATTERNS for path in folder.glob(pattern)}) if overwrite else []
+    for path in removed:
+        path.unlink()
+    for pattern in WEIGHT_PATTERNS:
+        for path in source.glob(pattern):
+            shutil.copyfile(path, folder / path.name)
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    copy_remote_code(folder)
+    write_video_processor_config(folder, processor)
+    if keep_card:
+        shutil.copyfile(source / "README.md", folder / "README.md")
+    else:
+        write_card(folder, str(source), processor, results)
+    notes = _settings_notes(before, after)
+    if keep_card:
+        stale = " (written for the source's settings: update what it says about them)" if before != after else ""
+        notes.append(f"README.md: kept from {source}{stale}")
+    else:
+        notes.append("README.md: new ERGO model card" + (f" with {len(results)} result(s)" if results else ""))
+    notes += [f"removed {path.name} (left by an earlier conversion)" for path in removed]
+    return Conversion(folder, notes)
+
+
+def _check_source(source: Path) -> None:
+    """A local Qwen2.5-VL checkpoint with safetensors weights, or a clear error."""
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} has no config.json; pass a local Qwen2.5-VL checkpoint folder")
     model_type = json.loads((source / "config.json").read_text()).get("model_type")
     if model_type != "qwen2_5_vl":
         raise ValueError(f"{source} is a {model_type!r} checkpoint; ERGO runs on Qwen2.5-VL (qwen2_5_vl)")
-    shards = sorted(source.glob("*.safetensors"))
-    if not shards:
+    if not any(source.glob("*.safetensors")):
         found = sorted(path.name for path in source.glob("*.bin")) or "no weights"
         raise ValueError(f"{source} has no safetensors weights ({found}); ERGO folders load safetensors only")
-    if source.resolve() == folder.resolve():
-        raise ValueError("convert into a new folder, not onto the source")
-    folder.mkdir(parents=True, exist_ok=True)
-    for pattern in WEIGHT_PATTERNS:
-        for path in source.glob(pattern):
-            shutil.copyfile(path, folder / path.name)
-    ErgoConfig.from_pretrained(source).save_pretrained(folder)
-    processor = ErgoProcessor.from_pretrained(source, **processor_settings)
-    processor.save_pretrained(folder)
-    copy_remote_code(folder)
-    write_card(folder, str(source), processor)
-    return folder
+
+
+def _settings_notes(before: dict | None, after: dict) -> list[str]:
+    """What a conversion did to the processor settings, one line each for those it changed."""
+    listed = ", ".join(f"{key}={value!r}" for key, value in after.items())
+    if before is None:
+        return [f"processor settings (new ERGO folder): {listed}"]
+    changed = [f"{key}: {before[key]!r} -> {after[key]!r}" for key in ERGO_SETTINGS if before[key] != after[key]]
+    return changed + [f"processor settings: {listed}" + ("" if changed else " (kept from the source)")]
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:

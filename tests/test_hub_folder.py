@@ -11,8 +11,10 @@ import torch
 from safetensors import safe_open
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from ergo_vqa.demo import DEMO_MODEL
 from ergo_vqa.tiny import build_processor, config_kwargs
 from hub_card import convert_checkpoint
+from hub_card.__main__ import main as hub_card_main
 from modeling_ergo import ErgoForConditionalGeneration
 from processing_ergo import ErgoProcessor
 
@@ -26,6 +28,7 @@ FRESH_PROCESS_CHECK = textwrap.dedent('''
                 raise ImportError("blocked: " + name)
 
     sys.meta_path.insert(0, BlockProject())
+    sys.modules["torchvision"] = None  # as where it is not installed: the folder's video processor file must not need it
     import json, random
     from PIL import Image
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
@@ -80,7 +83,8 @@ def test_folder_loads_in_a_fresh_process_without_the_project(tiny_folder, tmp_pa
 def test_folder_files_and_remote_code_are_self_contained(tiny_folder):
     names = set(os.listdir(tiny_folder))
     assert {"config.json", "model.safetensors", "processor_config.json", "README.md", "configuration_ergo.py",
-            "modeling_ergo.py", "processing_ergo.py", "geometry_ergo.py", "images_ergo.py", "prompts_ergo.py"} <= names
+            "modeling_ergo.py", "processing_ergo.py", "geometry_ergo.py", "images_ergo.py", "prompts_ergo.py",
+            "video_preprocessor_config.json"} <= names
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
     for name in names:
         if name.endswith(".py"):
@@ -111,16 +115,20 @@ def test_engines_that_know_qwen2_5_vl_read_the_folder_natively(tiny_folder, mode
     assert not any(key.startswith("model.language_model.") for key in keys)
 
 
-@pytest.fixture
-def stock_checkpoint(tmp_path, tokenizer):
-    """A stock Qwen2.5-VL folder (legacy Hub key layout), as Qwen/Qwen2.5-VL-*-Instruct are laid out."""
-    torch.manual_seed(7)
+def save_stock(folder, tokenizer, seed: int = 7, **save_kwargs):
+    """A stock Qwen2.5-VL folder (legacy Hub key layout), as Qwen/Qwen2.5-VL-*-Instruct are laid out;
+    ``save_kwargs`` such as ``max_shard_size`` go to ``save_pretrained``."""
+    torch.manual_seed(seed)
     stock = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config_kwargs(tokenizer)))
-    folder = tmp_path / "qwen"
-    stock.save_pretrained(folder)
+    stock.save_pretrained(folder, **save_kwargs)
     build_processor(tokenizer).tokenizer.save_pretrained(folder)
     build_processor(tokenizer).image_processor.save_pretrained(folder)
     return folder, stock
+
+
+@pytest.fixture
+def stock_checkpoint(tmp_path, tokenizer):
+    return save_stock(tmp_path / "qwen", tokenizer)
 
 
 def test_ergo_loads_a_stock_qwen_checkpoint_with_identical_weights(stock_checkpoint):
@@ -137,11 +145,12 @@ def test_ergo_loads_a_stock_qwen_checkpoint_with_identical_weights(stock_checkpo
 
 def test_convert_checkpoint_writes_an_ergo_folder(stock_checkpoint, tmp_path):
     folder, stock = stock_checkpoint
-    out = convert_checkpoint(folder, tmp_path / "ergo", coarse_budget=640)
+    out = convert_checkpoint(folder, tmp_path / "ergo", coarse_budget=640).folder
     assert ErgoProcessor.from_pretrained(out).coarse_budget == 640
     loaded = ErgoForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
     assert all(torch.equal(tensor, stock.state_dict()[key]) for key, tensor in loaded.state_dict().items())
     assert (out / "modeling_ergo.py").is_file() and "auto_map" in json.loads((out / "config.json").read_text())
+    assert (out / "video_preprocessor_config.json").is_file()
 
 
 def test_convert_checkpoint_refuses_what_it_cannot_load_safely(stock_checkpoint, tmp_path):
@@ -162,8 +171,7 @@ def test_convert_checkpoint_refuses_what_it_cannot_load_safely(stock_checkpoint,
 
 
 def test_hub_card_command(stock_checkpoint, tmp_path, capsys):
-    from hub_card.__main__ import main
-
+    main = hub_card_main
     folder, _ = stock_checkpoint
     assert main([str(folder), str(tmp_path / "cli"), "--coarse-budget", "640", "--fallback", "coarse"]) == 0
     processor = ErgoProcessor.from_pretrained(tmp_path / "cli")
@@ -172,3 +180,91 @@ def test_hub_card_command(stock_checkpoint, tmp_path, capsys):
     assert "pipeline_tag: image-text-to-text" in card and "640 vision" in card
     assert main([str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_video_processor_config_matches_the_image_processor(tiny_folder):
+    """vLLM's Qwen2.5-VL processor refuses a folder without a video processor (issue 23); ERGO reads no video, so
+    the file only has to describe the same pixels and patches as the image processor, in keys transformers'
+    ``Qwen2VLVideoProcessor`` accepts. (Loading it needs torchvision; the fresh-process test loads the folder
+    without torchvision.)"""
+    from transformers.processing_utils import VideosKwargs
+
+    video = json.loads((tiny_folder / "video_preprocessor_config.json").read_text())
+    image = json.loads((tiny_folder / "processor_config.json").read_text())["image_processor"]
+    assert video["video_processor_type"] == "Qwen2VLVideoProcessor"
+    for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size", "resample",
+                "rescale_factor", "do_normalize", "do_rescale", "do_resize", "do_convert_rgb"):
+        assert video[key] == image[key], key
+    assert (video["min_pixels"], video["max_pixels"]) == (image["size"]["shortest_edge"], image["size"]["longest_edge"])
+    qwen_video_keys = {"min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size",
+                       "video_processor_type"}
+    assert set(video) <= set(VideosKwargs.__annotations__) | qwen_video_keys
+
+
+def test_reconverting_into_a_used_folder_needs_overwrite_and_keeps_only_the_new_weights(tmp_path, tokenizer, capsys):
+    """Issue 24.1: A's one-file checkpoint, then B's shards into the same folder. Without ``--overwrite``: refused,
+    one line; with it, A's ``model.safetensors`` is gone and the folder loads B's weights."""
+    one_file, _ = save_stock(tmp_path / "a", tokenizer, seed=1)
+    sharded, stock_b = save_stock(tmp_path / "b", tokenizer, seed=2, max_shard_size="200KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    out = tmp_path / "out"
+    assert hub_card_main([str(one_file), str(out)]) == 0
+    capsys.readouterr()
+    assert hub_card_main([str(sharded), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hub_card: error:") and "--overwrite" in err[0], err
+    assert (out / "model.safetensors").is_file()  # refused before anything changed
+
+    assert hub_card_main([str(sharded), str(out), "--overwrite"]) == 0
+    assert "model.safetensors" in capsys.readouterr().out  # the removal is reported
+    weights = sorted(path.name for path in out.glob("model*.safetensors*"))
+    assert weights == sorted(path.name for path in sharded.glob("model*.safetensors*")) and len(weights) > 2
+    loaded = ErgoForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    expected = stock_b.state_dict()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in loaded.state_dict().items())
+
+
+def test_converting_an_ergo_folder_keeps_its_settings_and_card(tmp_path, capsys):
+    """Issue 24.2: the demo model (coarse budget 144) converted as is keeps 144 and its card; a flag changes only
+    what it names, and the command says what changed."""
+    source_settings = json.loads((DEMO_MODEL / "processor_config.json").read_text())
+    assert source_settings["coarse_budget"] == 144
+    assert hub_card_main([str(DEMO_MODEL), str(tmp_path / "same")]) == 0
+    printed = capsys.readouterr().out
+    kept = ErgoProcessor.from_pretrained(tmp_path / "same")
+    assert (kept.coarse_budget, kept.crop_budget, kept.fallback, kept.stage2_template) == (144, None, "resize",
+                                                                                             "reference")
+    assert (tmp_path / "same" / "README.md").read_text() == (DEMO_MODEL / "README.md").read_text()
+    assert "coarse_budget=144" in printed and "README.md: kept" in printed, printed
+
+    assert hub_card_main([str(DEMO_MODEL), str(tmp_path / "changed"), "--fallback", "coarse"]) == 0
+    printed = capsys.readouterr().out
+    changed = ErgoProcessor.from_pretrained(tmp_path / "changed")
+    assert (changed.coarse_budget, changed.fallback) == (144, "coarse")
+    assert "fallback: 'resize' -> 'coarse'" in printed and "coarse_budget: " not in printed, printed
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing results", "missing.json"),
+    ("results not json", "not JSON"),
+    ("results not a summary", "not an `ergo eval` summary"),
+    ("bad budget", "budget"),
+    ("out is a file", "not a folder"),
+])
+def test_bad_inputs_are_refused_before_anything_is_written(stock_checkpoint, tmp_path, capsys, case, message):
+    """Issue 24.3: each bad input exits 2 with one line, and the output folder is not created."""
+    folder, _ = stock_checkpoint
+    out = tmp_path / "out"
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "vstar"}))
+    extra = {"missing results": ["--results", str(tmp_path / "missing.json")],
+             "results not json": ["--results", str(tmp_path / "broken.json")],
+             "results not a summary": ["--results", str(tmp_path / "other.json")],
+             "bad budget": ["--coarse-budget", "3"],
+             "out is a file": []}[case]
+    if case == "out is a file":
+        out.write_text("a file")
+    assert hub_card_main([str(folder), str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hub_card: error:") and message in err[0], err
+    assert out.is_file() if case == "out is a file" else not out.exists()
