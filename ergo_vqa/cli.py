@@ -5,6 +5,7 @@ fetches the published benchmarks."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,6 +39,16 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return value
 
 
@@ -103,6 +114,8 @@ def _check_target(args: argparse.Namespace) -> None:
               "--concurrency": getattr(args, "concurrency", None)}
     local = {"--device": args.device != "auto", "--cache": args.cache != "auto",
              "--batch-size": getattr(args, "batch_size", None)}
+    if getattr(args, "engine_args", None) is not None and args.engine != "vllm":
+        raise ValueError("--engine-args: only with --engine vllm")
     if getattr(args, "engine", "transformers") == "vllm":
         if args.endpoint:
             raise ValueError("--engine vllm runs the model in this process: not with --endpoint")
@@ -142,7 +155,7 @@ def _vllm(args: argparse.Namespace):
     try:
         from .vllm_runner import ErgoVLLM
 
-        return ErgoVLLM(args.model, max_tokens=args.max_new_tokens)
+        return ErgoVLLM(args.model, max_tokens=args.max_new_tokens, engine_args=args.engine_args)
     except ImportError as error:
         raise ValueError(f"--engine vllm needs vLLM in this environment ({error}): `pip install vllm` on a GPU "
                          f"machine; on x86-64 CPUs with AVX-512, `make vllm-env` builds .venv-vllm") from None
@@ -156,8 +169,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
     from hub_card.card import results_table
 
     from .eval_data import load_benchmark
@@ -262,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--engine", choices=ENGINES, default="transformers",
                             help="runs --model with transformers' generate() (default) or on an in-process vLLM, "
                                  "one batch per stage (needs vLLM installed)")
+    evaluation.add_argument("--engine-args", type=_json_object, default=None, metavar="JSON",
+                            help='with --engine vllm: vllm.LLM arguments, e.g. \'{"dtype": "float32", '
+                                 '"enforce_eager": true, "max_model_len": 4096}\'')
     _endpoint_arguments(evaluation)
     evaluation.add_argument("--concurrency", type=_positive, default=None,
                             help="with --endpoint: requests in flight (default 16, as the published evaluation)")
