@@ -12,13 +12,15 @@ reference does (``download`` does it for you when online):
 Each sample carries what the reference's evaluation builds: stage 1 sees ``stem``, stage 2 the stem, ``options``
 and ``postfix`` (joined by newlines); ``answer`` is the option letter; ``category`` is what accuracy is grouped by.
 A row that cannot be read (not JSON, a field missing or empty) becomes a sample with an ``error`` naming the file and
-line: the evaluation counts it as a failure and goes on.
+line: the evaluation counts it as a failure and goes on. Two rows with one id are refused before anything runs
+(``ValueError`` naming the id and both places): records are kept per id, so one of them could never be recorded.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import itertools
 import json
 import sys
@@ -52,6 +54,8 @@ class EvalSample:
     category: str
     error: str | None = None
     """Why the row could not be read, with its file and line; such a sample fails without running."""
+    where: str = ""
+    """The file and line (or row) it was read from."""
 
 
 def load_benchmark(name: str, data_root: str | Path, limit: int | None = None, split: str = "test") -> list[EvalSample]:
@@ -59,14 +63,26 @@ def load_benchmark(name: str, data_root: str | Path, limit: int | None = None, s
     ``synthetic`` reads ``<data_root>/<split>.jsonl`` as ``ergo_vqa.synthetic_task`` writes it."""
     loaders = {"vstar": _vstar, "hrbench": _hrbench, "mmerwl": _mmerwl}
     if name == "synthetic":
-        return list(itertools.islice(_synthetic(Path(data_root) / f"{split}.jsonl"), limit))
+        return _unique(list(itertools.islice(_synthetic(Path(data_root) / f"{split}.jsonl"), limit)))
     if name not in loaders:
         raise ValueError(f"unknown benchmark {name!r}; one of {sorted(loaders) + ['synthetic']}")
     folder = Path(data_root) / HUB_DATASETS[name][1]
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} not found: download it with `ergo eval-download {name} --data-root "
                                 f"{data_root}` (or git clone https://huggingface.co/datasets/{HUB_DATASETS[name][0]})")
-    return list(itertools.islice(loaders[name](folder), limit))
+    return _unique(list(itertools.islice(loaders[name](folder), limit)))
+
+
+def _unique(samples: list[EvalSample]) -> list[EvalSample]:
+    """``samples``, or ValueError naming each id that more than one of them has, with the places it occurs."""
+    places: dict[str, list[str]] = {}
+    for sample in samples:
+        places.setdefault(sample.id, []).append(sample.where or "?")
+    repeated = [f"id {key!r} at {' and '.join(found)}" for key, found in places.items() if len(found) > 1]
+    if repeated:
+        raise ValueError(f"repeated sample ids ({'; '.join(repeated[:5])}{'; ...' if len(repeated) > 5 else ''}): "
+                         f"results are kept per id, so give each row its own")
+    return samples
 
 
 def download(name: str, data_root: str | Path) -> Path:
@@ -142,9 +158,9 @@ def _json_lines(path: Path, root: Path, sample: Callable[[dict, int], EvalSample
 
 
 def _parse(where: str, category: str, sample: Callable[..., EvalSample], *row) -> EvalSample:
-    """``sample(*row)``, or a failed sample saying what is wrong with the row and where it is."""
+    """``sample(*row)`` with ``where`` it was read, or a failed sample saying what is wrong with the row and where."""
     try:
-        return sample(*row)
+        return dataclasses.replace(sample(*row), where=where)
     except KeyError as error:
         return _broken(where, f"missing or empty field {error}", category)
     except (TypeError, ValueError, AttributeError) as error:
@@ -154,7 +170,7 @@ def _parse(where: str, category: str, sample: Callable[..., EvalSample], *row) -
 def _broken(where: str, reason: str, category: str) -> EvalSample:
     """Identified by its place in the file: the row's own id may be what is broken, or not unique. Grouped under its
     category when that much could be read."""
-    return EvalSample(where, None, "", [], "", "", category or "unreadable rows", error=f"{where}: {reason}")
+    return EvalSample(where, None, "", [], "", "", category or "unreadable rows", f"{where}: {reason}", where)
 
 
 def _field(item: dict, key: str):

@@ -286,3 +286,19 @@ def test_a_local_and_a_served_run_never_share_a_table():
     served = {"settings": {**shared, "endpoint": "http://127.0.0.1:8000/v1", "served_model": "ergo"}}
     assert comparable([local, served], local["settings"]) == [local]
     assert comparable([local, served], served["settings"]) == [served]
+
+
+def test_a_repeated_id_is_refused_up_front_naming_the_id_and_its_lines(tiny_folder, data_root, tmp_path, capsys):
+    """Records are kept per id, so two rows with one id would leave one of them without a record on every rerun
+    (exit 1 forever): ``ergo eval`` refuses such a file before anything loads, naming the id and both lines."""
+    questions = data_root / "vstar_bench" / "test_questions.jsonl"
+    rows = questions.read_text().splitlines()
+    questions.write_text("\n".join([*rows, rows[0]]) + "\n")  # line 3 repeats line 1's question_id 0
+    status = cli(["eval", "--model", str(tiny_folder), "--dataset", "vstar", "--data-root", str(data_root),
+                  "--mode", "coarse", "--budget", "64", "--max-new-tokens", "2", "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == "" and len(captured.err.splitlines()) == 1, captured
+    where = "vstar_bench/test_questions.jsonl line"
+    assert captured.err.startswith("ergo: error: ") and f"id '0' at {where} 1 and {where} 3" in captured.err
+    assert not (tmp_path / "out").exists()  # nothing ran
+    assert [sample.id for sample in load_benchmark("vstar", data_root, limit=2)] == ["0", "1"]  # not in the selection
