@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ergo_vqa.demo import DEMO_MODEL
-from ergo_vqa.tiny import build_processor, config_kwargs
+from ergo_vqa.tiny import TINY, ModelShape, build_processor, config_kwargs
 from hub_card import convert_checkpoint
 from hub_card.__main__ import main as hub_card_main
 from modeling_ergo import ErgoForConditionalGeneration
@@ -115,11 +115,11 @@ def test_engines_that_know_qwen2_5_vl_read_the_folder_natively(tiny_folder, mode
     assert not any(key.startswith("model.language_model.") for key in keys)
 
 
-def save_stock(folder, tokenizer, seed: int = 7, **save_kwargs):
+def save_stock(folder, tokenizer, seed: int = 7, shape: ModelShape = TINY, **save_kwargs):
     """A stock Qwen2.5-VL folder (legacy Hub key layout), as Qwen/Qwen2.5-VL-*-Instruct are laid out;
     ``save_kwargs`` such as ``max_shard_size`` go to ``save_pretrained``."""
     torch.manual_seed(seed)
-    stock = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config_kwargs(tokenizer)))
+    stock = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config_kwargs(tokenizer, shape)))
     stock.save_pretrained(folder, **save_kwargs)
     build_processor(tokenizer).tokenizer.save_pretrained(folder)
     build_processor(tokenizer).image_processor.save_pretrained(folder)
