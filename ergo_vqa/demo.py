@@ -20,13 +20,13 @@ from .inference import answer, draw_region, load, summary
 from .synthetic_task import generate_sample
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
-"""Weights, configs and tokenizer of the demo model; its remote code is added by ``hub_folder`` (no second copy
-of the package's code in the repository)."""
+"""The demo model as a complete Hub folder: weights, configs, tokenizer, and its remote code as symbolic links to
+the package's modules (one copy of the code in the repository; a wheel carries them as files)."""
 
 
 def hub_folder(out_dir: str | Path, model_dir: str | Path = DEMO_MODEL) -> Path:
-    """The demo model as a complete Hub folder under ``out_dir`` (written once): the shipped files plus the
-    installed remote code, so it loads with ``trust_remote_code`` exactly as a Hub download does."""
+    """A copy of the demo model under ``out_dir`` (written once) with the installed remote code as plain files, as
+    a Hub download has it: a folder to serve, push or edit without touching the shipped one."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no demo model in {model_dir}: rebuild it with `python -m training.synthetic_recipe "

@@ -1,0 +1,1 @@
+../../modeling_ergo/configuration_ergo.py

@@ -1,0 +1,1 @@
+../../modeling_ergo/generation_ergo.py

@@ -1,0 +1,1 @@
+../../processing_ergo/geometry_ergo.py

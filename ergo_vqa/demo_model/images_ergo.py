@@ -1,0 +1,1 @@
+../../processing_ergo/images_ergo.py

@@ -1,0 +1,1 @@
+../../modeling_ergo/modeling_ergo.py

@@ -1,0 +1,1 @@
+../../processing_ergo/processing_ergo.py

@@ -1,0 +1,1 @@
+../../processing_ergo/prompts_ergo.py
