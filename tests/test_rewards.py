@@ -9,8 +9,10 @@ import pickle
 import pytest
 from datasets import Dataset
 
+from chat_server import chat_server
 from conftest import noise_image
 from training.data import DataError, load_training_data, to_grpo_rows
+from training.judge import JUDGE_LETTER_INSTRUCTION, JUDGE_SHORT_ANSWER_INSTRUCTION
 from training.rewards import RewardModelError, accuracy_reward, format_reward, get_box_reward, get_region_reward
 
 GOOD_STAGE1 = "<think> the sign is small </think> <zoom>[10, 10, 50, 40]</zoom>"
@@ -96,12 +98,14 @@ def test_region_reward_asks_about_the_crop_only_and_leaves_failures_unscored():
     metrics = {}
     crops = [noise_image(40, 30), noise_image(50, 30), noise_image(60, 30), None]
     region = get_region_reward(model)
-    scores = region(completions(4), crop=crops, stage2_question=["q0", "q1", "q2", "q3"], answer=["B"] * 4,
+    scores = region(completions(4), crop=crops, question=["q0", "q1", "q2", "q3"], answer=["B"] * 4,
                     options=[["(A) x", "(B) y"]] * 4, region=[(0, 0, 4, 3)] * 3 + [None],
                     log_metric=lambda name, value: metrics.__setitem__(name, value))
     assert scores == [1.0, 0.0, None, 0.0]  # the failed request is no score, not a wrong answer
-    assert model.questions == ["q0", "q1", "q2"]  # the rollout without a crop is not asked
-    assert metrics == {"region_reward/rm_failures": 1.0, "region_reward/rm_calls": 3.0}
+    # The rollout without a crop is not asked; the others with the options and the answer-format instruction.
+    assert model.questions == [f"q{i}\n(A) x\n(B) y\n{JUDGE_LETTER_INSTRUCTION}" for i in range(3)]
+    assert metrics == {"region_reward/rm_failures": 1.0, "region_reward/rm_calls": 3.0,
+                       "region_reward/rm_unreadable_share": 0.0}
     assert region.__name__ == "region_reward"
 
 
@@ -111,8 +115,8 @@ def test_region_reward_stops_training_when_too_many_requests_fail():
     good, bad = noise_image(40, 30), noise_image(60, 30)
 
     def ask(crops):
-        return region(completions(len(crops)), crop=crops, stage2_question=["q"] * len(crops), answer=["B"] * len(crops),
-                      region=[(0, 0, 4, 3)] * len(crops))
+        return region(completions(len(crops)), crop=crops, question=["q"] * len(crops), answer=["B"] * len(crops),
+                      options=[["(A) x", "(B) y"]] * len(crops), region=[(0, 0, 4, 3)] * len(crops))
 
     assert ask([bad, good, bad, good]) == [None, 1.0, None, 1.0]  # 2 of 8: at the limit
     assert ask([good] * 8) == [1.0] * 8  # the window slides past them
@@ -121,6 +125,85 @@ def test_region_reward_stops_training_when_too_many_requests_fail():
         ask([bad])
     with pytest.raises(ValueError, match="max_failure_share"):
         get_region_reward(FixedReplies({}), max_failure_share=1.0)
+    with pytest.raises(ValueError, match="max_unreadable_share"):
+        get_region_reward(FixedReplies({}), max_unreadable_share=-0.1)
+
+
+class Saying:
+    """A judge that gives every crop the same reply."""
+
+    def __init__(self, reply: str):
+        self.reply, self.questions = reply, []
+
+    def answer(self, images, questions):
+        self.questions += questions
+        return [self.reply] * len(images)
+
+
+def judged(reply: str, answer: str, options: list[str], metrics: dict | None = None, extra: dict | None = None):
+    """r_region of one rollout whose judge replies ``reply``."""
+    region = get_region_reward(Saying(reply))
+    return region(completions(1), crop=[noise_image(40, 30)], question=["What does the sign say?"], answer=[answer],
+                  options=[options], region=[(0, 0, 4, 3)],
+                  log_metric=None if metrics is None else metrics.__setitem__,
+                  log_extra=None if extra is None else extra.__setitem__)[0]
+
+
+COLOURS = ["(A) red", "(B) blue", "(C) green"]
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("B", 1.0), ("(B)", 1.0), ("B.", 1.0), ("B. blue", 1.0), ("(B) blue", 1.0), ("The answer is B.", 1.0),
+    ("B</answer> and then more text", 1.0),         # the demo model's habit: its letter, then a stray close
+    ("B</answer ....... </think>", 1.0),              # ... or one cut off
+    ("<think> the sign is blue </think> <answer>(B) blue</answer>", 1.0),
+    ("b", 1.0), ("Answer: (B)", 1.0), ("blue", 1.0), ("Blue, the sign is painted blue.", 1.0),
+    ("A", 0.0), ("(A) red", 0.0), ("The answer is C.", 0.0), ("C</answer>", 0.0),  # read, and wrong
+])
+def test_the_judges_letter_is_read_in_any_common_form(reply, expected):
+    """The strict reference rule (letters of the whole reply) scored "B. blue", "(B) blue" and "The answer is B."
+    as 0, and every reply of the demo model (``E</answer>…``) as 0."""
+    metrics = {}
+    assert judged(reply, "B", COLOURS, metrics) == expected
+    assert metrics["region_reward/rm_unreadable_share"] == 0.0
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("STOP", 1.0), ("STOP.", 1.0), ("The sign says STOP.", 1.0), ("<answer>stop</answer>", 1.0),
+    ("GO", 0.0), ("The sign says STOPPING.", 0.0),
+])
+def test_a_free_text_judge_reply_is_matched_after_normalising(reply, expected):
+    judge = Saying(reply)
+    region = get_region_reward(judge)
+    assert region(completions(1), crop=[noise_image(40, 30)], question=["What does the sign say?"], answer=["STOP"],
+                  options=[[]], region=[(0, 0, 4, 3)]) == [expected]
+    assert judge.questions == [f"What does the sign say?\n{JUDGE_SHORT_ANSWER_INSTRUCTION}"]
+
+
+@pytest.mark.parametrize("reply", ["I cannot tell from this image.", "", "<think> hmm", "The colour is purple.",
+                                   "A or B", "E"])  # E: not one of the options
+def test_unreadable_replies_score_0_and_are_logged(reply):
+    metrics, extra = {}, {}
+    assert judged(reply, "B", COLOURS, metrics, extra) == 0.0
+    assert metrics["region_reward/rm_unreadable_share"] == 1.0
+    assert extra == {"rm_reply": [reply]}  # the raw reply, in the completions table
+
+
+def test_training_stops_when_most_judge_replies_cannot_be_read(caplog):
+    """Limit: more than half of the last 8 replies. Failed requests are not replies; readable ones dilute."""
+    readable, unreadable, dead = noise_image(40, 30), noise_image(50, 30), noise_image(60, 30)
+    region = get_region_reward(FixedReplies({40: "(B) blue", 50: "I am not sure.", 60: None}), window=8)
+
+    def ask(crops):
+        return region(completions(len(crops)), crop=crops, question=["q"] * len(crops), answer=["B"] * len(crops),
+                      options=[COLOURS] * len(crops), region=[(0, 0, 4, 3)] * len(crops))
+
+    assert ask([unreadable] * 4 + [dead] * 3) == [0.0] * 4 + [None] * 3  # 4 of 8: at the limit
+    assert "could not be read" in caplog.text and "I am not sure." in caplog.text
+    assert ask([readable] * 8) == [1.0] * 8  # the window slides past them
+    ask([unreadable] * 4)
+    with pytest.raises(RewardModelError, match=r"5 of the last 8 replies .* could not be read.*I am not sure"):
+        ask([unreadable])
 
 
 def test_training_data_from_jsonl_with_relative_paths(tmp_path):
@@ -175,44 +258,17 @@ def test_missing_columns_and_unknown_files_are_refused(tmp_path):
 
 
 def test_endpoint_reward_model_round_trip_and_soft_failures():
-    """A local HTTP server speaking the OpenAI chat-completions format, as `vllm serve` does."""
-    import base64
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    from PIL import Image
-
     from training.reward_model import EndpointRewardModel
 
     received = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            image_block, text_block = body["messages"][0]["content"]
-            png = base64.b64decode(image_block["image_url"]["url"].split(",", 1)[1])
-            width = Image.open(io.BytesIO(png)).width
-            received.append((width, text_block["text"]))
-            if width == 13:
-                self.send_response(500)
-                self.end_headers()
-                return
-            reply = json.dumps({"choices": [{"message": {"content": f"<answer>{width}</answer>"}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+    def respond(image, text):
+        received.append((image.width, text))
+        return (500, "") if image.width == 13 else (200, f"<answer>{image.width}</answer>")
 
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        model = EndpointRewardModel(f"http://127.0.0.1:{server.server_port}/v1", "rm", retries=1, concurrency=2)
+    with chat_server(respond) as url:
+        model = EndpointRewardModel(url, "rm", retries=1, concurrency=2)
         replies = model.answer([noise_image(40, 30), noise_image(13, 30)], ["q0", "q1"])
-    finally:
-        server.shutdown()
     assert replies == ["<answer>40</answer>", None] and model.failures == 1
     assert sorted(received) == [(13, "q1"), (13, "q1"), (40, "q0")]  # the failing request was retried once
+    assert "HTTP 500" in model.last_error

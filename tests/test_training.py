@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -431,3 +433,149 @@ def test_shipped_layout_fits_one_eight_gpu_node():
     assert accelerate["num_processes"] + int(served.group(2)) <= 8
     rollouts = accelerate["num_processes"] * recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
     assert rollouts % recipe["num_generations"] == 0
+
+
+# ---------------------------------------------------------------- issue 25: a 7B run can trust its judge and settings
+
+
+def test_the_demo_model_as_its_own_judge_is_read(tmp_path):
+    """The demo model, trained to answer the judge's question about a crop with its letter, replies like
+    ``H</answer>…``: the strict rule scored all of them 0. Asked as ``training.judge`` asks, on the true crops of 8
+    synthetic questions, most of its replies are read and right."""
+    from ergo_vqa.synthetic_task import generate_sample
+    from training.sft import zoom_on
+
+    judge = LocalRewardModel("ergo_vqa/demo_model", batch_size=8)
+    samples = [generate_sample(f"judge-{index}") for index in range(8)]
+    crops = []
+    for sample in samples:
+        context, _ = judge.processor.make_context([sample.image], [sample.question], fallback="resize")
+        crops.append(zoom_on(judge.processor, context, sample.region)[1].image)
+    metrics, extra = {}, {}
+    scores = get_region_reward(judge)(
+        [None] * 8, crop=crops, question=[s.question for s in samples], options=[s.options for s in samples],
+        answer=[s.answer for s in samples], region=[s.region for s in samples], log_metric=metrics.__setitem__,
+        log_extra=extra.__setitem__)
+    assert sum(scores) >= 6, extra["rm_reply"]
+    assert metrics["region_reward/rm_unreadable_share"] <= 0.25 and len(extra["rm_reply"]) == 8
+
+
+def test_quantization_is_refused_by_name_before_anything_loads(tiny_folder, data_file, tmp_path):
+    """QLoRA without bitsandbytes ran in full precision; its settings without it were ignored. The reward model
+    path does not exist: the refusal comes before any loading."""
+    import importlib.util
+
+    assert importlib.util.find_spec("bitsandbytes") is None  # this machine: the refusal is what runs
+    nowhere = ["--reward_model", str(tmp_path / "no-such-model")]
+    with pytest.raises(ValueError, match=r"--load_in_4bit true \(QLoRA\) needs bitsandbytes"):
+        build_trainer(*_parse(_recipe_args(tiny_folder, data_file, tmp_path, "--load_in_4bit", "true",
+                                           "--use_peft", "true", *nowhere)))
+    with pytest.raises(ValueError, match="--load_in_8bit true"):
+        build_trainer(*_parse(_recipe_args(tiny_folder, data_file, tmp_path, "--load_in_8bit", "true", *nowhere)))
+    with pytest.raises(ValueError, match="--bnb_4bit_quant_type only act"):
+        build_trainer(*_parse(_recipe_args(tiny_folder, data_file, tmp_path, "--bnb_4bit_quant_type", "fp4", *nowhere)))
+    with pytest.raises(ValueError, match="--reward_weights is not used"):
+        build_trainer(*_parse(_recipe_args(tiny_folder, data_file, tmp_path, "--reward_weights", "1", "1", "1", "1",
+                                           *nowhere)))
+
+
+def _hub_cache(cache, repo: str, revisions: dict[str, Path]) -> None:
+    """A Hub cache as ``huggingface_hub`` lays it out (refs/<name> -> commit, snapshots/<commit>/files), read
+    offline."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    for index, (name, folder) in enumerate(revisions.items()):
+        commit = f"{index + 1:040x}"
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / name).write_text(commit)
+        shutil.copytree(folder, root / "snapshots" / commit)
+
+
+def test_model_revision_and_model_init_kwargs_reach_the_policy_and_the_reference(tiny_folder, data_file, tmp_path,
+                                                                                   monkeypatch):
+    """``--model_revision`` was never passed (the default branch trained), and ``model_init_kwargs`` reached only
+    TRL's reference model. A Hub id with two branches in an offline cache: ``v2`` has other weights."""
+    import huggingface_hub
+
+    main_folder, v2_folder = tmp_path / "main", tmp_path / "v2"
+    shutil.copytree(tiny_folder, main_folder)
+    shutil.copytree(tiny_folder, v2_folder)
+    other = ErgoForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32)
+    torch.nn.init.normal_(other.lm_head.weight, std=5.0)
+    other.save_pretrained(v2_folder)
+    _hub_cache(tmp_path / "cache", "ergo-test/tiny", {"main": main_folder, "v2": v2_folder})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+
+    arguments = _recipe_args(tiny_folder, data_file, tmp_path, "--model_name_or_path", "ergo-test/tiny",
+                             "--model_revision", "v2", "--model_init_kwargs", '{"skip_answered_stage2": true}')
+    trainer = build_trainer(*_parse(arguments))
+    assert trainer.beta > 0 and trainer.ref_model is not None
+    for model in (trainer.model, trainer.ref_model):
+        assert torch.equal(model.lm_head.weight, other.lm_head.weight)
+        assert model.config.skip_answered_stage2 is True
+
+
+def test_the_judge_is_probed_once_before_anything_loads(tiny_folder, data_file, tmp_path):
+    """A wedged endpoint made a step take 232 s (60 s x 3 attempts, not settable) and the policy still updated. Now
+    one real request goes out first; timeout and retries are flags. The policy path does not exist: a refusal
+    must come before it is read."""
+    import time
+
+    from chat_server import chat_server
+    from training.judge import JUDGE_LETTER_INSTRUCTION
+    from training.rewards import RewardModelError
+
+    def endpoint(url: str, *extra: str) -> list[str]:
+        return _recipe_args(tiny_folder, data_file, tmp_path, "--reward_model", "", "--reward_model_endpoint", url,
+                            "--reward_model_retries", "0", "--reward_model_timeout", "1", *extra)
+
+    nowhere = ["--model_name_or_path", str(tmp_path / "no-such-policy")]
+    with pytest.raises(RewardModelError, match="did not answer a probe request.*Connection"):
+        build_trainer(*_parse(endpoint("http://127.0.0.1:9/v1", *nowhere)))
+
+    with chat_server(lambda image, text: (time.sleep(3), (200, "A"))[1]) as url:
+        started = time.perf_counter()
+        with pytest.raises(RewardModelError, match="did not answer a probe request.*(?i:timed out|timeout)"):
+            build_trainer(*_parse(endpoint(url, *nowhere)))
+        assert time.perf_counter() - started < 2.5  # one attempt of 1 s, not 3 of 60
+
+    received = []
+    with chat_server(lambda image, text: (received.append((image.size, text)), (200, "(A) red"))[1]) as url:
+        script, args, model_args = _parse(endpoint(url, "--reward_model_timeout", "7", "--reward_model_retries", "4"))
+        trainer = build_trainer(script, args, model_args)
+    endpoint_ = trainer.reward_funcs[-1].reward_model.endpoint
+    assert (endpoint_.timeout, endpoint_.max_retries) == (7.0, 4)
+    assert len(received) == 1 and received[0][0] == (112, 112) and received[0][1].endswith(JUDGE_LETTER_INSTRUCTION)
+
+
+def test_push_to_hub_is_checked_before_training(tiny_folder, data_file, tmp_path, monkeypatch):
+    """TRL's own push_to_hub fails at start; ours failed only after training and export."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="--push_to_hub true, but HF_HUB_OFFLINE is set"):
+        main(_recipe_args(tiny_folder, data_file, tmp_path, "--push_to_hub", "true", "--model_name_or_path",
+                          str(tmp_path / "no-such-policy")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_recipe_field_reaches_the_trainer(tiny_folder, data_file, tmp_path):
+    """Each key of the shipped recipe is a field of the three argument groups and acts where TRL documents it
+    (LoRA settings under --use_peft true); loss_type is pinned to VLM-R1's per-sequence mean, not TRL's dapo."""
+    import dataclasses
+
+    import yaml
+
+    recipe = yaml.safe_load(open("training/recipes/ergo-qwen2.5-vl-7b.yaml"))
+    fields = {f.name for group in (ErgoScriptArguments, ErgoGRPOConfig, ModelConfig) for f in dataclasses.fields(group)}
+    assert set(recipe) <= fields, set(recipe) - fields
+    assert recipe["loss_type"] == "grpo"
+    trainer = build_trainer(*_parse(_recipe_args(tiny_folder, data_file, tmp_path, "--use_peft", "true")))
+    generation = trainer.generation_config
+    assert (generation.temperature, generation.top_p, generation.top_k) == (0.9, 1.0, 50)
+    assert (trainer.loss_type, trainer.beta, trainer.epsilon_low, trainer.epsilon_high) == ("grpo", 0.04, 0.2, 0.2)
+    assert (trainer.args.learning_rate, trainer.args.gradient_accumulation_steps, trainer.args.seed) == (1e-6, 2, 42)
+    lora = trainer.model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (64, 128, 0.05)
+    assert set(lora.target_modules) == set(recipe["lora_target_modules"])
+    assert trainer.model.base_model.model.config._attn_implementation == "sdpa"
+    assert trainer.processing_class.coarse_budget == 64  # the flag over the recipe's 640

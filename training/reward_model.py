@@ -3,8 +3,10 @@
 Two backends with one method, ``answer(images, questions) -> list[str | None]`` (None: that request failed):
 ``LocalRewardModel`` (any Qwen2.5-VL folder or Hub id, loaded once, frozen, batched) and
 ``EndpointRewardModel`` (an OpenAI-compatible chat endpoint, e.g. ``vllm serve Qwen/Qwen2.5-VL-72B-Instruct``).
-A failed request is returned as None: ``training.rewards.RegionReward`` leaves it unscored (its group gets no
-advantage) and stops training once too many of the latest requests failed.
+A failed request is returned as None (the reason in ``last_error``): ``training.rewards.RegionReward`` leaves it
+unscored (its group gets no advantage) and stops training once too many of the latest requests failed.
+``probe_reward_model`` sends one real request before training, so a dead or misconfigured judge stops the run at
+once rather than after the first steps.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from transformers import AutoModelForImageTextToText
 from ergo_vqa.endpoint import ChatEndpoint, openai_messages
 from processing_ergo import ErgoProcessor
 
+from .judge import judge_question, read_judge_reply
+from .rewards import RewardModelError
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,6 +41,7 @@ class LocalRewardModel:
         self.model.requires_grad_(False)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.failures = 0
+        self.last_error: str | None = None
 
     @torch.no_grad()
     def answer(self, images: list[Image.Image], questions: list[str]) -> list[str | None]:
@@ -46,6 +52,7 @@ class LocalRewardModel:
                 replies += self._answer(images[chunk], questions[chunk])
             except Exception as error:  # a failed batch is unscored; RegionReward decides when to stop
                 logger.warning("reward model failed on %d requests: %s", len(images[chunk]), error)
+                self.last_error = f"{type(error).__name__}: {error}"
                 self.failures += len(images[chunk])
                 replies += [None] * len(images[chunk])
         return replies
@@ -67,6 +74,7 @@ class EndpointRewardModel:
                                      max_retries=retries, concurrency=concurrency)
         self.max_tokens = max_tokens
         self.failures = 0
+        self.last_error: str | None = None
 
     def answer(self, images: list[Image.Image], questions: list[str]) -> list[str | None]:
         conversations = [openai_messages(ErgoProcessor.single_pass_messages(question), [image.convert("RGB")])
@@ -75,8 +83,31 @@ class EndpointRewardModel:
         for reply in replies:
             if reply.error:
                 logger.warning("reward endpoint request failed: %s", reply.error)
+                self.last_error = reply.error
         self.failures += sum(reply.error is not None for reply in replies)
         return [reply.text for reply in replies]
+
+
+PROBE_COLOUR, PROBE_OPTIONS = (200, 30, 30), ["(A) red", "(B) green", "(C) blue"]
+
+
+def probe_reward_model(reward_model) -> str:
+    """One real request (a red 112x112 image: "What colour is this image?" with three options, asked as
+    ``training.judge`` asks), before training: a judge that cannot answer raises ``RewardModelError`` with the
+    reason; a reply that cannot be read is logged as a warning with the reply (training then counts such replies
+    and stops when most are unreadable). Returns the reply."""
+    question = judge_question("What colour is this image?", PROBE_OPTIONS)
+    reply = reward_model.answer([Image.new("RGB", (112, 112), PROBE_COLOUR)], [question])[0]
+    if reply is None:
+        raise RewardModelError(f"the reward model did not answer a probe request before training: "
+                               f"{getattr(reward_model, 'last_error', None) or 'no reason given'}. Check that it is "
+                               "up and the --reward_model_* settings (endpoint, name, timeout, retries)")
+    if read_judge_reply(reply, PROBE_OPTIONS) is None:
+        logger.warning("the reward model's reply to the probe request could not be read: %r (asked %r)",
+                       reply[:200], question)
+    else:
+        logger.info("the reward model answered the probe request: %r", reply[:200])
+    return reply
 
 
 @contextmanager
