@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi
+from transformers import GenerationConfig
 
 import modeling_ergo.configuration_ergo
 import modeling_ergo.generation_ergo
@@ -22,6 +23,7 @@ import processing_ergo.images_ergo
 import processing_ergo.processing_ergo
 import processing_ergo.prompts_ergo
 from modeling_ergo import ErgoConfig
+from modeling_ergo.generation_ergo import DEFAULT_MAX_NEW_TOKENS
 from processing_ergo import ErgoProcessor
 
 from .card import build_model_card, check_summary
@@ -84,6 +86,20 @@ def write_video_processor_config(folder: str | Path, processor: ErgoProcessor) -
     return path
 
 
+def write_generation_defaults(folder: str | Path) -> Path:
+    """``generation_config.json`` with ERGO's per-stage length (``DEFAULT_MAX_NEW_TOKENS``) when it sets none, so
+    that every tool reading the folder (``generate``, pipelines, ``transformers serve``) lets both stages finish;
+    transformers' own default of 20 new tokens cuts stage 1 before its region."""
+    folder = Path(folder)
+    has_file = (folder / "generation_config.json").is_file()
+    config = GenerationConfig.from_pretrained(folder) if has_file else GenerationConfig.from_model_config(
+        ErgoConfig.from_pretrained(folder))
+    if config.max_new_tokens is None and config.max_length is None:
+        config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        config.save_pretrained(folder)
+    return folder / "generation_config.json"
+
+
 def ergo_settings(folder: str | Path) -> dict | None:
     """The ERGO processor settings saved in ``folder``; None when it is not an ERGO folder (a stock checkpoint)."""
     path = Path(folder) / "processor_config.json"
@@ -106,6 +122,7 @@ def save_hub_folder(model, processor: ErgoProcessor, folder: str | Path, base_mo
     weights, configs, remote code and ``auto_map``; this adds the video-processor file engines need and the card."""
     folder = Path(folder)
     model.save_pretrained(folder)
+    write_generation_defaults(folder)
     processor.save_pretrained(folder)
     write_video_processor_config(folder, processor)
     write_card(folder, base_model, processor)
@@ -147,6 +164,7 @@ def convert_checkpoint(source: str | Path, folder: str | Path, overwrite: bool =
         for path in source.glob(pattern):
             shutil.copyfile(path, folder / path.name)
     config.save_pretrained(folder)
+    write_generation_defaults(folder)
     processor.save_pretrained(folder)
     copy_remote_code(folder)
     write_video_processor_config(folder, processor)

@@ -35,6 +35,11 @@ from transformers.utils import ModelOutput
 
 from .configuration_ergo import ergo_setting
 
+DEFAULT_MAX_NEW_TOKENS = 1024
+"""New tokens per stage when no argument, stage default or generation config sets a limit: the reference
+evaluation's ``max_tokens``. ERGO folders also carry it in ``generation_config.json``; this covers models built
+without one, where transformers' own default (20 new tokens) would cut stage 1 before its region."""
+
 STATIC_CACHE_BUCKET = 256
 """Static caches are sized in multiples of this many tokens, so that calls of similar length share one cache and
 one compiled decode step instead of recompiling for every length."""
@@ -134,12 +139,11 @@ class ErgoGenerationMixin:
         vision = {key: kwargs.pop(key) for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
         if kwargs.get("generation_config") is None:
             kwargs.pop("generation_config", None)  # passing it with other arguments is deprecated; leave it out
-        stage1_kwargs = _stage_kwargs(kwargs, ergo_setting(self.config, "stage1_generation_kwargs"), stage1_overrides)
-        stage2_kwargs = _stage_kwargs(kwargs, ergo_setting(self.config, "stage2_generation_kwargs"), stage2_overrides)
+        stage_defaults = [ergo_setting(self.config, f"stage{stage}_generation_kwargs") for stage in (1, 2)]
+        stage1_kwargs = _stage_kwargs(kwargs, stage_defaults[0], stage1_overrides)
+        stage2_kwargs = _stage_kwargs(kwargs, stage_defaults[1], stage2_overrides)
         stage1_config, stage2_config = self._stage_config(stage1_kwargs), self._stage_config(stage2_kwargs)
-        _check_stage_arguments(stage1_config, stage2_config,
-                               {**(ergo_setting(self.config, "stage2_generation_kwargs") or {}),
-                                **(stage2_overrides or {})})
+        _check_stage_arguments(stage1_config, stage2_config, {**(stage_defaults[1] or {}), **(stage2_overrides or {})})
         streamer = kwargs.pop("streamer", None)  # one stream over both stages: see _StageStreamer
         if streamer is not None:
             stage1_kwargs["streamer"], stage2_kwargs["streamer"] = _StageStreamer(streamer), _StageStreamer(streamer, 1)
@@ -151,9 +155,12 @@ class ErgoGenerationMixin:
             [caller_input_ids, attention_mask, vision["mm_token_type_ids"]], attention_mask, [pad_id, 0, 0]
         )
         prompt_length = input_ids.shape[1]
-        stage1_limit = _new_token_limit(stage1_config, prompt_length)
-        if stage2_config.max_new_tokens is None:  # max_length bounds stage 1; stage 2 may write as many new tokens
-            stage2_kwargs["max_new_tokens"] = stage2_config.max_new_tokens = stage1_limit
+        stage1_limit, stage2_limit = self._stage_token_limits(
+            [stage1_overrides, stage2_overrides], kwargs, stage_defaults, prompt_length)
+        for stage_kwargs, stage_config, limit in ((stage1_kwargs, stage1_config, stage1_limit),
+                                                  (stage2_kwargs, stage2_config, stage2_limit)):
+            stage_kwargs.pop("max_length", None)
+            stage_kwargs["max_new_tokens"] = stage_config.max_new_tokens = limit
         reuse = self._reusable_cache_kind(stage1_config, stage2_config)
         if reuse == "static":
             capacity = (prompt_length + stage1_limit + processor.max_stage2_turn_tokens(context)
@@ -171,8 +178,8 @@ class ErgoGenerationMixin:
         stage1_done = time.perf_counter()
 
         # ---------------------------------------------------------------- zoom: region, crop, stage-2 input
-        decisions = processor.plan_stage2(context, stage1_texts, skip_answered=ergo_setting(self.config, "skip_answered_stage2"),
-                                          truncated=truncated)
+        decisions = processor.plan_stage2(context, stage1_texts, truncated=truncated,
+                                          skip_answered=ergo_setting(self.config, "skip_answered_stage2"))
         turns = {index: turn.to(input_ids.device) for index, turn in processor.stage2_turns(context, decisions).items()}
         cache, stage1.past_key_values = stage1.past_key_values, None
         stage2_inputs, rows, used = {}, [], None
@@ -265,6 +272,28 @@ class ErgoGenerationMixin:
             stage2_kwargs["logits_processor"] = LogitsProcessorList(
                 [*(stage2_kwargs.get("logits_processor") or []), EndRows(idle, end_id)])
         return inputs, rows, reuse
+
+    def _stage_token_limits(self, overrides: list[dict | None], shared: dict, stage_defaults: list[dict | None],
+                            prompt_length: int) -> tuple[int, int]:
+        """Each stage's new-token limit. The most specific source that sets a length decides (a stage's own
+        arguments, the call's, the config's stage defaults, a passed ``generation_config``, the model's), and within
+        a source ``max_new_tokens`` wins over ``max_length``, so a call's ``max_length`` beats a folder's
+        ``max_new_tokens``. ``max_length`` counts stage 1's prompt; stage 2, whose prompt is the whole conversation,
+        may then write as many new tokens as stage 1 could. With no source, each stage gets
+        ``DEFAULT_MAX_NEW_TOKENS``, never transformers' model-agnostic 20."""
+        configs = [shared.get("generation_config"), self.generation_config]
+        limits = []
+        for stage in (0, 1):
+            name, value = _length_setting([overrides[stage], shared, stage_defaults[stage], *configs])
+            if name == "max_length" and stage == 1:
+                value = limits[0]
+            elif name == "max_length":
+                if value <= prompt_length:
+                    raise ValueError(f"max_length={value} leaves stage 1 no new tokens after its {prompt_length}-token "
+                                     "prompt; pass max_new_tokens (it applies to each stage) instead")
+                value -= prompt_length
+            limits.append(DEFAULT_MAX_NEW_TOKENS if value is None else value)
+        return limits[0], limits[1]
 
     # -------------------------------------------------------------------- caches
 
@@ -421,11 +450,15 @@ def _stage_kwargs(shared: dict, config_defaults: dict | None, overrides: dict | 
     return merged
 
 
-def _new_token_limit(config: GenerationConfig, prompt_length: int) -> int:
-    """The most tokens a stage may generate: ``max_new_tokens``, else what ``max_length`` leaves after the prompt."""
-    if config.max_new_tokens is not None:
-        return config.max_new_tokens
-    return max((config.max_length or 20) - prompt_length, 1)
+def _length_setting(sources: list) -> tuple[str | None, int | None]:
+    """``("max_new_tokens" | "max_length", value)`` from the first source (a dict of arguments or a
+    ``GenerationConfig``) that sets either, ``max_new_tokens`` first; ``(None, None)`` when none does."""
+    for source in sources:
+        for name in ("max_new_tokens", "max_length"):
+            value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+            if value is not None:
+                return name, value
+    return None, None
 
 
 def _stop_token_ids(generation_config: GenerationConfig, processor) -> set[int]:

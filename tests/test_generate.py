@@ -1,5 +1,6 @@
 """Two-stage generate() on a tiny random-weight Qwen2.5-VL: scripted stage-1 text drives the crop."""
 
+from pathlib import Path
 from threading import Thread
 
 import pytest
@@ -8,16 +9,18 @@ from torch._dynamo.utils import counters
 from transformers import (
     CompileConfig,
     GenerationConfig,
+    LogitsProcessorList,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     TextIteratorStreamer,
 )
 
 from conftest import noise_image
-from ergo_vqa.testing_utils import scripted_stage1, zoom_text
-from ergo_vqa.tiny import config_kwargs
+from ergo_vqa.testing_utils import ScriptedText, scripted_stage1, zoom_text
+from ergo_vqa.tiny import build_model, config_kwargs
 from modeling_ergo import ErgoForConditionalGeneration
 from modeling_ergo.configuration_ergo import ERGO_DEFAULTS, ergo_setting
+from modeling_ergo.generation_ergo import DEFAULT_MAX_NEW_TOKENS
 from processing_ergo.geometry_ergo import (
     budget_to_pixels,
     crop_size,
@@ -437,3 +440,47 @@ def test_ergo_class_runs_both_stages_with_a_stock_qwen_config(tiny_folder, token
     assert {name: ergo_setting(models[0].config, name) for name in ERGO_DEFAULTS} == {
         "stage1_generation_kwargs": None, "stage2_generation_kwargs": None, "reuse_stage1_cache": True,
         "skip_answered_stage2": False, "vision_attention": "auto"}
+
+
+def test_without_any_length_each_stage_gets_the_default_not_transformers_20_tokens(tokenizer, processor):
+    """``model.generate(**inputs)`` on a model whose generation config sets no length (built from a config): stage 1
+    may write past transformers' default 20 tokens to its region, and stage 2 gets the same default, not a limit
+    derived from 20 (it was 1 token: the answer read '<think')."""
+    model = build_model(tokenizer)
+    assert model.generation_config.max_new_tokens is None and model.generation_config.max_length is None
+    inputs = processor.prepare([noise_image(900, 600, 47)], ["What is it?"])
+    stage1_text = zoom_text((5, 5, 40, 40), thought="first a long look over every part of the whole picture")
+    answer = "<think> The enlarged image shows it clearly: a sign. <think> <answer>A</answer>"
+    end_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    forced = [LogitsProcessorList([ScriptedText([tokenizer(text)["input_ids"]], end_id)])
+              for text in (stage1_text, answer)]
+    assert min(len(tokenizer(text)["input_ids"]) for text in (stage1_text, answer)) > 20
+    out = model.generate(**inputs, return_dict_in_generate=True, stage1_generate_kwargs={"logits_processor": forced[0]},
+                         stage2_generate_kwargs={"logits_processor": forced[1]})
+    assert out.stage1_texts == [stage1_text] and out.fallbacks == [None]
+    assert processor.post_process_image_text_to_text(out.sequences, prompt_length=inputs["input_ids"].shape[1]) == [answer]
+
+
+def test_a_stage_1_cut_by_the_configured_length_is_truncated_and_stage_2_keeps_its_limit(model, processor,
+                                                                                          monkeypatch):
+    """A folder's ``max_new_tokens`` (its generation_config.json) bounds each stage; a stage 1 cut there is
+    reported as ``truncated``, and a call's ``max_length`` still wins over the folder's ``max_new_tokens``."""
+    monkeypatch.setattr(model.generation_config, "max_new_tokens", 12)
+    inputs = processor.prepare([noise_image(900, 600, 48)], ["What is it?"])
+    texts = [zoom_text((5, 5, 40, 40), thought="a long look at every part of the picture first")]
+    stage1 = {"logits_processor": scripted_stage1(processor, texts)["logits_processor"]}
+    out = model.generate(**inputs, min_new_tokens=12, return_dict_in_generate=True, stage1_generate_kwargs=stage1)
+    assert out.fallbacks == ["truncated"] and out.sequences.shape[1] == inputs["input_ids"].shape[1] + 12
+    width = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, max_length=width + 4, min_new_tokens=4, return_dict_in_generate=True,
+                         stage1_generate_kwargs={"logits_processor": scripted_stage1(processor, texts)["logits_processor"]})
+    assert out.fallbacks == ["truncated"] and out.sequences.shape[1] == width + 4
+    with pytest.raises(ValueError, match=f"max_length={width} leaves stage 1 no new tokens"):
+        model.generate(**inputs, max_length=width)
+
+
+def test_hub_folders_carry_the_default_length_in_their_generation_config(tiny_folder):
+    """Where the default lives for every tool that reads a folder (pipeline, transformers serve, generate)."""
+    demo = Path(__file__).resolve().parents[1] / "ergo_vqa" / "demo_model"
+    for folder in (tiny_folder, demo):
+        assert GenerationConfig.from_pretrained(folder).max_new_tokens == DEFAULT_MAX_NEW_TOKENS
