@@ -28,7 +28,7 @@ FRESH_PROCESS_CHECK = textwrap.dedent('''
                 raise ImportError("blocked: " + name)
 
     sys.meta_path.insert(0, BlockProject())
-    sys.modules["torchvision"] = None  # as where it is not installed: the folder's video processor file must not need it
+    sys.modules["torchvision"] = None  # as where it is not installed: the video-processor file must not need it
     import json, random
     from PIL import Image
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
