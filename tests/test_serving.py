@@ -47,21 +47,22 @@ def free_port() -> int:
 
 
 class Server:
-    """``ergo serve FOLDER`` in a subprocess on ``port``; ``start`` waits until it answers ``/health``."""
+    """``ergo serve [OPTIONS] FOLDER [extra]`` in a subprocess on ``port`` (options before the folder, as a user may
+    type them), on a machine without a Hub cache folder; ``start`` waits until it answers ``/health``."""
 
-    def __init__(self, folder, port: int, log_path):
-        self.folder, self.port, self.log_path, self.process = str(folder), port, log_path, None
+    def __init__(self, folder, port: int, log_path, extra: tuple[str, ...] = ()):
+        self.folder, self.port, self.log_path, self.extra, self.process = str(folder), port, log_path, extra, None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
     startup_seconds = STARTUP_SECONDS
-    environment = {"HF_HUB_OFFLINE": "1"}
+    environment = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": os.path.join(os.devnull, "hub")}  # never a folder
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "ergo_vqa.cli", "serve", self.folder, "--host", "127.0.0.1", "--port",
-                str(self.port), "--device", "cpu", "--dtype", "float32"]
+        return [sys.executable, "-m", "ergo_vqa.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--device", "cpu", "--dtype", "float32", self.folder, *self.extra]
 
     def start(self) -> "Server":
         self.log = open(self.log_path, "ab")
@@ -339,6 +340,106 @@ def test_single_pass_requests_match_the_processor_and_are_not_taken_for_ergo(pro
     assert coarse.prompt_tokens["stage1"] == inputs["input_ids"].shape[1]
     assert coarse.final_text == processor.post_process_image_text_to_text(
         output, prompt_length=inputs["input_ids"].shape[1])[0]
+
+
+def call(url: str, body: dict | None = None) -> tuple[int, object]:
+    """One HTTP request (POST with a JSON ``body``, else GET): the status and the reply, decoded when it is JSON."""
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            status, payload = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, payload = error.code, error.read()
+    try:
+        return status, json.loads(payload)
+    except json.JSONDecodeError:
+        return status, payload.decode(errors="replace")
+
+
+def ergo_messages(url: str, question: str = "What number is written on the circle?") -> list[dict]:
+    """A plain ERGO request: one user message with one image (``url``) and the question."""
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]
+
+
+def data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_the_server_loads_no_other_model_than_its_folder(server, folder, tmp_path):
+    """``--trust-remote-code`` runs a folder's code: a client cannot make the server load another folder, neither
+    by naming it in a request nor through transformers serve's ``/load_model`` (which ignored the pin)."""
+    other = hub_folder(tmp_path)  # a loadable ERGO folder, refused for not being the served one
+    status, reply = call(server.url.removesuffix("/v1") + "/load_model", {"model": str(other)})
+    assert status == 403 and str(folder) in reply["detail"] and "--allow-other-models" in reply["detail"], reply
+    status, reply = call(server.url + "/chat/completions", {"model": str(other), "max_tokens": 1,
+                                                            "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and str(folder) in reply["detail"], reply
+
+
+def test_models_lists_the_served_folder_without_a_hub_cache(server, folder):
+    """``/v1/models`` was an HTTP 500 on a machine without a Hub cache folder (as here)."""
+    status, reply = call(server.url + "/models")
+    assert status == 200 and [model["id"] for model in reply["data"]] == [str(folder)], reply
+
+
+def test_other_models_are_opt_in(folder, questions, tmp_path):
+    """With ``--allow-other-models`` a request may name another folder, loaded on demand; the served one stays."""
+    other = hub_folder(tmp_path)
+    served = Server(folder, free_port(), tmp_path / "serve.log", extra=("--allow-other-models",)).start()
+    try:
+        image, question = questions[0]
+        replies = {}
+        for name in (str(other), str(folder)):
+            status, reply = call(served.url + "/chat/completions", {
+                "model": name, "messages": ergo_messages(data_uri(image), question), "max_tokens": 8})
+            assert status == 200, reply
+            replies[name] = reply["choices"][0]["message"]["content"]
+        assert replies[str(other)] == replies[str(folder)]  # the same weights, so the same greedy reply
+        status, listed = call(served.url + "/models")
+        assert status == 200 and listed["data"][0]["id"] == str(folder), listed
+    finally:
+        served.stop()
+
+
+def test_n_above_one_is_refused(server, folder, questions):
+    """transformers serve ignores ``n`` and returned one choice for ``n=2``; ergo serve says so instead."""
+    status, reply = call(server.url + "/chat/completions", {
+        "model": str(folder), "messages": ergo_messages(data_uri(questions[0][0])), "max_tokens": 1, "n": 2})
+    assert status == 400 and reply["detail"].startswith("n=2: "), reply
+
+
+def test_a_temperature_above_zero_samples_even_when_the_folder_is_greedy(server, folder, questions):
+    """The demo folder's generation config is greedy; a request's temperature > 0 asks for sampling (seeded by
+    ``seed``), 0 or none for the greedy reply."""
+    messages = ergo_messages(data_uri(questions[3][0]), questions[3][1])
+
+    def ask(**settings) -> str:
+        status, reply = call(server.url + "/chat/completions", {"model": str(folder), "messages": messages,
+                                                                "max_tokens": 8, **settings})
+        assert status == 200, reply
+        return reply["choices"][0]["message"]["content"]
+
+    greedy = ask()
+    assert ask(temperature=0.0) == greedy
+    sampled = [ask(temperature=5.0, seed=seed) for seed in range(3)]
+    assert len(set(sampled)) > 1, sampled
+    assert ask(temperature=5.0, seed=1) == sampled[1]  # seeded, so reproducible
+
+
+@pytest.mark.parametrize("system_turn", [False, True], ids=["ergo", "single-pass"])
+@pytest.mark.parametrize("url, problem", [("data:image/png;base64,AAAA", "cannot read image"),
+                                          ("photo.jpg", "image file not found")])
+def test_an_unreadable_image_is_a_400_naming_it(server, folder, system_turn, url, problem):
+    """A malformed image was a bare HTTP 500; it is now a 400 that says which image and what is wrong."""
+    messages = [{"role": "system", "content": "Answer briefly."}] * system_turn + ergo_messages(url)
+    status, reply = call(server.url + "/chat/completions", {"model": str(folder), "messages": messages,
+                                                            "max_tokens": 1})
+    where = f"messages[{int(system_turn)}].content[0].image_url"
+    assert status == 400 and reply["detail"].startswith(f"{where}: {problem}"), reply
 
 
 def test_ergo_eval_over_the_endpoint_records_endpoint_and_served_model(proxy, folder, tmp_path, capsys):

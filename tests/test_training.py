@@ -418,6 +418,11 @@ def test_smoke_run_has_a_gradient(tmp_path, capsys):
     steps = smoke.run(tmp_path)
     assert len(steps) == 2 and all(entry["grad_norm"] > 0 and entry["reward_std"] > 0 for entry in steps)
     assert "grad_norm" in capsys.readouterr().out
+    # Each step's log says where the time went and what the regions were (the synthetic rows carry gt_bbox).
+    for entry in steps:
+        assert all(entry[f"ergo/{name}_s"] > 0 for name in ("stage1", "zoom", "stage2", "reward"))
+        assert 0 < entry["ergo/region_area_share"] < 1 and 0 <= entry["ergo/region_holds_gt_share"] <= 1
+        assert entry["region_reward/rm_calls"] > 0 and 0 <= entry["region_reward/rm_unreadable_share"] <= 1
 
 
 def test_shipped_layout_fits_one_eight_gpu_node():
@@ -579,3 +584,24 @@ def test_every_recipe_field_reaches_the_trainer(tiny_folder, data_file, tmp_path
     assert set(lora.target_modules) == set(recipe["lora_target_modules"])
     assert trainer.model.base_model.model.config._attn_implementation == "sdpa"
     assert trainer.processing_class.coarse_budget == 64  # the flag over the recipe's 640
+
+
+def test_region_metrics_are_the_regions_the_rewards_saw(policy, tmp_path):
+    """``ergo/region_area_share`` and ``ergo/region_holds_gt_share``, the two quantities r_TCE is about, from the
+    regions and ``gt_bbox`` the rewards received (scripted: a small region that misses the box, a large one that
+    holds it)."""
+    from training.rewards import area_share
+
+    model, processor = policy
+    seen = []
+    trainer = ScriptedTrainer(model=model, reward_funcs=recording_rewards(seen), train_dataset=to_grpo_rows(_dataset()),
+                              args=grpo_config(tmp_path, max_steps=1), processing_class=processor)
+    trainer.train()
+    rewards = seen[0]
+    holds = [all(r[i] <= g[i] for i in (0, 1)) and all(r[i] >= g[i] for i in (2, 3))
+             for r, g in zip(rewards["region"], rewards["gt_bbox"])]
+    logged = next(entry for entry in trainer.state.log_history if "ergo/region_area_share" in entry)
+    expected_area = sum(map(area_share, rewards["region"], rewards["image"])) / 4
+    assert logged["ergo/region_area_share"] == pytest.approx(expected_area)
+    assert holds == [False, True, False, True] and logged["ergo/region_holds_gt_share"] == 0.5
+    assert logged["ergo/reward_s"] > 0

@@ -103,7 +103,7 @@ class BoxReward:
 
     def __call__(self, completions, image, region=None, **kwargs) -> list[float]:
         region = region or [None] * len(completions)
-        return [float(_area_share(box, picture) <= self.threshold) if box is not None else 0.0
+        return [float(area_share(box, picture) <= self.threshold) if box is not None else 0.0
                 for box, picture in zip(region, image)]
 
 
@@ -242,7 +242,8 @@ def get_region_reward(reward_model, max_failure_share: float = RM_MAX_FAILURE_SH
     return RegionReward(reward_model, max_failure_share, window, max_unreadable_share)
 
 
-def _area_share(box: tuple[int, int, int, int], image) -> float:
+def area_share(box: tuple[int, int, int, int], image) -> float:
+    """The share of ``image`` that ``box`` (pixels, clamped) covers: what r_box thresholds."""
     x1, y1, x2, y2 = box
     return max(0, x2 - x1) * max(0, y2 - y1) / max(1, image.width * image.height)
 

@@ -27,6 +27,7 @@ from processing_ergo import ErgoProcessor
 from processing_ergo.images_ergo import load_image
 
 from .config import ErgoGRPOConfig
+from .rewards import area_share
 
 
 def _routes_images_per_sample():
@@ -186,13 +187,36 @@ class ErgoGRPOTrainer(GRPOTrainer):
         metrics["ergo/stage1_s"].append(stage1_done - started)
         metrics["ergo/zoom_s"].append(zoom_done - stage1_done)
         metrics["ergo/stage2_s"].append(finished - zoom_done)
+        self._log_regions(metrics, originals, decisions)
         tool_images = [[decision.image] for decision in decisions]
         return prompt_ids, completion_ids, loss_mask, completions, logprobs, extra_fields, stage2_images, tool_images
 
+    def _log_regions(self, metrics, originals: list, decisions: list) -> None:
+        """What r_TCE is about, over the rollouts of all processes: ``ergo/region_area_share``, the mean share of the
+        image the crop was cut from (1 for a rollout without a region: stage 2 sees the whole image), and, when rows
+        carry ``gt_bbox``, ``ergo/region_holds_gt_share``, the share of those rollouts whose region holds the whole
+        box (rollouts without a region count as not holding it)."""
+        areas, holds = [], []
+        for row, image, decision in zip(self._batch_rows, originals, decisions):
+            region, gt_box = decision.region, row.get("gt_bbox")
+            areas.append(area_share(region, image) if region is not None else 1.0)
+            if gt_box is not None:
+                holds.append(float(region is not None and region[0] <= gt_box[0] and region[1] <= gt_box[1]
+                                   and region[2] >= gt_box[2] and region[3] >= gt_box[3]))
+        device = self.accelerator.device
+        metrics["ergo/region_area_share"].append(self.accelerator.gather(torch.tensor(areas, device=device)).mean().item())
+        # Counts rather than a mean per process: processes may hold different numbers of rows with a box.
+        held = self.accelerator.gather(torch.tensor([[sum(holds), len(holds)]], device=device)).sum(dim=0).tolist()
+        if held[1]:
+            metrics["ergo/region_holds_gt_share"].append(held[0] / held[1])
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """TRL's rewards (over the policy's own tokens), with void rows set to NaN (see the class docstring)."""
+        """TRL's rewards (over the policy's own tokens), with void rows set to NaN (see the class docstring);
+        ``ergo/reward_s`` is the time they took on this process (the judge's requests included)."""
+        started = time.perf_counter()
         rewards = super()._calculate_rewards(inputs, prompts, completions, self._policy_ids)
         mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["ergo/reward_s"].append(time.perf_counter() - started)
         size = self.num_generations if mode == "train" else self.num_generations_eval
         missing = rewards.isnan().view(-1, size, rewards.size(1))
         failed_groups = (missing.any(dim=1) & ~missing.all(dim=1)).any(dim=1)
@@ -203,3 +227,4 @@ class ErgoGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["ergo/failed_group_share"].append(failed_groups.float().mean().item())
         self._metrics[mode]["ergo/void_share"].append(void.float().mean().item())
         return rewards
+
