@@ -212,9 +212,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serve import main
+    from transformers.utils.import_utils import is_serve_available
 
-    return main(args.arguments)
+    if not is_serve_available():
+        raise OSError('ergo serve needs the serving extra: pip install "ergo-vqa[serve]"')
+    from .serve import parse_arguments, run
+
+    options = parse_arguments(args.arguments)
+    _check_model(options.folder)
+    return run(options)
 
 
 def _eval_download(args: argparse.Namespace) -> int:
@@ -281,11 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="with --endpoint: requests in flight (default 16, as the published evaluation)")
     evaluation.set_defaults(run=_eval)
 
+    # Everything after `serve` goes to transformers serve's own parser (options before or after the folder, which
+    # argparse cannot tell apart without knowing which options take values); `ergo serve --help` prints it.
     serve = commands.add_parser(
-        "serve", help="transformers serve for an ERGO folder, both stages inside the server (needs the serve extra)",
-        description="Runs `transformers serve FOLDER --trust-remote-code [OPTIONS]`; options are transformers "
-                    "serve's (--host, --port, --device, --dtype, ...): see `transformers serve --help`.")
-    serve.add_argument("arguments", nargs=argparse.REMAINDER, help="the model folder or Hub id, then options")
+        "serve", help="transformers serve for one ERGO folder, both stages inside the server (needs the serve extra)",
+        prefix_chars="+", add_help=False)
+    serve.add_argument("arguments", nargs=argparse.REMAINDER, help="[OPTIONS] FOLDER [--allow-other-models]")
     serve.set_defaults(run=_serve)
 
     fetch = commands.add_parser("eval-download", help="download a benchmark from the Hub (needs network)")

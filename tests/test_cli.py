@@ -1,6 +1,8 @@
 """``ergo infer`` / ``ergo demo`` as a user runs them."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
@@ -167,3 +169,29 @@ def test_counts_must_be_positive_before_anything_loads(tmp_path, capsys, args):
         main([command, "--model", str(tmp_path / "no-model"), *required, *option])
     assert exit_.value.code == 2
     assert f"argument {option[0]}: must be a positive integer, got {option[1]!r}" in capsys.readouterr().err
+
+
+def test_serve_without_a_folder_refuses_to_start(tmp_path):
+    """``ergo serve`` alone used to start a server that loads (and, with ``--trust-remote-code``, runs) whatever
+    folder a client names: it now needs the one folder it serves, and says so before anything starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "ergo_vqa.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done
+    assert done.stderr.startswith("ergo: error: ergo serve needs the folder") and "--allow-other-models" in done.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["MISSING"], ["model not found: MISSING"]),
+    (["--host", "127.0.0.1", "--port", "8123", "MISSING"], ["model not found: MISSING"]),  # options first
+    (["MISSING", "--allow-other-models", "--device", "cpu"], ["model not found: MISSING"]),
+    (["--port", "eighty", "MISSING"], ["'--port'", "'eighty' is not a valid integer"]),
+    (["--bogus", "MISSING"], ["No such option", "--bogus"]),
+])
+def test_serve_arguments_are_checked_first_in_any_order(tmp_path, capsys, args, words):
+    missing = str(tmp_path / "missing" / "folder")
+    args = [missing if arg == "MISSING" else arg for arg in args]
+    assert main(["serve", *args]) == 2
+    _one_line_error(capsys, *[word.replace("MISSING", missing) for word in words])
