@@ -55,9 +55,11 @@ RESPONSE_TEMPLATE = {
     "start_anchor": "<|im_start|>assistant\n",
     "fields": {"content": {"close_pattern": r"(?:<\|im_end\|>|<\|endoftext\|>)", "content": "text"}},
 }
-"""How a server parses ERGO's replies (``tokenizer.response_template``): the whole reply is content. ``<think>``,
-``<zoom>`` and ``<answer>`` are ERGO's answer format, and the stage-1 reply goes back into stage 2's conversation
-as written; ``transformers serve`` would otherwise split ``<think>…</think>`` off as reasoning for Qwen models."""
+"""How ``ergo serve`` parses ERGO's replies: the whole reply is content. ``<think>``, ``<zoom>`` and ``<answer>`` are
+ERGO's answer format, and the stage-1 reply goes back into stage 2's conversation as written; ``transformers serve``
+would otherwise split ``<think>…</think>`` off as reasoning for Qwen models. ``ergo serve`` registers it for its own
+process; the tokenizer does not carry it, because transformers' pipelines then keep special tokens in every reply
+(``return_full_text=False`` ended in ``<|im_end|>``)."""
 
 FULL_RESOLUTION_BUDGET = 16384
 """Vision tokens of the paper's full-resolution baseline (Qwen2.5-VL's stock max_pixels)."""
@@ -156,8 +158,8 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         self.coarse_budget, self.crop_budget = coarse_budget, crop_budget
         self.stage2_template, self.fallback = stage2_template, fallback
         self.check_settings(coarse_budget, crop_budget, stage2_template, fallback)
-        if getattr(tokenizer, "response_template", None) is None:
-            tokenizer.response_template = RESPONSE_TEMPLATE
+        if getattr(tokenizer, "response_template", None) == RESPONSE_TEMPLATE:  # saved by earlier ERGO folders
+            tokenizer.response_template = None
         # Skip Qwen2_5_VLProcessor.__init__: it insists on a video processor, which needs torchvision.
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
