@@ -94,10 +94,11 @@ class Server:
 
 
 class RecordingProxy:
-    """Forwards ``/v1/chat/completions`` to ``upstream`` and keeps each request body (decoded JSON), in arrival order."""
+    """Forwards ``/v1/chat/completions`` to ``upstream`` and keeps each request body (decoded JSON), in arrival order;
+    the first ``failures`` requests are answered HTTP 503 instead (a fault in front of a real server)."""
 
-    def __init__(self, upstream: str):
-        self.upstream, self.bodies, self.lock = upstream, [], threading.Lock()
+    def __init__(self, upstream: str, failures: int = 0):
+        self.upstream, self.bodies, self.lock, self.failures = upstream, [], threading.Lock(), failures
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -105,6 +106,9 @@ class RecordingProxy:
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
                 with proxy.lock:
                     proxy.bodies.append(json.loads(raw))
+                    failing, proxy.failures = proxy.failures > 0, max(proxy.failures - 1, 0)
+                if failing:
+                    return self.reply(503, b'{"detail": "injected by the test proxy"}')
                 request = urllib.request.Request(proxy.upstream + "/chat/completions", data=raw, method="POST",
                                                  headers={"Content-Type": "application/json"})
                 try:
@@ -112,6 +116,9 @@ class RecordingProxy:
                         status, payload = response.status, response.read()
                 except urllib.error.HTTPError as error:
                     status, payload = error.code, error.read()
+                self.reply(status, payload)
+
+            def reply(self, status: int, payload: bytes) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -484,39 +491,45 @@ def test_load_64_requests_at_concurrency_8_none_lost_none_duplicated(proxy, ques
 
 
 def test_server_killed_mid_evaluation_keeps_finished_records_and_a_rerun_completes(folder, tmp_path):
-    write_split(tmp_path / "data", "test", 5, seed=3)
-    samples = load_benchmark("synthetic", tmp_path / "data", split="test")
     served = Server(folder, free_port(), tmp_path / "serve.log").start()
-    out = tmp_path / "out"
-    settings = {"budget": 144, "max_new_tokens": 4, "fallback": "coarse", "progress": False}  # one request each
     try:
         client = ErgoClient(served.url, str(folder), str(folder), concurrency=1, max_retries=1, timeout=30)
-
-        def kill_after_two_records():
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                files = list(out.glob("synthetic-ergo-*.jsonl"))
-                if files and len(files[0].read_text().splitlines()) >= 2:
-                    served.process.kill()
-                    return
-                time.sleep(0.02)
-
-        killer = threading.Thread(target=kill_after_two_records)
-        killer.start()
-        first = evaluate(client, client.processor, samples, "ergo", out, "synthetic", batch_size=1, **settings)
-        killer.join()
-        assert first["run"] >= 2 and first["failed"] >= 1 and first["run"] + first["failed"] == 5
-        assert all("APIConnectionError" in failure["failure"] for failure in first["failures"])
-        served.stop()
-        served.start()  # the same endpoint again
-        second = evaluate(client, client.processor, samples, "ergo", out, "synthetic", batch_size=1, **settings)
-        assert second["run"] == 5 and second["failed"] == 0
-        [records] = out.glob("synthetic-ergo-*.jsonl")
-        succeeded = [json.loads(line)["id"] for line in records.read_text().splitlines()
-                     if json.loads(line)["failure"] is None]
-        assert sorted(succeeded) == sorted(s.id for s in samples)  # finished ones kept, none run twice
+        check_kill_and_restart_mid_evaluation(served, client, tmp_path)
     finally:
         served.stop()
+
+
+def check_kill_and_restart_mid_evaluation(served: Server, client: ErgoClient, tmp_path) -> None:
+    """An evaluation over ``client`` while ``served`` is killed after two records: finished records are kept, the
+    others fail with a connection error; after a restart on the same port a rerun completes, running none twice."""
+    write_split(tmp_path / "data", "test", 5, seed=3)
+    samples = load_benchmark("synthetic", tmp_path / "data", split="test")
+    out = tmp_path / "out"
+    settings = {"budget": 144, "max_new_tokens": 4, "fallback": "coarse", "progress": False}  # one request each
+
+    def kill_after_two_records():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            files = list(out.glob("synthetic-ergo-*.jsonl"))
+            if files and len(files[0].read_text().splitlines()) >= 2:
+                served.process.kill()
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_after_two_records)
+    killer.start()
+    first = evaluate(client, client.processor, samples, "ergo", out, "synthetic", batch_size=1, **settings)
+    killer.join()
+    assert first["run"] >= 2 and first["failed"] >= 1 and first["run"] + first["failed"] == 5
+    assert all("APIConnectionError" in failure["failure"] for failure in first["failures"])
+    served.stop()
+    served.start()  # the same endpoint again
+    second = evaluate(client, client.processor, samples, "ergo", out, "synthetic", batch_size=1, **settings)
+    assert second["run"] == 5 and second["failed"] == 0
+    [records] = out.glob("synthetic-ergo-*.jsonl")
+    succeeded = [json.loads(line)["id"] for line in records.read_text().splitlines()
+                 if json.loads(line)["failure"] is None]
+    assert sorted(succeeded) == sorted(s.id for s in samples)  # finished ones kept, none run twice
 
 
 # ---------------------------------------------------------------- faults from a scripted server
