@@ -328,6 +328,8 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
             raise ValueError(
                 "ERGO needs conversations with a single user message holding one image and the question text"
             )
+        if ergo is None and wants_tensors and chat_template is None and not eligible and any(requests):
+            _refuse_mixed_batch(requests)
         if ergo is False or not eligible or not wants_tensors or chat_template is not None:
             return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
         if kwargs.get("return_tensors", "pt") != "pt":
@@ -483,6 +485,18 @@ def size_up_to(max_pixels: int) -> dict:
 
 def _keep_size(image: Image.Image) -> dict:
     return size_up_to(image.width * image.height)
+
+
+def _refuse_mixed_batch(requests: list) -> None:
+    """A batch is generated one way, two-stage or single-pass: a batch mixing ERGO requests with other conversations
+    is refused, naming them, instead of silently answering the ERGO requests single-pass."""
+    ergo = [index for index, request in enumerate(requests) if request is not None]
+    other = [index for index, request in enumerate(requests) if request is None]
+    raise ValueError(
+        f"conversations {other} of this batch are not ERGO requests (a system or assistant message, several images "
+        f"or none), while {ergo} are; a batch is generated one way: batch them separately, or pass ergo=False to "
+        "answer every conversation single-pass as Qwen2.5-VL"
+    )
 
 
 def _is_batch(conversation) -> bool:

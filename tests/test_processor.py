@@ -125,3 +125,17 @@ def test_a_batch_processed_in_parallel_equals_one_image_processor_call(processor
     assert torch.equal(ours["image_grid_thw"], stock["image_grid_thw"])
     pads = (ours["input_ids"] == processor.image_token_id).sum(dim=1)
     assert pads.tolist() == (stock["image_grid_thw"].prod(dim=-1) // 4).tolist()
+
+
+def test_a_batch_mixing_ergo_and_other_conversations_names_the_others(processor):
+    """Silently answering every conversation single-pass (what a mixed batch did) would turn ERGO off for the ERGO
+    requests; the batch is refused, naming which conversations are which, and ergo=False still answers all."""
+    image = noise_image(300, 200)
+    with_system = [{"role": "system", "content": "Be brief."}] + chat(image)
+    batch = [chat(image), with_system, chat(image)]
+    with pytest.raises(ValueError, match=r"conversations \[1\] of this batch are not ERGO requests.*while \[0, 2\] are"):
+        processor.apply_chat_template(batch, tokenize=True, return_dict=True, add_generation_prompt=True)
+    plain = processor.apply_chat_template(batch, tokenize=True, return_dict=True, add_generation_prompt=True, ergo=False)
+    assert "ergo_context" not in plain and len(plain["input_ids"]) == 3
+    both = processor.apply_chat_template([with_system, with_system], tokenize=True, return_dict=True)
+    assert "ergo_context" not in both
