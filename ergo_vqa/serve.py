@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fastapi import HTTPException
+from fastapi.responses import Response
 from huggingface_hub.errors import CacheNotFound
 from transformers.cli.serving.chat_completion import ChatCompletionHandler
+from transformers import GenerationConfig
 from transformers.cli.serving.model_manager import ModelManager
 
 from modeling_ergo import ErgoForConditionalGeneration
@@ -160,7 +162,7 @@ class ErgoChatCompletionHandler(ChatCompletionHandler):
     """``/v1/chat/completions`` of ``transformers serve``, refusing clearly what it would silently ignore or fail
     on with a bare HTTP 500."""
 
-    async def handle_request(self, body: dict, request_id: str):
+    async def handle_request(self, body: dict, request_id: str) -> Response:
         """Refuses ``n`` other than 1 (HTTP 400); an image that cannot be read is an HTTP 400 naming it."""
         n = body.get("n")
         if n is not None and n != 1:
@@ -177,7 +179,8 @@ class ErgoChatCompletionHandler(ChatCompletionHandler):
                 raise
             raise HTTPException(status_code=400, detail=problem) from error
 
-    def _build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
+    def _build_generation_config(self, body: dict, model_generation_config: GenerationConfig,
+                                 use_cb: bool = False) -> GenerationConfig:
         """transformers serve's, except that a temperature above 0 samples, even where the folder's generation
         config is greedy (``do_sample`` false), where transformers 5.23 keeps it greedy."""
         config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
@@ -195,8 +198,9 @@ def unreadable_image(messages: object) -> str | None:
             if not isinstance(block, dict) or block.get("type") != "image_url":
                 continue
             url = block.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
             try:
-                load_image(url.get("url") if isinstance(url, dict) else url, name=f"messages[{i}].content[{j}].image_url")
+                load_image(url, name=f"messages[{i}].content[{j}].image_url")
             except ErgoImageError as error:
                 return str(error)
     return None
