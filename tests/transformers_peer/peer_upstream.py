@@ -98,3 +98,7 @@ def load(module: str) -> types.ModuleType:
         _module(f"{PACKAGE}.utils", [])
         _module(f"{PACKAGE}.utils.test_configuration_utils", config_common_kwargs={})
     return importlib.import_module(f"{PACKAGE}.{module}")
+
+
+if __name__ == "__main__":  # `make setup` fetches them once, so that the test run itself needs no network
+    print(f"transformers {VERSION} test mixins in {upstream_tests_dir()}")
