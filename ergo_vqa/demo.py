@@ -40,8 +40,8 @@ def hub_folder(out_dir: str | Path, model_dir: str | Path = DEMO_MODEL) -> Path:
 
 def run(out_dir: str | Path = "ergo-demo", budget: int | None = None, seed: int = 0,
         model_dir: str | Path = DEMO_MODEL) -> str:
-    """Answer one generated question; write the scene with the region, the coarse view and the crop as PNGs under
-    ``out_dir``. Returns the report. ``budget`` defaults to the one the model was trained at."""
+    """Answer one generated question; write the image and the question (``image.png``, ``question.txt``), the scene
+    with the region, the coarse view and the crop as PNGs under ``out_dir``. Returns the report. ``budget`` defaults to the one the model was trained at."""
     out_dir = Path(out_dir)
     folder = hub_folder(out_dir, model_dir)
     model, processor = load(str(folder), device="cpu")
@@ -50,6 +50,8 @@ def run(out_dir: str | Path = "ergo-demo", budget: int | None = None, seed: int 
     # As the model was trained and evaluated: the options, then V*'s answer-format line.
     question = "\n".join([sample.question, *sample.options, MULTIPLE_CHOICE_POSTFIX])
     result = answer(model, processor, sample.image, question, budget=budget, max_new_tokens=64)
+    sample.image.save(out_dir / "image.png")  # the question and the unmarked image, to ask them elsewhere
+    (out_dir / "question.txt").write_text(question + "\n")
     scene_path = draw_region(sample.image, result.region, out_dir / "scene.png")
     coarse_path = out_dir / "coarse.png"
     resize_to_budget(sample.image, budget_to_pixels(budget)).save(coarse_path)

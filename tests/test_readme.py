@@ -9,13 +9,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 
 
-def readme_block(section: str) -> str:
-    """The first ```python block under the README heading ``section``."""
+def readme_block(section: str, language: str = "python", index: int = 0, level: str = "##") -> str:
+    """The ``index``-th ```language block under the README heading ``section`` (up to the next ``## `` heading)."""
     text = (ROOT / "README.md").read_text()
-    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```python\n(.*?)```", body, re.DOTALL)
-    assert match, f"no python block under ## {section}"
-    return match.group(1)
+    body = text.split(f"\n{level} {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(rf"```{language}\n(.*?)```", body, re.DOTALL)
+    assert len(blocks) > index, f"no {language} block {index} under {level} {section}"
+    return blocks[index]
 
 
 def test_the_python_example_answers_with_the_demo_model(monkeypatch, capsys):

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from ergo_vqa.cli import main as cli
 from ergo_vqa.client import ErgoClient
 from ergo_vqa.demo import DEMO_MODEL
 from ergo_vqa.eval_data import MULTIPLE_CHOICE_POSTFIX, load_benchmark
@@ -30,6 +32,7 @@ from ergo_vqa.tiny import DEMO, build_tokenizer
 from hub_card.__main__ import main as hub_card_main
 from processing_ergo.prompts_ergo import stage_questions
 from test_hub_folder import save_stock
+from test_readme import readme_block
 from test_serving import RecordingProxy, Server, check_kill_and_restart_mid_evaluation, free_port, local_ergo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +41,7 @@ VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 SERVED = "ergo-demo"
 MAX_TOKENS = 64
 SEEDS = [f"vllm-{index}" for index in range(20)]
+README_SECTION = {"section": "vLLM, tested here on CPU", "level": "###"}
 
 _skip_reason = VLLM_VENV.with_name(VLLM_VENV.name + ".skip")
 if _skip_reason.is_file():
@@ -108,7 +112,7 @@ def test_client_stages_and_usage_equal_local_generate_on_20_samples(client_resul
         assert result.prompt_tokens["stage1"] == inputs["input_ids"].shape[1]
         if decision.image is not None:
             full_question = stage_questions(question)[1]
-            turn = processor.stage2_turn(decision, full_question, processor.stage2_template)
+            turn = processor.stage2_turn_tokens(decision, full_question, processor.stage2_template)
             written = processor.tokenizer(result.stage1_text, add_special_tokens=False)["input_ids"]
             assert result.prompt_tokens["stage2"] == (inputs["input_ids"].shape[1] + len(written)
                                                       + turn["input_ids"].shape[1])
@@ -155,6 +159,57 @@ def test_a_request_slower_than_the_timeout_fails_alone_with_a_timeout(server, qu
     assert "APITimeoutError" in result.error and time.perf_counter() - started < 5
 
 
+def test_the_readmes_server_and_infer_commands_are_the_tested_ones(server, tmp_path, capsys, monkeypatch):
+    """The README's CPU commands: its server command is the one these tests start (but the port); its
+    ``ergo infer --endpoint`` on ``ergo demo``'s question answers right against that server."""
+    commands = [shlex.split(line) for line in readme_block(language="bash", **README_SECTION)
+                .replace("\\\n", " ").splitlines() if line.strip()]
+    [serve] = [command for command in commands if "vllm.entrypoints.openai.api_server" in command]
+    assert dict(pairs(serve[4:])) | {"--model": server.folder, "--port": str(server.port)} == dict(
+        pairs(server.command()[3:]))
+    assert serve[0].startswith("VLLM_CPU_KVCACHE_SPACE=1") and serve[1] == ".venv-vllm/bin/python"
+    [infer] = [command for command in commands if command[:2] == ["ergo", "infer"]]
+    workspace = readme_workspace(tmp_path)
+    arguments = [argument.replace("http://127.0.0.1:8000/v1", server.url) for argument in infer[1:]]
+    question = (workspace / "ergo-demo" / "question.txt").read_text()
+    arguments[arguments.index("--question") + 1] = question
+    monkeypatch.chdir(workspace)
+    capsys.readouterr()
+    assert cli(arguments) == 0
+    assert f"answer:        '{generate_sample('demo/0').answer}'" in capsys.readouterr().out
+
+
+def pairs(arguments: list[str]) -> list[tuple[str, str]]:
+    """``--flag value`` pairs of a command line (flags without a value pair with ``""``)."""
+    found, index = [], 0
+    while index < len(arguments):
+        value = arguments[index + 1] if index + 1 < len(arguments) and not arguments[index + 1].startswith("--") else ""
+        found.append((arguments[index], value))
+        index += 2 if value else 1
+    return found
+
+
+def readme_workspace(folder: Path) -> Path:
+    """A folder as the README's commands expect their working directory: ``ergo_vqa/demo_model`` and the output of
+    ``ergo demo`` (the question and its image)."""
+    (folder / "ergo_vqa").mkdir(parents=True, exist_ok=True)
+    if not (folder / "ergo_vqa" / "demo_model").exists():
+        (folder / "ergo_vqa" / "demo_model").symlink_to(DEMO_MODEL)
+    assert cli(["demo", "--out", str(folder / "ergo-demo")]) == 0
+    return folder
+
+
+def readme_eval_arguments(data_root: Path, out: Path) -> list[str]:
+    """The README's ``ergo eval --engine vllm`` command's arguments, with its data and output folders here."""
+    text = readme_block(language="bash", index=1, **README_SECTION).replace("\\\n", " ")
+    command = shlex.split(text)
+    assert command[:2] == [".venv-vllm/bin/ergo", "eval"]
+    arguments = command[1:]
+    arguments[arguments.index("--data-root") + 1] = str(data_root)
+    arguments[arguments.index("--out") + 1] = str(out)
+    return arguments
+
+
 # ---------------------------------------------------------------- the in-process runner and the folders vLLM loads
 
 
@@ -175,9 +230,11 @@ def hub_card_folders(tmp_path_factory) -> dict[str, Path]:
 def inprocess(tmp_path_factory, hub_card_folders):
     root = tmp_path_factory.mktemp("inprocess")
     write_split(root / "data", "test", 4, seed=12)
+    readme = readme_workspace(root / "readme")
     job = {"max_tokens": MAX_TOKENS, "postfix": MULTIPLE_CHOICE_POSTFIX,
            "ergo": {"folder": str(DEMO_MODEL), "seeds": SEEDS},
-           "eval": {"data_root": str(root / "data"), "out": str(root / "eval")},
+           "readme": {"cwd": str(readme), "python": readme_block(**README_SECTION),
+                      "eval": readme_eval_arguments(data_root=root / "data", out=root / "eval")},
            "load": [str(folder) for folder in hub_card_folders.values()]}
     (root / "job.json").write_text(json.dumps(job))
     completed = subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_inprocess.py"), str(root / "job.json"),
@@ -201,7 +258,11 @@ def test_inprocess_runner_gives_the_servers_results(inprocess, client_results):
                for result in inprocess["single_pass"])
 
 
-def test_ergo_eval_engine_vllm_scores_and_reports_cached_tokens(inprocess):
+def test_the_readmes_inprocess_example_and_eval_command_run_as_printed(inprocess):
+    """The README's ``ErgoVLLM`` block (run in a folder holding ``ergo_vqa/demo_model`` and ``ergo demo``'s output)
+    answers the demo question right; its ``ergo eval --engine vllm`` command scores and reports cached tokens."""
+    printed = inprocess["readme_printed"]  # answer, region, cached prompt tokens per stage
+    assert printed.split(" ", 1)[0] == generate_sample("demo/0").answer and "'stage2':" in printed
     assert inprocess["eval_status"] == 0
     [summary] = [json.loads(path.read_text()) for path in inprocess["eval_out"].glob("synthetic-ergo-*.summary.json")]
     assert summary["run"] == 4 and summary["failed"] == 0 and summary["accuracy"] is not None

@@ -4,14 +4,18 @@ has a newer one): ERGO on an in-process ``vllm.LLM`` through ``ErgoVLLM``, writt
 ``python tests/vllm_inprocess.py JOB.json OUT.json``; the job names the folders and the questions (synthetic-task
 seeds, so both processes build the same images):
 - ``ergo``: ``ErgoVLLM`` on the folder, every question in one batch per stage, each result in full;
-- ``eval``: ``ergo eval --engine vllm`` on a synthetic split, as a user runs it; its summary;
+- ``readme``: the README's ``ErgoVLLM`` example and its ``ergo eval --engine vllm`` command, as printed (in a folder
+  laid out as they expect); what the example printed and the command's exit status;
 - ``load``: each further folder (what ``hub_card`` writes) loaded by ``vllm.LLM`` and asked one ERGO question.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -39,10 +43,13 @@ def main(job_path: str, out_path: str) -> None:
         *zip(*questions(job["ergo"]["seeds"][:2], job["postfix"])), budget=144)]
     del engine
     gc.collect()
-    report["eval_status"] = cli(["eval", "--engine", "vllm", "--model", job["ergo"]["folder"], "--dataset",
-                                 "synthetic", "--data-root", job["eval"]["data_root"], "--out", job["eval"]["out"],
-                                 "--budget", "144", "--max-new-tokens", str(job["max_tokens"]),
-                                 "--engine-args", json.dumps(ENGINE_ARGS)])
+    os.chdir(job["readme"]["cwd"])  # where the README's commands run: ergo_vqa/demo_model and ergo demo's output
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(job["readme"]["python"], "README.md (vLLM, tested here on CPU)", "exec"), {"__name__": "__main__"})
+    report["readme_printed"] = printed.getvalue().strip()
+    gc.collect()
+    report["eval_status"] = cli(job["readme"]["eval"])
     gc.collect()
     report["load"] = {}
     for folder in job["load"]:
