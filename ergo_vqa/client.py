@@ -105,11 +105,12 @@ class ErgoChat:
     def stage2(self, turn: Stage1Turn, first: ChatReply) -> tuple[ZoomDecision, list[dict] | None]:
         """The zoom decision, and stage 1's conversation continued with its reply and the stage-2 turn (``None``
         when the decision skips stage 2)."""
-        decision = self.processor.plan_stage2(turn.context, [first.text], skip_answered=self.skip_answered,
-                                              truncated=[first.finish_reason == "length"])[0]
+        decision = self.processor.plan_zooms(turn.context, [first.text], skip_answered=self.skip_answered,
+                                             truncated=[first.finish_reason == "length"])[0]
         if decision.image is None:
             return decision, None
-        question = self.processor.stage2_messages(turn.context.samples[0].stage2_question, turn.context.stage2_template)
+        question = self.processor.stage2_turn_messages(turn.context.samples[0].stage2_question,
+                                                       turn.context.stage2_template)
         return decision, turn.messages + [{"role": "assistant", "content": first.text}] + openai_messages(
             question, [decision.image])
 

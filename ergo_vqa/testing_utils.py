@@ -1,7 +1,9 @@
 """Making a random-weight model say a given text, so ERGO's plumbing can be exercised without trained weights.
 
 ``ScriptedText`` is an ordinary ``LogitsProcessor``: it leaves generation, caching and decoding to transformers
-and only forces which token wins at each step. Pass it to one stage through ``stage1_generate_kwargs``.
+and only forces which token wins at each step. It reaches one stage through ``generate``'s documented per-stage
+arguments, ``stage1_generate_kwargs`` / ``stage2_generate_kwargs`` (``scripted_stage1`` builds them), so nothing
+patches ``model.generate``: the loop under test is the one users run.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class ScriptedText(LogitsProcessor):
 
 
 def scripted_stage1(processor, texts: list[str]) -> dict:
-    """``stage1_generate_kwargs`` that make stage 1 produce ``texts`` (one per sample of the batch)."""
+    """``stage1_generate_kwargs`` that make stage 1 produce ``texts`` (one per sample of the batch); as
+    ``stage2_generate_kwargs`` they script the answer the same way."""
     tokenizer = processor.tokenizer
     scripts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     end_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)

@@ -22,6 +22,7 @@ import processing_ergo.geometry_ergo
 import processing_ergo.images_ergo
 import processing_ergo.processing_ergo
 import processing_ergo.prompts_ergo
+import processing_ergo.zoom_ergo
 from modeling_ergo import ErgoConfig
 from modeling_ergo.generation_ergo import DEFAULT_MAX_NEW_TOKENS
 from processing_ergo import ErgoProcessor
@@ -36,6 +37,7 @@ REMOTE_CODE_MODULES = (
     processing_ergo.images_ergo,
     processing_ergo.prompts_ergo,
     processing_ergo.processing_ergo,
+    processing_ergo.zoom_ergo,
 )
 """The flat files a Hub folder carries; they import only each other, transformers, torch and Pillow."""
 

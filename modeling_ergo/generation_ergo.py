@@ -21,6 +21,7 @@ their first token. Beam search and other cache kinds re-encode the whole convers
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,14 @@ from typing import Any, Protocol
 
 import torch
 from PIL import Image
-from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    StaticCache,
+)
 from transformers.generation.streamers import BaseStreamer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import ModelOutput
@@ -46,18 +54,67 @@ one compiled decode step instead of recompiling for every length."""
 
 
 class ErgoSampleLike(Protocol):
+    """One request as the loop reads it (``processing_ergo.ErgoSample``)."""
+
     image: Image.Image
     stage2_question: str
 
 
-class ErgoContextLike(Protocol):
-    """What ``generate`` reads from ``processing_ergo.ErgoContext``. A structural type: installed, ``modeling_ergo``
-    and ``processing_ergo`` are separate packages, and the modeling files import nothing from the processor's."""
+class ZoomDecisionLike(Protocol):
+    """What stage 1 led to for one sample (``processing_ergo.zoom_ergo.ZoomDecision``)."""
 
-    processor: Any  # ErgoProcessor: plan_stage2, stage2_turns, stage2_sequence, max_stage2_turn_tokens, accounting
+    region: tuple[int, int, int, int] | None
+    image: Image.Image | None
+    fallback: str | None
+
+
+class Stage2SequenceLike(Protocol):
+    """One sample's stage-2 conversation as tokens (``processing_ergo.Stage2Sequence``)."""
+
+    input_ids: list[int]
+    mm_token_type_ids: list[int]
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+
+class ErgoProcessorLike(Protocol):
+    """Every processor call the loop makes (``processing_ergo.ErgoProcessor``). Installed, ``modeling_ergo`` and
+    ``processing_ergo`` are separate packages and the modeling files import nothing from the processor's, so the
+    contract is written here as a structural type."""
+
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Any  # reads merge_size
+
+    def batch_decode(self, sequences: list[torch.Tensor], skip_special_tokens: bool = ...) -> list[str]: ...
+
+    def plan_zooms(self, context: ErgoContextLike, stage1_texts: list[str], skip_answered: bool = ...,
+                   truncated: list[bool] | None = ...) -> list[ZoomDecisionLike]: ...
+
+    def stage2_turn_tokens_by_sample(self, context: ErgoContextLike,
+                                     decisions: list[ZoomDecisionLike]) -> dict[int, BatchFeature]: ...
+
+    def stage2_sequence_tokens(self, prompt_ids: list[int], reply_ids: list[int],
+                               turn: BatchFeature) -> Stage2SequenceLike: ...
+
+    def max_stage2_turn_tokens(self, context: ErgoContextLike) -> int: ...
+
+    def second_image_tokens(self, decision: ZoomDecisionLike) -> int: ...
+
+    def full_resolution_tokens(self, image: Image.Image) -> int | None: ...
+
+
+class ErgoContextLike(Protocol):
+    """The ``ergo_context`` of ERGO inputs (``processing_ergo.ErgoContext``): the requests and their settings, and
+    the processor that built them, which builds stage 2's turns the same way."""
+
+    processor: ErgoProcessorLike
     samples: list[ErgoSampleLike]
     fallback: str
-    stage2_template: str
+
+    @classmethod
+    def merge(cls, contexts: list[ErgoContextLike]) -> ErgoContextLike:
+        """One context for requests prepared one by one and collated (a pipeline's batch)."""
+        ...
 
 
 @dataclass
@@ -96,8 +153,81 @@ class ErgoGenerateOutput(ModelOutput):
     timings: list[dict[str, float]] | None = None
 
 
+@dataclass(frozen=True)
+class _TwoStagePlan:
+    """Everything both stages need, settled once before stage 1 runs (the arguments each stage's ``generate`` gets,
+    their limits, and how stage 2 will get its context)."""
+
+    context: ErgoContextLike
+    caller_input_ids: torch.LongTensor
+    """The caller's ``input_ids``, returned in front of the answers as they came (possibly right-padded)."""
+    input_ids: torch.LongTensor
+    """Stage 1's prompt, left-aligned, as generation needs it."""
+    attention_mask: torch.LongTensor
+    vision: dict[str, torch.Tensor]
+    """``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids`` (aligned with ``input_ids``)."""
+    stage1_kwargs: dict[str, Any]
+    stage2_kwargs: dict[str, Any]
+    stage1_limit: int
+    stage2_limit: int
+    stop_ids: frozenset[int]
+    pad_id: int
+    idle_end_id: int
+    """The token a static batch's rows without a stage 2 end on."""
+    reuse: str | None
+    """``"dynamic"`` or ``"static"``: stage 2 is to continue stage 1's cache of that kind; None: re-prefill."""
+    streamer: BaseStreamer | None
+    return_dict: bool
+
+    @property
+    def processor(self) -> ErgoProcessorLike:
+        return self.context.processor
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+@dataclass(frozen=True)
+class _Stage1Result:
+    """What stage 1 wrote, per sample, and the cache it leaves."""
+
+    sequences: torch.LongTensor
+    completions: list[torch.Tensor]
+    """Each row's generated tokens before its first stop token."""
+    texts: list[str]
+    truncated: list[bool]
+    """Cut off by the token limit: no stop token, and as many tokens as the stage could write."""
+    cache: Any
+
+
+@dataclass(frozen=True)
+class _Stage2Batch:
+    """Stage 2's ``generate`` arguments, the stage-1 rows they hold (a static batch keeps all), and how the context
+    got there: ``"dynamic"`` / ``"static"`` (continuing stage 1's cache) or ``"re-prefill"``."""
+
+    inputs: dict[str, Any]
+    generate_kwargs: dict[str, Any]
+    rows: list[int]
+    prefill_tokens: list[int]
+    cache: str
+
+
+@dataclass
+class _KeptStaticCache:
+    """The ``StaticCache`` a model keeps between static-cache calls, and the (batch size, dtype, device) it serves."""
+
+    shape: tuple[int, torch.dtype, torch.device]
+    cache: StaticCache
+
+
 class ErgoGenerationMixin:
     """Adds ERGO's two-stage ``generate`` to a Qwen2.5-VL generation class (put it first among the bases)."""
+
+    _ergo_static_cache: _KeptStaticCache | None = None
+    """What the model keeps between calls: with ``cache_implementation="static"``, one cache sized for both stages,
+    reused by later calls of the same batch size so that the compiled decode step keeps its shape. Freed by
+    ``release_static_cache``."""
 
     def generate(
         self,
@@ -110,7 +240,8 @@ class ErgoGenerationMixin:
         """Two-stage ERGO generation for ``ErgoProcessor`` inputs, plain Qwen2.5-VL generation otherwise.
 
         Standard generation arguments apply to both stages; ``stage1_generate_kwargs`` / ``stage2_generate_kwargs``
-        override them per stage (over ``config.stage{1,2}_generation_kwargs`` defaults).
+        override them per stage (over ``config.stage{1,2}_generation_kwargs`` defaults). They take any ``generate``
+        argument, e.g. a ``logits_processor`` that scripts a stage's text (``ergo_vqa.testing_utils.scripted_stage1``).
         """
         with self._generation_vision_attention():
             if ergo_context is None:
@@ -118,7 +249,7 @@ class ErgoGenerationMixin:
             if args:
                 raise TypeError("pass ERGO inputs as keyword arguments: model.generate(**inputs)")
             if isinstance(ergo_context, (list, tuple)):  # requests batched by a collator, e.g. pipeline(batch_size=N)
-                ergo_context = type(ergo_context[0]).merge(list(ergo_context))
+                ergo_context = _merge_contexts(list(ergo_context))
             return self._generate_two_stage(ergo_context, stage1_generate_kwargs, stage2_generate_kwargs, **kwargs)
 
     @contextmanager
@@ -130,148 +261,201 @@ class ErgoGenerationMixin:
     def _generate_two_stage(
         self, context: ErgoContextLike, stage1_overrides: dict | None, stage2_overrides: dict | None, **kwargs
     ) -> torch.LongTensor | ErgoGenerateOutput:
-        # ---------------------------------------------------------------- set-up
+        plan = self._plan_two_stage(context, stage1_overrides=stage1_overrides, stage2_overrides=stage2_overrides,
+                                    kwargs=kwargs)
+        started = time.perf_counter()
+        # ---------------------------------------------------------------- stage 1: coarse view
+        stage1 = self._run_stage1(plan=plan)
+        stage1_done = time.perf_counter()
+        # ---------------------------------------------------------------- zoom: region, crop, stage-2 input
+        decisions, batch = self._zoom(plan=plan, stage1=stage1)
+        zoom_done = time.perf_counter()
+        # ---------------------------------------------------------------- stage 2: the crop, same conversation
+        answers, prefill_tokens = self._run_stage2(plan=plan, stage1=stage1, batch=batch)
+        if plan.streamer is not None:
+            plan.streamer.end()
+        finished = time.perf_counter()
+        # ---------------------------------------------------------------- output
+        timings = {"stage1": stage1_done - started, "zoom": zoom_done - stage1_done, "stage2": finished - zoom_done,
+                   "total": finished - started}
+        return self._assemble_output(plan=plan, stage1=stage1, decisions=decisions, answers=answers,
+                                     prefill_tokens=prefill_tokens, cache=batch.cache if batch else None,
+                                     timings=timings)
+
+    # -------------------------------------------------------------------- set-up
+
+    def _plan_two_stage(self, context: ErgoContextLike, *, stage1_overrides: dict | None,
+                        stage2_overrides: dict | None, kwargs: dict) -> _TwoStagePlan:
+        """Resolves the call's arguments into each stage's, aligns the inputs and, for a static cache, allocates one
+        sized for both stages (stage 2's turn is bounded by the processor before stage 1 runs)."""
+        kwargs = dict(kwargs)
         return_dict = kwargs.pop("return_dict_in_generate", False)
         caller_input_ids = kwargs.pop("input_ids")
         attention_mask = kwargs.pop("attention_mask", None)
         if attention_mask is None:
             attention_mask = torch.ones_like(caller_input_ids)
         vision = {key: kwargs.pop(key) for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
-        if kwargs.get("generation_config") is None:
-            kwargs.pop("generation_config", None)  # passing it with other arguments is deprecated; leave it out
         stage_defaults = [ergo_setting(self.config, f"stage{stage}_generation_kwargs") for stage in (1, 2)]
-        stage1_kwargs = _stage_kwargs(kwargs, stage_defaults[0], stage1_overrides)
-        stage2_kwargs = _stage_kwargs(kwargs, stage_defaults[1], stage2_overrides)
-        stage1_config, stage2_config = self._stage_config(stage1_kwargs), self._stage_config(stage2_kwargs)
-        _check_stage_arguments(stage1_config, stage2_config, {**(stage_defaults[1] or {}), **(stage2_overrides or {})})
-        streamer = kwargs.pop("streamer", None)  # one stream over both stages: see _StageStreamer
-        if streamer is not None:
-            stage1_kwargs["streamer"], stage2_kwargs["streamer"] = _StageStreamer(streamer), _StageStreamer(streamer, 1)
+        stages, streamer = self._stage_arguments(kwargs, overrides=[stage1_overrides, stage2_overrides],
+                                                 defaults=stage_defaults)
+        (stage1_kwargs, stage1_config), (stage2_kwargs, stage2_config) = stages
         processor = context.processor
-        stop_ids = _stop_token_ids(stage1_config, processor)
         pad_id = _pad_token_id(stage1_config, processor)
         # Generation needs left padding; collators may have padded on the right.
         input_ids, attention_mask, vision["mm_token_type_ids"] = _left_align(
-            [caller_input_ids, attention_mask, vision["mm_token_type_ids"]], attention_mask, [pad_id, 0, 0]
-        )
-        prompt_length = input_ids.shape[1]
-        stage1_limit, stage2_limit = self._stage_token_limits(
-            [stage1_overrides, stage2_overrides], kwargs, stage_defaults, prompt_length)
-        for stage_kwargs, stage_config, limit in ((stage1_kwargs, stage1_config, stage1_limit),
-                                                  (stage2_kwargs, stage2_config, stage2_limit)):
+            [caller_input_ids, attention_mask, vision["mm_token_type_ids"]], attention_mask, [pad_id, 0, 0])
+        limits = self._stage_token_limits([stage1_overrides, stage2_overrides], kwargs, stage_defaults,
+                                          input_ids.shape[1])
+        for stage_kwargs, limit in zip((stage1_kwargs, stage2_kwargs), limits):
             stage_kwargs.pop("max_length", None)
-            stage_kwargs["max_new_tokens"] = stage_config.max_new_tokens = limit
+            stage_kwargs["max_new_tokens"] = limit
         reuse = self._reusable_cache_kind(stage1_config, stage2_config)
         if reuse == "static":
-            capacity = (prompt_length + stage1_limit + processor.max_stage2_turn_tokens(context)
-                        + stage2_config.max_new_tokens)
-            stage1_kwargs.update(past_key_values=self._static_cache(len(input_ids), capacity), cache_implementation=None)
+            capacity = input_ids.shape[1] + limits[0] + processor.max_stage2_turn_tokens(context) + limits[1]
+            cache = self._static_cache(len(input_ids), capacity)
+            stage1_kwargs.update(past_key_values=cache, cache_implementation=None)
+        eos = stage2_config.eos_token_id
+        idle_end_id = _tokenizer_eos(processor) if eos is None else eos[0] if isinstance(eos, (list, tuple)) else eos
+        return _TwoStagePlan(
+            context=context, caller_input_ids=caller_input_ids, input_ids=input_ids, attention_mask=attention_mask,
+            vision=vision, stage1_kwargs=stage1_kwargs, stage2_kwargs=stage2_kwargs, stage1_limit=limits[0],
+            stage2_limit=limits[1], stop_ids=frozenset(_stop_token_ids(stage1_config, processor)), pad_id=pad_id,
+            idle_end_id=idle_end_id, reuse=reuse, streamer=streamer, return_dict=return_dict,
+        )
 
-        # ---------------------------------------------------------------- stage 1: coarse view
-        started = time.perf_counter()
-        stage1 = super().generate(input_ids=input_ids, attention_mask=attention_mask, **vision, **stage1_kwargs)
-        generated = stage1.sequences[:, prompt_length:]
-        completions = [tokens_until_stop(row, stop_ids) for row in generated]
-        stage1_texts = processor.batch_decode(completions, skip_special_tokens=True)
-        # Cut off by the token limit: no stop token, and as many tokens as the stage could write.
-        truncated = [len(tokens) == generated.shape[1] == stage1_limit for tokens in completions]
-        stage1_done = time.perf_counter()
-
-        # ---------------------------------------------------------------- zoom: region, crop, stage-2 input
-        decisions = processor.plan_stage2(context, stage1_texts, truncated=truncated,
-                                          skip_answered=ergo_setting(self.config, "skip_answered_stage2"))
-        turns = {index: turn.to(input_ids.device) for index, turn in processor.stage2_turns(context, decisions).items()}
-        cache, stage1.past_key_values = stage1.past_key_values, None
-        stage2_inputs, rows, used = {}, [], None
-        if turns:
-            stage2_inputs, rows, used = self._stage2_inputs(
-                processor, turns, stage1.sequences, input_ids, attention_mask, vision, completions, cache, reuse,
-                stage2_kwargs, stage2_config, pad_id,
-            )
-        zoom_done = time.perf_counter()
-
-        # ---------------------------------------------------------------- stage 2: the crop, same conversation
-        answers = [stage1.sequences[index, prompt_length:] for index in range(len(decisions))]
-        prefill_tokens = [0] * len(decisions)
-        if turns:
-            prefill = stage2_inputs.pop("prefill_tokens")
-            if "crop_pixel_values" in stage2_inputs:  # continuation: encode only the crops (stage 2's vision work)
-                stage2_inputs["mm_encoder_outputs"] = {"image": self.model.get_image_features(
-                    stage2_inputs.pop("crop_pixel_values"), stage2_inputs.pop("crop_grid_thw"), return_dict=True)}
-            stage2 = super().generate(**stage2_inputs, **stage2_kwargs).sequences
-            for row, index in enumerate(rows):
-                if index in turns:  # a static batch also holds rows that skip stage 2
-                    answers[index] = stage2[row, stage2_inputs["input_ids"].shape[1]:]
-                    prefill_tokens[index] = prefill[row]
+    def _stage_arguments(self, kwargs: dict, *, overrides: list[dict | None], defaults: list[dict | None]
+                         ) -> tuple[list[tuple[dict, GenerationConfig]], BaseStreamer | None]:
+        """Each stage's ``generate`` arguments (its ``overrides`` over the call's ``kwargs`` over the config's
+        ``defaults``) and resolved configuration, and the caller's streamer (each stage gets its share of it);
+        refuses what the two stages cannot honour. Pops ``generation_config=None`` and ``streamer`` from ``kwargs``."""
+        if kwargs.get("generation_config") is None:
+            kwargs.pop("generation_config", None)  # passing it with other arguments is deprecated; leave it out
+        stages = []
+        for stage_defaults, stage_overrides in zip(defaults, overrides):
+            stage_kwargs = _stage_kwargs(kwargs, stage_defaults, stage_overrides)
+            stages.append((stage_kwargs, self._stage_config(stage_kwargs)))
+        _check_stage_arguments(stages[0][1], stages[1][1], {**(defaults[1] or {}), **(overrides[1] or {})})
+        streamer = kwargs.pop("streamer", None)  # one stream over both stages: see _StageStreamer
         if streamer is not None:
-            streamer.end()
-        finished = time.perf_counter()
+            stages[0][0]["streamer"], stages[1][0]["streamer"] = _StageStreamer(streamer), _StageStreamer(streamer, 1)
+        return stages, streamer
 
-        # ---------------------------------------------------------------- accounting
-        sequences = torch.cat([caller_input_ids, pad_rows(answers, pad_id, left=False)[0]], dim=1)
-        if not return_dict:
+    # -------------------------------------------------------------------- the phases
+
+    def _run_stage1(self, *, plan: _TwoStagePlan) -> _Stage1Result:
+        """Stage 1 on the coarse view: the reasoning and the ``<zoom>`` region, decoded per sample."""
+        output = super().generate(input_ids=plan.input_ids, attention_mask=plan.attention_mask, **plan.vision,
+                                  **plan.stage1_kwargs)
+        generated = output.sequences[:, plan.prompt_length:]
+        completions = [tokens_until_stop(row, plan.stop_ids) for row in generated]
+        return _Stage1Result(
+            sequences=output.sequences,
+            completions=completions,
+            texts=plan.processor.batch_decode(completions, skip_special_tokens=True),
+            truncated=[len(tokens) == generated.shape[1] == plan.stage1_limit for tokens in completions],
+            cache=output.past_key_values,
+        )
+
+    def _zoom(self, *, plan: _TwoStagePlan,
+              stage1: _Stage1Result) -> tuple[list[ZoomDecisionLike], _Stage2Batch | None]:
+        """Per sample, the processor's plan for stage 2 (the region mapped to the original and cropped, or a fallback)
+        and, for the samples that have a second image, stage 2's batch."""
+        processor, context = plan.processor, plan.context
+        decisions = processor.plan_zooms(context, stage1.texts, truncated=stage1.truncated,
+                                         skip_answered=ergo_setting(self.config, "skip_answered_stage2"))
+        turns = {index: turn.to(plan.input_ids.device)
+                 for index, turn in processor.stage2_turn_tokens_by_sample(context, decisions).items()}
+        if not turns:
+            return decisions, None
+        return decisions, self._stage2_inputs(plan=plan, stage1=stage1, turns=turns)
+
+    def _run_stage2(self, *, plan: _TwoStagePlan, stage1: _Stage1Result,
+                    batch: _Stage2Batch | None) -> tuple[list[torch.Tensor], list[int]]:
+        """Stage 2 on the crop; per sample, the answer's tokens (stage 1's own when the sample skips stage 2) and the
+        tokens its prefill processed."""
+        samples = len(stage1.sequences)
+        answers = [stage1.sequences[index, plan.prompt_length:] for index in range(samples)]
+        prefill_tokens = [0] * samples
+        if batch is None:
+            return answers, prefill_tokens
+        inputs = dict(batch.inputs)
+        if "crop_pixel_values" in inputs:  # continuation: encode only the crops (stage 2's vision work)
+            inputs["mm_encoder_outputs"] = {"image": self.model.get_image_features(
+                inputs.pop("crop_pixel_values"), inputs.pop("crop_grid_thw"), return_dict=True)}
+        stage2 = super().generate(**inputs, **batch.generate_kwargs).sequences
+        for row, index in enumerate(batch.rows):
+            if batch.prefill_tokens[row]:  # a static batch also holds rows that skip stage 2
+                answers[index] = stage2[row, inputs["input_ids"].shape[1]:]
+                prefill_tokens[index] = batch.prefill_tokens[row]
+        return answers, prefill_tokens
+
+    def _assemble_output(self, *, plan: _TwoStagePlan, stage1: _Stage1Result, decisions: list[ZoomDecisionLike],
+                         answers: list[torch.Tensor], prefill_tokens: list[int], cache: str | None,
+                         timings: dict[str, float]) -> torch.LongTensor | ErgoGenerateOutput:
+        """The caller's ``input_ids`` followed by the answers; with ``return_dict_in_generate``, what each sample
+        cost and which path it took."""
+        sequences = torch.cat([plan.caller_input_ids, pad_rows(answers, plan.pad_id, left=False)[0]], dim=1)
+        if not plan.return_dict:
             return sequences
-        timings = {
-            "stage1": stage1_done - started,
-            "zoom": zoom_done - stage1_done,
-            "stage2": finished - zoom_done,
-            "total": finished - started,
-        }
-        stage1_tokens = (vision["image_grid_thw"].prod(dim=-1) // processor.image_processor.merge_size**2).tolist()
+        processor = plan.processor
+        stage1_tokens = (plan.vision["image_grid_thw"].prod(dim=-1) // processor.image_processor.merge_size**2).tolist()
         tokens = []
-        for index, (sample, decision) in enumerate(zip(context.samples, decisions)):
+        for index, (sample, decision) in enumerate(zip(plan.context.samples, decisions)):
             second = processor.second_image_tokens(decision)
-            tokens.append({
-                "stage1": stage1_tokens[index],
-                "stage2": second,
-                "total": stage1_tokens[index] + second,
-                "full_resolution": processor.full_resolution_tokens(sample.image),
-            })
+            tokens.append({"stage1": stage1_tokens[index], "stage2": second, "total": stage1_tokens[index] + second,
+                           "full_resolution": processor.full_resolution_tokens(sample.image)})
         return ErgoGenerateOutput(
             sequences=sequences,
-            stage1_texts=stage1_texts,
+            stage1_texts=stage1.texts,
             regions=[decision.region for decision in decisions],
             crop_sizes=[decision.image.size if decision.image is not None else None for decision in decisions],
             vision_tokens=tokens,
             fallbacks=[decision.fallback for decision in decisions],
-            fallback_policy=context.fallback,
+            fallback_policy=plan.context.fallback,
             stage2_prefill_tokens=prefill_tokens,
-            cache=used,
+            cache=cache,
             timings=[dict(timings) for _ in decisions],
         )
 
-    def _stage2_inputs(self, processor, turns: dict, stage1_sequences, input_ids, attention_mask, vision, completions,
-                       cache, reuse: str | None, stage2_kwargs: dict, stage2_config: GenerationConfig,
-                       pad_id: int) -> tuple[dict, list[int], str]:
-        """Stage 2's ``generate`` inputs, the stage-1 rows they hold, and how the context got there: ``"dynamic"`` /
-        ``"static"`` (continuing stage 1's cache) or ``"re-prefill"``. Updates ``stage2_kwargs`` for a given cache."""
-        if reuse == "static":
-            needed = stage1_sequences.shape[1] + max(len(turn["input_ids"][0]) for turn in turns.values())
-            needed += stage2_config.max_new_tokens
-            if cache is not self.__dict__.get("_ergo_static_cache", (None, None))[1] or needed > cache.layers[0].max_cache_len:
-                reuse = None  # the processor's bound makes this rare (a tiny crop budget); re-encode then
-        if reuse == "dynamic" and type(cache) is not DynamicCache:
-            reuse = None
+    # -------------------------------------------------------------------- stage-2 batch
+
+    def _stage2_inputs(self, *, plan: _TwoStagePlan, stage1: _Stage1Result, turns: dict[int, BatchFeature]
+                       ) -> _Stage2Batch:
+        """Stage 2's batch for the samples in ``turns``: a continuation of stage 1's cache when ``plan.reuse`` says
+        so and the cache still fits, else the whole conversation re-encoded."""
+        reuse = self._continuable(plan=plan, stage1=stage1, turns=turns)
         if reuse is None:
-            inputs = self._stage2_prefill(processor, turns, input_ids, attention_mask, vision, completions, pad_id)
-            return inputs, list(turns), "re-prefill"
+            inputs, prefill_tokens = self._stage2_prefill(plan=plan, stage1=stage1, turns=turns)
+            return _Stage2Batch(inputs=inputs, generate_kwargs=plan.stage2_kwargs, rows=list(turns),
+                                prefill_tokens=prefill_tokens, cache="re-prefill")
         # A static batch keeps every row (its shape is what the compiled decode step was built for), and the rows that
         # skip stage 2 are ended at their first token; a dynamic cache simply drops them.
-        rows = list(range(len(stage1_sequences))) if reuse == "static" else list(turns)
-        if len(rows) != len(stage1_sequences):
-            cache.batch_select_indices(torch.tensor(rows, device=stage1_sequences.device))
-        inputs = self._stage2_continuation(
-            [turns.get(index) for index in rows], rows, stage1_sequences, attention_mask, vision, completions, cache,
-            pad_id,
-        )
-        stage2_kwargs.update(cache_implementation=None)  # the cache is given
+        samples = len(stage1.sequences)
+        rows = list(range(samples)) if reuse == "static" else list(turns)
+        if len(rows) != samples:
+            stage1.cache.batch_select_indices(torch.tensor(rows, device=stage1.sequences.device))
+        inputs, prefill_tokens = self._stage2_continuation(plan=plan, stage1=stage1, rows=rows,
+                                                           turns=[turns.get(index) for index in rows])
+        generate_kwargs = {**plan.stage2_kwargs, "cache_implementation": None}  # the cache is given
         idle = [row for row, index in enumerate(rows) if index not in turns]
         if idle:
-            eos = stage2_config.eos_token_id
-            end_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else _tokenizer_eos(processor)
-            stage2_kwargs["logits_processor"] = LogitsProcessorList(
-                [*(stage2_kwargs.get("logits_processor") or []), EndRows(idle, end_id)])
-        return inputs, rows, reuse
+            generate_kwargs["logits_processor"] = LogitsProcessorList(
+                [*(plan.stage2_kwargs.get("logits_processor") or []), EndRows(idle, plan.idle_end_id)])
+        return _Stage2Batch(inputs=inputs, generate_kwargs=generate_kwargs, rows=rows, prefill_tokens=prefill_tokens,
+                            cache=reuse)
+
+    def _continuable(self, *, plan: _TwoStagePlan, stage1: _Stage1Result,
+                     turns: dict[int, BatchFeature]) -> str | None:
+        """``plan.reuse`` if stage 1's cache can still take stage 2, else None (re-prefill)."""
+        if plan.reuse == "static":
+            needed = stage1.sequences.shape[1] + max(len(turn["input_ids"][0]) for turn in turns.values())
+            needed += plan.stage2_limit
+            kept = self._ergo_static_cache
+            if kept is None or stage1.cache is not kept.cache or needed > kept.cache.layers[0].max_cache_len:
+                return None  # the processor's bound makes this rare (a tiny crop budget); re-encode then
+        if plan.reuse == "dynamic" and type(stage1.cache) is not DynamicCache:
+            return None
+        return plan.reuse
 
     def _stage_token_limits(self, overrides: list[dict | None], shared: dict, stage_defaults: list[dict | None],
                             prompt_length: int) -> tuple[int, int]:
@@ -298,14 +482,19 @@ class ErgoGenerationMixin:
     # -------------------------------------------------------------------- caches
 
     def _stage_config(self, stage_kwargs: dict) -> GenerationConfig:
-        """The generation configuration transformers' ``generate`` resolves for a stage's arguments (a passed
-        ``generation_config`` and arguments over ``model.generation_config``), to size and plan with."""
-        arguments = {key: value for key, value in stage_kwargs.items() if key != "generation_config"}
-        return self._prepare_generation_config(stage_kwargs.get("generation_config"), **arguments)[0]
+        """The generation configuration a stage's arguments resolve to, as transformers' ``generate`` resolves it (a
+        passed ``generation_config``, its unset fields from ``model.generation_config``, then the arguments), to size
+        and plan with."""
+        passed = stage_kwargs.get("generation_config")
+        config = copy.deepcopy(self.generation_config if passed is None else passed)
+        if passed is not None:
+            config.update(**self.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+        config.update(**{key: value for key, value in stage_kwargs.items() if key != "generation_config"})
+        return config
 
     def release_static_cache(self) -> None:
         """Frees the static cache ERGO keeps between calls (it is allocated again by the next static call)."""
-        self.__dict__.pop("_ergo_static_cache", None)
+        self._ergo_static_cache = None
 
     def _reusable_cache_kind(self, stage1_config: GenerationConfig, stage2_config: GenerationConfig) -> str | None:
         """``"dynamic"`` or ``"static"`` when stage 2 can continue stage 1's cache; None to re-prefill.
@@ -326,78 +515,80 @@ class ErgoGenerationMixin:
         when it fits, so that its shape, and the decode step compiled for it, stay the same across calls."""
         length = -(-tokens // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
         shape = (batch_size, self.dtype, self.device)
-        previous_shape, cache = getattr(self, "_ergo_static_cache", (None, None))
-        if previous_shape == shape and cache.layers[0].max_cache_len >= length:
-            cache.reset()
-            return cache
-        if previous_shape == shape:
-            length = max(length, cache.layers[0].max_cache_len)
+        kept = self._ergo_static_cache
+        if kept is not None and kept.shape == shape:
+            if kept.cache.layers[0].max_cache_len >= length:
+                kept.cache.reset()
+                return kept.cache
+            length = max(length, kept.cache.layers[0].max_cache_len)
         cache = StaticCache(config=self.config.get_text_config(decoder=True), max_cache_len=length)
-        self._ergo_static_cache = (shape, cache)
+        self._ergo_static_cache = _KeptStaticCache(shape, cache)
         return cache
 
     # -------------------------------------------------------------------- stage-2 inputs
 
-    def _stage2_prefill(self, processor, turns: dict, input_ids, attention_mask, vision, completions, pad_id) -> dict:
+    def _stage2_prefill(self, *, plan: _TwoStagePlan, stage1: _Stage1Result,
+                        turns: dict[int, BatchFeature]) -> tuple[dict[str, Any], list[int]]:
         """Stage 2 from scratch, for the samples in ``turns``: each sample's stage-1 prompt and answer as they were,
         then its new turn (end of the stage-1 turn, user turn with the second image, assistant header), laid out by
-        ``processor.stage2_sequence``."""
+        ``processor.stage2_sequence_tokens``; and each row's prefill length."""
+        input_ids, vision = plan.input_ids, plan.vision
         sequences, token_types, pixels, grids = [], [], [], []
         image_pixels = vision["pixel_values"].split(vision["image_grid_thw"].prod(dim=-1).tolist())
         for index, turn in turns.items():
-            prompt = input_ids[index][attention_mask[index].bool()].tolist()
-            sequence = processor.stage2_sequence(prompt, completions[index].tolist(), turn)
+            prompt = input_ids[index][plan.attention_mask[index].bool()].tolist()
+            sequence = plan.processor.stage2_sequence_tokens(prompt, stage1.completions[index].tolist(), turn)
             sequences.append(input_ids.new_tensor(sequence.input_ids))
             token_types.append(input_ids.new_tensor(sequence.mm_token_type_ids))
             pixels += [image_pixels[index], sequence.pixel_values]
             grids += [vision["image_grid_thw"][index:index + 1], sequence.image_grid_thw]
-        ids, mask = pad_rows(sequences, pad_id)
+        ids, mask = pad_rows(sequences, plan.pad_id)
         types, _ = pad_rows(token_types, 0)
         pixel_values = vision["pixel_values"]
-        return {
+        inputs = {
             "input_ids": ids,
             "attention_mask": mask,
             "mm_token_type_ids": types,
             "pixel_values": torch.cat([p.to(pixel_values.device, pixel_values.dtype) for p in pixels]),
             "image_grid_thw": torch.cat(grids),
-            "prefill_tokens": [len(sequence) for sequence in sequences],
         }
+        return inputs, [len(sequence) for sequence in sequences]
 
-    def _stage2_continuation(self, turns: list, rows: list[int], stage1_sequences, prompt_mask, vision, completions,
-                             cache, pad_id) -> dict:
-        """Stage 2 as a continuation of stage 1's KV cache (which holds ``rows``): only the new turns are prefilled.
+    def _stage2_continuation(self, *, plan: _TwoStagePlan, stage1: _Stage1Result, turns: list[BatchFeature | None],
+                             rows: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """Stage 2 as a continuation of stage 1's KV cache (which holds ``rows``): only the new turns are prefilled;
+        and each row's prefill length (its turn, plus its last stage-1 token, which generation never fed back).
 
         The history is stage 1's own batch (prompt, generated tokens), with everything from each sample's stop token
         on masked out, so cached positions are reused as they are; the new turns follow, left-padded to a common
-        width (a row whose turn is None gets one token and is discarded). M-RoPE positions are computed by transformers over the
-        whole sequence (``image_grid_thw`` lists every row's images); only the crops go through the vision encoder.
+        width (a row whose turn is None gets one end token, so that no row ends in padding, and is discarded).
+        M-RoPE positions are computed by transformers over the whole sequence (``image_grid_thw`` lists every row's
+        images); only the crops go through the vision encoder.
         """
-        device = stage1_sequences.device
-        generated = stage1_sequences.shape[1] - prompt_mask.shape[1]
-        kept = torch.zeros(len(completions), generated, dtype=prompt_mask.dtype, device=device)
-        for index, completion in enumerate(completions):
+        sequences, prompt_mask, vision, pad_id = stage1.sequences, plan.attention_mask, plan.vision, plan.pad_id
+        kept = torch.zeros(len(stage1.completions), sequences.shape[1] - prompt_mask.shape[1], dtype=prompt_mask.dtype,
+                           device=sequences.device)
+        for index, completion in enumerate(stage1.completions):
             kept[index, : len(completion)] = 1
         history_mask = torch.cat([prompt_mask, kept], dim=1)[rows]
         history_types = torch.cat([vision["mm_token_type_ids"], torch.zeros_like(kept)], dim=1)[rows]
-        # A row without a turn gets one end token, so that no row ends in padding (its output is discarded).
-        idle = stage1_sequences.new_full((1,), pad_id)
+        idle = sequences.new_full((1,), pad_id)
         turn_ids, turn_mask = pad_rows([turn["input_ids"][0] if turn else idle for turn in turns], pad_id)
         turn_types, _ = pad_rows([turn["mm_token_type_ids"][0] if turn else idle * 0 for turn in turns], 0)
         grids = []
         for turn, index in zip(turns, rows):
             grids += [vision["image_grid_thw"][index:index + 1]] + ([turn["image_grid_thw"]] if turn else [])
         active = [turn for turn in turns if turn]
-        return {
-            "input_ids": torch.cat([stage1_sequences[rows], turn_ids], dim=1),
+        inputs = {
+            "input_ids": torch.cat([sequences[rows], turn_ids], dim=1),
             "attention_mask": torch.cat([history_mask, turn_mask], dim=1),
             "mm_token_type_ids": torch.cat([history_types, turn_types], dim=1),
             "image_grid_thw": torch.cat(grids),
             "crop_pixel_values": torch.cat([turn["pixel_values"] for turn in active]),
             "crop_grid_thw": torch.cat([turn["image_grid_thw"] for turn in active]),
-            "past_key_values": cache,
-            # each row's new turn, plus its last stage-1 token, which generation never fed back
-            "prefill_tokens": [len(turn["input_ids"][0]) + 1 if turn else 0 for turn in turns],
+            "past_key_values": stage1.cache,
         }
+        return inputs, [len(turn["input_ids"][0]) + 1 if turn else 0 for turn in turns]
 
 
 class EndRows(LogitsProcessor):
@@ -428,6 +619,17 @@ class _StageStreamer(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+def _merge_contexts(contexts: list[ErgoContextLike | None]) -> ErgoContextLike:
+    """One context for requests a collator batched (it lists each request's context); a row without one is not an
+    ERGO request, and a batch is generated one way, so that is refused naming the rows."""
+    others = [row for row, context in enumerate(contexts) if context is None]
+    if others:
+        ergo = [row for row, context in enumerate(contexts) if context is not None]
+        raise ValueError(f"rows {others} of this batch are not ERGO requests (no ergo_context) while {ergo} are; a "
+                         "batch is generated one way: generate them separately")
+    return type(contexts[0]).merge(contexts)
 
 
 def _check_stage_arguments(stage1_config: GenerationConfig, stage2_config: GenerationConfig,
@@ -516,4 +718,12 @@ def pad_rows(rows: list[torch.Tensor], fill: int, left: bool = True) -> tuple[to
     return out, mask
 
 
-__all__ = ["ErgoGenerationMixin", "ErgoGenerateOutput", "ErgoContextLike", "EndRows", "tokens_until_stop", "pad_rows"]
+__all__ = [
+    "ErgoGenerationMixin",
+    "ErgoGenerateOutput",
+    "ErgoContextLike",
+    "ErgoProcessorLike",
+    "EndRows",
+    "tokens_until_stop",
+    "pad_rows",
+]

@@ -4,8 +4,9 @@ Stage 1 (``apply_chat_template`` / ``prepare``): the image is downsampled to the
 stem is wrapped in ERGO's system prompt and stage-1 template. The returned ``BatchFeature`` carries an
 ``ergo_context`` (the full-resolution images and settings) that ``ErgoForConditionalGeneration.generate`` uses.
 
-Stage 2 (``plan_stage2`` / ``stage2_turn``): the model's stage-1 text is parsed into a region, mapped to the
-original image and cropped; the crop and the stage-2 prompt become the next user turn of the same conversation.
+Stage 2 (``plan_zooms`` / ``stage2_turn_tokens``): the model's stage-1 text is parsed into a region, mapped to the
+original image and cropped (``zoom_ergo.decide_zoom``); the crop and the stage-2 prompt become the next user turn of
+the same conversation.
 
 Works without torchvision: image-only (no video processor), PIL image backend.
 """
@@ -20,27 +21,23 @@ from dataclasses import dataclass, field
 import torch
 
 from PIL import Image
+
 from transformers import Qwen2_5_VLProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .geometry_ergo import (
-    MIN_PIXELS,
     INFERENCE_BUDGET,
     MAX_ASPECT_RATIO,
     PIXELS_PER_TOKEN,
-    Box,
     budget_to_pixels,
-    crop_region,
-    crop_size,
-    map_box_to_original,
-    parse_zoom_box,
     resize_to_budget,
     smart_resize,
     within_aspect_limit,
 )
 from .images_ergo import ErgoImageError, abbreviate, load_image
-from .prompts_ergo import SYSTEM_PROMPT, extract_answer, stage1_prompt, stage2_prompt, stage_questions
+from .prompts_ergo import SYSTEM_PROMPT, stage1_prompt, stage2_prompt, stage_questions
+from .zoom_ergo import ZoomDecision, decide_zoom, size_up_to
 
 FALLBACK_POLICIES = ("resize", "reference", "coarse")
 """What stage 2 sees when stage 1 gives no usable region:
@@ -101,22 +98,8 @@ class ErgoContext:
 
 
 @dataclass
-class ZoomDecision:
-    """What stage 1 led to for one sample: the region (original pixels) and the second image, or why not."""
-
-    region: Box | None
-    image: Image.Image | None
-    fallback: str | None = None
-    """None when the region was used; else ``no_region`` (nothing parsable), ``truncated`` (nothing parsable, and
-    stage 1 ran out of tokens), ``degenerate_box``, or ``answered``
-    (stage 1 already answered without a region and early exit is on: no stage 2)."""
-    processor_size: dict = field(default_factory=dict)
-    """``size`` for the image processor so that the already-sized second image is not resized again."""
-
-
-@dataclass
 class Stage2Sequence:
-    """One sample's stage-2 conversation, as ``ErgoProcessor.stage2_sequence`` lays it out."""
+    """One sample's stage-2 conversation, as ``ErgoProcessor.stage2_sequence_tokens`` lays it out."""
 
     input_ids: list[int]
     mm_token_type_ids: list[int]
@@ -340,44 +323,29 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
 
     # ------------------------------------------------------------------ stage 2
 
-    def plan_stage2(
+    def plan_zooms(
         self, context: ErgoContext, stage1_texts: list[str], skip_answered: bool = False,
         truncated: list[bool] | None = None,
     ) -> list[ZoomDecision]:
-        """Per sample: the region the stage-1 text asks for, mapped to the original and cropped, or a fallback.
-
-        With ``skip_answered``, a stage-1 text that gives a complete, non-empty ``<answer>…</answer>`` and no region
-        ends there (early exit). ``truncated[i]``: stage 1 ran out of tokens, so a missing region is reported as
-        ``truncated`` rather than ``no_region``.
-        """
+        """Per sample, the plan for stage 2 (``zoom_ergo.decide_zoom``): the region the stage-1 text asks for, mapped
+        to the original and cropped, or a fallback. With ``skip_answered``, a stage-1 text that gives a complete,
+        non-empty ``<answer>…</answer>`` and no region ends there (early exit). ``truncated[i]``: stage 1 ran out of
+        tokens, so a missing region is reported as ``truncated`` rather than ``no_region``."""
         truncated = truncated or [False] * len(stage1_texts)
-        return parallel_map(lambda args: self._decide(*args, context, skip_answered),
+        settings = {"crop_max_pixels": context.crop_max_pixels, "fallback": context.fallback,
+                    "reference_size": self.image_processor.size, "skip_answered": skip_answered}
+        return parallel_map(lambda args: decide_zoom(args[0], args[1], truncated=args[2], **settings),
                             list(zip(context.samples, stage1_texts, truncated)))
 
-    def _decide(self, sample: ErgoSample, stage1_text: str, truncated: bool, context: ErgoContext,
-                skip_answered: bool) -> ZoomDecision:
-        box = parse_zoom_box(stage1_text)
-        if box is not None:
-            region = map_box_to_original(box, *sample.scale, sample.image.width, sample.image.height)
-            size = crop_size(region, context.crop_max_pixels) if region is not None else None
-            if size is not None:
-                crop = crop_region(sample.image, region, size)
-                return ZoomDecision(region, crop, None, _keep_size(crop))
-        if skip_answered and box is None and extract_answer(stage1_text) and "</answer>" in stage1_text:
-            return ZoomDecision(None, None, "answered")
-        reason = "degenerate_box" if box is not None else "truncated" if truncated else "no_region"
-        if context.fallback == "coarse":
-            return ZoomDecision(None, None, reason)
-        if context.fallback == "reference" and within_aspect_limit(*sample.image.size):
-            return ZoomDecision(None, sample.image, reason, dict(self.image_processor.size))
-        whole = resize_to_budget(sample.image, context.crop_max_pixels, resample=Image.Resampling.LANCZOS)
-        return ZoomDecision(None, whole, reason, _keep_size(whole))
+    def stage2_turn_text(self, stage2_question: str, stage2_template: str) -> str:
+        """The text that follows stage 1's generated text: the end of that assistant turn, the new user turn (second
+        image placeholder, stage-2 prompt) and the assistant header, as the chat template renders them."""
+        text = self._render(_SENTINEL_TURN + self.stage2_turn_messages(stage2_question, stage2_template))
+        return text.split(_SENTINEL, 1)[1]
 
-    def stage2_turn(self, decision: ZoomDecision, stage2_question: str, stage2_template: str) -> BatchFeature:
-        """Tokens that follow stage 1's generated text: the end of that assistant turn, the new user turn (second
-        image, stage-2 prompt) and the assistant header; plus that image's pixel values."""
-        text = self._render(_SENTINEL_TURN + self.stage2_messages(stage2_question, stage2_template))
-        following = text.split(_SENTINEL, 1)[1]
+    def stage2_turn_tokens(self, decision: ZoomDecision, stage2_question: str, stage2_template: str) -> BatchFeature:
+        """``stage2_turn_text`` tokenised with the plan's second image: its ``input_ids`` and pixel values."""
+        following = self.stage2_turn_text(stage2_question, stage2_template)
         end_of_turn = self.tokenizer.eos_token or "<|im_end|>"
         if not following.startswith(end_of_turn):
             raise ValueError(f"the chat template does not end an assistant turn with {end_of_turn!r}")
@@ -388,18 +356,20 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
             images_kwargs={"size": decision.processor_size},
         )
 
-    def stage2_turns(self, context: ErgoContext, decisions: list[ZoomDecision]) -> dict[int, BatchFeature]:
-        """``stage2_turn`` for every sample that has a second image, by index, built side by side on a thread pool
-        (each processes its own crop)."""
+    def stage2_turn_tokens_by_sample(self, context: ErgoContext,
+                                     decisions: list[ZoomDecision]) -> dict[int, BatchFeature]:
+        """``stage2_turn_tokens`` for every sample that has a second image, by index, built side by side on a thread
+        pool (each processes its own crop)."""
         rows = [index for index, decision in enumerate(decisions) if decision.image is not None]
-        turns = parallel_map(lambda index: self.stage2_turn(
+        turns = parallel_map(lambda index: self.stage2_turn_tokens(
             decisions[index], context.samples[index].stage2_question, context.stage2_template), rows)
         return dict(zip(rows, turns))
 
-    def stage2_sequence(self, prompt_ids: list[int], reply_ids: list[int], turn: BatchFeature) -> Stage2Sequence:
-        """Stage 2's whole conversation for one sample, the one layout inference, the GRPO rollout and SFT share:
-        the stage-1 prompt, the stage-1 reply (up to, not including, its end-of-turn token), then ``turn`` from
-        ``stage2_turn`` (which opens with that end-of-turn token)."""
+    def stage2_sequence_tokens(self, prompt_ids: list[int], reply_ids: list[int],
+                               turn: BatchFeature) -> Stage2Sequence:
+        """Stage 2's whole conversation for one sample as tokens, the one layout inference, the GRPO rollout and SFT
+        share: the stage-1 prompt, the stage-1 reply (up to, not including, its end-of-turn token), then ``turn``
+        from ``stage2_turn_tokens`` (which opens with that end-of-turn token)."""
         turn_ids = turn["input_ids"][0].tolist()
         ids = list(prompt_ids) + list(reply_ids) + turn_ids
         reply_start = len(prompt_ids)
@@ -414,22 +384,21 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         )
 
     def max_stage2_turn_tokens(self, context: ErgoContext) -> int:
-        """An upper bound on the tokens ``stage2_turn`` adds for the samples of ``context``, so that a static cache for
-        both stages can be sized before stage 1 runs. It depends on the settings, not on the images, so that the
-        cache, and the decode step compiled for it, keep one shape across calls."""
+        """An upper bound on the tokens ``stage2_turn_tokens`` adds for the samples of ``context``, so that a static
+        cache for both stages can be sized before stage 1 runs. It depends on the settings, not on the images, so that
+        the cache, and the decode step compiled for it, keep one shape across calls."""
         budget = context.crop_max_pixels // PIXELS_PER_TOKEN
         # smart_resize rounds each side of a crop of up to 200:1, so it may exceed its budget by ~7 sqrt(budget).
         image_tokens = budget + math.ceil(8 * math.sqrt(budget)) + 1
         if context.fallback == "reference":  # the unresized original, up to the image processor's own limit
             image_tokens = max(image_tokens, self.image_processor.size["longest_edge"] // PIXELS_PER_TOKEN)
-        texts = [self._render(_SENTINEL_TURN + self.stage2_messages(sample.stage2_question, context.stage2_template))
-                 for sample in context.samples]
-        text_tokens = max(len(self.tokenizer(text.split(_SENTINEL, 1)[1])["input_ids"]) for text in texts)
+        texts = [self.stage2_turn_text(sample.stage2_question, context.stage2_template) for sample in context.samples]
+        text_tokens = max(len(self.tokenizer(text)["input_ids"]) for text in texts)
         return text_tokens + image_tokens
 
     @staticmethod
-    def stage2_messages(stage2_question: str, stage2_template: str) -> list[dict]:
-        """The stage-2 user turn: the second image before the stage-2 prompt."""
+    def stage2_turn_messages(stage2_question: str, stage2_template: str) -> list[dict]:
+        """The stage-2 user turn as chat messages: the second image before the stage-2 prompt."""
         text = stage2_prompt(stage2_question, stage2_template)
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
@@ -475,16 +444,6 @@ def parallel_map(function, items) -> list:
         return [function(item) for item in items]
     with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
         return list(pool.map(function, items))
-
-
-def size_up_to(max_pixels: int) -> dict:
-    """The image processor's ``size`` for images of at most ``max_pixels``: an image already sized (28-aligned, within
-    budget) keeps its size, a larger one is resized under the budget by the processor's own rule."""
-    return {"shortest_edge": MIN_PIXELS, "longest_edge": max(max_pixels, MIN_PIXELS)}
-
-
-def _keep_size(image: Image.Image) -> dict:
-    return size_up_to(image.width * image.height)
 
 
 def _refuse_mixed_batch(requests: list) -> None:

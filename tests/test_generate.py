@@ -484,3 +484,11 @@ def test_hub_folders_carry_the_default_length_in_their_generation_config(tiny_fo
     demo = Path(__file__).resolve().parents[1] / "ergo_vqa" / "demo_model"
     for folder in (tiny_folder, demo):
         assert GenerationConfig.from_pretrained(folder).max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+
+
+def test_a_collated_batch_with_a_row_that_is_not_an_ergo_request_is_refused_naming_it(model, processor):
+    """Issue 24 item 8: a collator lists each request's ``ergo_context``; a row without one is named, not merged."""
+    inputs = processor.prepare([noise_image(300, 200, 70), noise_image(200, 300, 71)], [QUESTION] * 2)
+    context = inputs.pop("ergo_context")
+    with pytest.raises(ValueError, match=r"rows \[1\] of this batch are not ERGO requests .* while \[0\] are"):
+        model.generate(**inputs, ergo_context=[context, None], max_new_tokens=2)

@@ -84,7 +84,7 @@ def test_folder_files_and_remote_code_are_self_contained(tiny_folder):
     names = set(os.listdir(tiny_folder))
     assert {"config.json", "model.safetensors", "processor_config.json", "README.md", "configuration_ergo.py",
             "modeling_ergo.py", "processing_ergo.py", "geometry_ergo.py", "images_ergo.py", "prompts_ergo.py",
-            "video_preprocessor_config.json"} <= names
+            "zoom_ergo.py", "generation_ergo.py", "video_preprocessor_config.json"} <= names
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
     for name in names:
         if name.endswith(".py"):
@@ -93,7 +93,7 @@ def test_folder_files_and_remote_code_are_self_contained(tiny_folder):
                 if line.startswith(("import ", "from ")) and not line.startswith("from __future__"):
                     top = line.split()[1].split(".")[0]
                     assert top in {"", "torch", "transformers", "PIL", "huggingface_hub", "re", "math", "os", "io",
-                                   "base64", "time", "json", "dataclasses", "contextlib", "typing", "concurrent"}, (name, line)
+                                   "base64", "time", "json", "dataclasses", "contextlib", "typing", "concurrent", "copy"}, (name, line)
             assert "eval(" not in source and "pickle" not in source
     config = json.loads((tiny_folder / "config.json").read_text())
     assert config["model_type"] == "qwen2_5_vl"

@@ -81,3 +81,21 @@ def test_ergo_serve_returns_the_whole_reply_as_content(model, processor, monkeyp
     assert reasoning is not None  # transformers' own Qwen2.5-VL template
     allow_ergo_in_transformers_serve()
     assert utils.parse_assistant_message(processor, model, generated, prompt) == (reply, None, None)
+
+
+def test_a_mixed_list_gets_each_request_answered_as_alone(pipe, model, processor):
+    """Issue 24 item 8: in one pipeline call, an ERGO request gets its two stages and a conversation with its own
+    system turn gets plain single-pass generation, each as it would alone. Batched (``batch_size=2``) such a pair
+    cannot be collated by transformers' pipeline, which refuses items with different keys: a conversation that is not
+    an ERGO request is processed exactly as Qwen2.5-VL (no ``ergo_context`` key), as TRL's GRPO trainer needs (it
+    turns every extra key of ``apply_chat_template``'s output into a tensor)."""
+    image = noise_image(900, 600, 64)
+    with_system = [{"role": "system", "content": "Be brief."}] + chat(image)
+    replies = pipe(text=[chat(image), with_system], return_full_text=False, generate_kwargs=forced(processor))
+    assert replies[0][0]["generated_text"] == ANSWER
+    plain = processor.apply_chat_template(with_system, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
+    assert "ergo_context" not in plain
+    out = model.generate(**plain, max_new_tokens=40)
+    expected = processor.post_process_image_text_to_text(out, prompt_length=plain["input_ids"].shape[1])[0]
+    assert replies[1][0]["generated_text"] == expected

@@ -91,10 +91,10 @@ def test_batch_is_left_padded(processor):
 
 
 def test_stage2_turn_ends_stage1_and_opens_the_next_user_turn(processor):
-    from processing_ergo.processing_ergo import ZoomDecision, _keep_size
+    from processing_ergo.zoom_ergo import ZoomDecision, keep_size
 
     crop = noise_image(112, 84)
-    suffix = processor.stage2_turn(ZoomDecision((0, 0, 1, 1), crop, None, _keep_size(crop)), QUESTION, "reference")
+    suffix = processor.stage2_turn_tokens(ZoomDecision((0, 0, 1, 1), crop, None, keep_size(crop)), QUESTION, "reference")
     expected = ("<|im_end|>\n<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 12 + "<|vision_end|>"
                 + stage2_prompt(QUESTION) + "<|im_end|>\n<|im_start|>assistant\n")
     assert processor.tokenizer.decode(suffix["input_ids"][0]) == expected

@@ -245,7 +245,7 @@ def local_ergo(model, processor, image, question: str, max_new_tokens: int, **se
     inputs = processor.prepare([image], [question], **settings)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
     reply = processor.post_process_image_text_to_text(out.sequences, prompt_length=inputs["input_ids"].shape[1])[0]
-    decision = processor.plan_stage2(inputs["ergo_context"], out.stage1_texts)[0]
+    decision = processor.plan_zooms(inputs["ergo_context"], out.stage1_texts)[0]
     return inputs, out, reply, decision
 
 
@@ -278,7 +278,7 @@ def test_client_sends_the_local_views_and_prompts_and_gets_the_local_answers(pro
         assert texts(second)[-1] == ("user", stage2_prompt(full_question, processor.stage2_template))
         crop = decoded_images(second)[1]
         assert same_pixels(crop, decision.image)
-        turn = processor.stage2_turn(decision, full_question, processor.stage2_template)
+        turn = processor.stage2_turn_tokens(decision, full_question, processor.stage2_template)
         written = processor.tokenizer(result.stage1_text, add_special_tokens=False)["input_ids"]
         assert result.prompt_tokens["stage2"] == inputs["input_ids"].shape[1] + len(written) + turn["input_ids"].shape[1]
         stage1_ids = model.generate(**{k: v for k, v in inputs.items() if k != "ergo_context"}, max_new_tokens=64,
@@ -302,7 +302,7 @@ def test_fallback_policies_behave_as_locally(proxy, local, questions, fallback):
     [result] = client.answer_many([(image, question)], fallback=fallback)
     bodies = proxy.take()
     inputs, out, reply, decision = local_ergo(model, processor, image, question, 4, fallback=fallback)
-    decision = processor.plan_stage2(inputs["ergo_context"], out.stage1_texts, truncated=[True])[0]
+    decision = processor.plan_zooms(inputs["ergo_context"], out.stage1_texts, truncated=[True])[0]
     assert result.error is None and result.fallback == out.fallbacks[0] == "truncated"
     assert result.vision_tokens == out.vision_tokens[0]
     if fallback == "coarse":

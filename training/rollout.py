@@ -1,8 +1,8 @@
 """ERGO's two-stage rollout inside TRL's GRPOTrainer, built with the code inference uses.
 
 Per sample: the policy sees the coarse view (ERGO's resize of the dataset's full-resolution ``image``) and the
-stage-1 prompt and writes its region; ``ErgoProcessor.plan_stage2`` maps and crops it exactly as
-``ErgoForConditionalGeneration.generate`` does; ``ErgoProcessor.stage2_turn`` closes the turn and appends the
+stage-1 prompt and writes its region; ``ErgoProcessor.plan_zooms`` maps and crops it exactly as
+``ErgoForConditionalGeneration.generate`` does; ``ErgoProcessor.stage2_turn_tokens`` closes the turn and appends the
 crop with the stage-2 prompt; the policy answers. The completion TRL trains on is
 ``stage-1 tokens + injected turn + stage-2 tokens`` with the injected turn masked out of the loss
 (``tool_mask``), and the loss forward gets both images per sample, each at its own size.
@@ -121,14 +121,15 @@ class ErgoGRPOTrainer(GRPOTrainer):
         stage1_tokens = [tokens_until_stop(ids, stop_ids) for ids in stage1_ids]
         stage1_texts = tokenizer.batch_decode(stage1_tokens, skip_special_tokens=True)
         stage1_cut = [len(tokens) == len(ids) for tokens, ids in zip(stage1_tokens, stage1_ids)]  # no stop token
-        decisions = processor.plan_stage2(context, stage1_texts, truncated=stage1_cut)
+        decisions = processor.plan_zooms(context, stage1_texts, truncated=stage1_cut)
 
         # With the `resize` fallback (checked at init) every rollout has a second image, so every rollout has a stage 2.
         completion_ids, loss_mask, stage2_prompts, stage2_images = [], [], [], []
         end_of_turn = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
         for index, (ids, tokens, decision) in enumerate(zip(stage1_ids, stage1_tokens, decisions)):
-            turn = processor.stage2_turn(decision, context.samples[index].stage2_question, context.stage2_template)
-            sequence = processor.stage2_sequence(prompt_ids[index], tokens, turn)
+            turn = processor.stage2_turn_tokens(decision, context.samples[index].stage2_question,
+                                                context.stage2_template)
+            sequence = processor.stage2_sequence_tokens(prompt_ids[index], tokens, turn)
             # The turn opens with <|im_end|>: trained when the policy wrote it, injected (masked) when stage 1 was
             # cut off or stopped on another token, as inference closes the turn either way.
             wrote_end = len(ids) > len(tokens) and ids[len(tokens)] == end_of_turn

@@ -7,8 +7,8 @@ examples of six kinds, each from a share of the rows (``ErgoSFTConfig.ergo_share
 * ``stage1``: stage 1 alone (ERGO's stage-1 input and the reply naming the region): the cheap kind that teaches
   where to zoom, so a model that must learn to point can see many more images than two-stage examples allow;
 * ``ergo``: the two-stage conversation, token for token as ``ErgoForConditionalGeneration.generate`` builds it
-  (``ErgoProcessor.prepare``, the stage-1 reply, ``plan_stage2`` on that reply, ``stage2_turn``, the answer), so the
-  crop is exactly the one inference would cut for that box;
+  (``ErgoProcessor.prepare``, the stage-1 reply, ``plan_zooms`` on that reply, ``stage2_turn_tokens``, the answer), so
+  the crop is exactly the one inference would cut for that box;
 * ``stage2``: stage 2's turn alone (ERGO's system prompt, the crop, the stage-2 prompt) and stage 2's reply: the
   crop sits as far before the reply as in the conversation, without the coarse view and stage 1's turn before it;
 * ``crop``: one plain turn over the crop alone, answered with the letter: what r_region's frozen reward model is
@@ -137,8 +137,8 @@ class ErgoSFTCollator:
         stage1 = self._stage1(image, question, options)
         context: ErgoContext = stage1["ergo_context"]
         reply1, decision = zoom_on(processor, context, region)
-        turn = processor.stage2_turn(decision, context.samples[0].stage2_question, context.stage2_template)
-        sequence = processor.stage2_sequence(stage1["input_ids"][0].tolist(), self._tokens(reply1), turn)
+        turn = processor.stage2_turn_tokens(decision, context.samples[0].stage2_question, context.stage2_template)
+        sequence = processor.stage2_sequence_tokens(stage1["input_ids"][0].tolist(), self._tokens(reply1), turn)
         reply2_ids = self._tokens(STAGE2_REPLY.format(shown, letter)) + [self.end_of_turn]
         ids = sequence.input_ids + reply2_ids
         # Trained: stage 1's reply, the end-of-turn token that opens the turn (stage 1 writes it, as in the rollout)
@@ -156,7 +156,7 @@ class ErgoSFTCollator:
         ``_two_stage``, answered the same way. The crop sits as far from the reply as in the conversation."""
         context, decision = self._zoom(image, full, region)
         system = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}]
-        messages = system + self.processor.stage2_messages(full, context.stage2_template)
+        messages = system + self.processor.stage2_turn_messages(full, context.stage2_template)
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt = self.processor(text=[text], images=[decision.image], return_tensors="pt",
                                 images_kwargs={"size": decision.processor_size})
@@ -190,7 +190,7 @@ def zoom_on(processor: ErgoProcessor, context: ErgoContext, region: list[int]) -
     context's one sample; a region that gives no crop raises."""
     sample = context.samples[0]
     reply = STAGE1_REPLY.format(*coarse_box(region, sample.image.size, sample.coarse_size))
-    decision = processor.plan_stage2(context, [reply])[0]
+    decision = processor.plan_zooms(context, [reply])[0]
     if decision.fallback is not None:
         raise ValueError(f"region {region} gives no crop ({decision.fallback})")
     return reply, decision
@@ -219,8 +219,7 @@ def build_sft_trainer(model, processor: ErgoProcessor, dataset: Dataset, args: E
     args.apply_to(processor)  # the examples are built with the processor's budgets and stage-2 template
     collator = ErgoSFTCollator(processor, args.multiple_choice_postfix)
     rows = sft_rows(dataset, args.shares, processor.coarse_budget, processor.crop_budget)
-    if args.freeze_vision_tower:
-        model.model.visual.requires_grad_(False)
+    args.apply_to_model(model)
     return ErgoSFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor)
 
 

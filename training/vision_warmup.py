@@ -10,7 +10,7 @@ only needs "find the token by its content, copy what it carries" is what the lan
 on a frozen tower; a max- or pair-softmax readout left that information in forms its attention could not use
 (stage 1 kept writing one or two fixed cells on a frozen tower).
 
-* reading, on the crop stage 2 gets for the true region (``training.sft.zoom_on``: ``plan_stage2`` on a reply naming
+* reading, on the crop stage 2 gets for the true region (``training.sft.zoom_on``: ``plan_zooms`` on a reply naming
   it, so the crop is cut and sized as inference cuts it): the probe's answer is the row's answer, and its attention
   goes to the token holding the centre of ``gt_bbox`` (where the label is). Besides, every token's own value must
   give the answer as far as the tower can carry it (every token when a block attends over the whole image, as

@@ -1,0 +1,1 @@
+../../processing_ergo/zoom_ergo.py
