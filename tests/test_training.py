@@ -56,14 +56,14 @@ class ScriptedTrainer(ScriptedStage1Trainer):
 
     stage2_texts: list[str] | None = None
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if has_tool_images and self.stage2_texts:
+    def generate_stage(self, stage: int, prompt_ids: list[list[int]], pixel_fields: dict) -> list[list[int]]:
+        if stage == 2 and self.stage2_texts:
             with saying(self, self.stage2_texts, len(prompt_ids)):
-                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, True)
-        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+                return super().generate_stage(stage, prompt_ids, pixel_fields)
+        return super().generate_stage(stage, prompt_ids, pixel_fields)
 
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+    def scored_batch(self, rows: list[dict]) -> dict:
+        output = super().scored_batch(rows)
         self.recorded = getattr(self, "recorded", []) + [output]
         return output
 
@@ -404,12 +404,41 @@ def test_dr_grpo_normalises_by_both_stages_and_each_stage_length_is_logged(polic
     trainer = ScriptedTrainer(model=model, reward_funcs=[get_box_reward()], train_dataset=to_grpo_rows(_dataset()),
                               args=grpo_config(tmp_path, max_steps=1, loss_type="dr_grpo"), processing_class=processor)
     assert trainer.max_completion_length == 40 + 5
+    # Stage 2 generates with its own limit, and the trainer's generation config (stage 1's) is never rewritten.
+    limits = []
+    hook = model.register_forward_pre_hook(lambda *_: limits.append(trainer.generation_config.max_new_tokens))
     trainer.train()
+    hook.remove()
+    assert set(limits) == {40}
     logged = next(entry for entry in trainer.state.log_history if "ergo/stage1_length" in entry)
+    batch = trainer.recorded[0]  # num_tokens: every token of both stages (and the injected turn) of the step
+    assert logged["num_tokens"] == batch["prompt_mask"].sum().item() + batch["completion_mask"].sum().item()
     tokenizer = processor.tokenizer
     scripted = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in STAGE1_TEXTS]  # + <|im_end|>
     assert logged["ergo/stage1_length"] == sum(scripted) / 2 and 1 <= logged["ergo/stage2_length"] <= 5
     assert logged["ergo/stage1_clipped_ratio"] == 0.0
+
+
+def test_the_rollout_refuses_a_trl_it_was_not_written_for():
+    """The adapter overrides GRPOTrainer internals of TRL 1.16; another release must fail at import, by name."""
+    from training.trl_adapter import check_trl_version
+
+    check_trl_version("1.16.0")
+    check_trl_version("1.16.3")
+    for version in ("1.15.2", "1.17.0", "2.0.0"):
+        with pytest.raises(ImportError, match=rf"trl>=1.16,<1.17.*trl {version} is installed"):
+            check_trl_version(version)
+
+
+def test_freeze_vision_tower_trains_the_language_model_only(policy, tmp_path):
+    model, processor = policy
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = ScriptedTrainer(model=model, reward_funcs=[get_box_reward()], train_dataset=to_grpo_rows(_dataset()),
+                              args=grpo_config(tmp_path, max_steps=1, freeze_vision_tower=True), processing_class=processor)
+    trainer.train()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+    tower = {name for name in before if name.startswith("model.visual.")}
+    assert tower and not changed & tower and len(changed) > (len(before) - len(tower)) // 2
 
 
 def test_smoke_run_has_a_gradient(tmp_path, capsys):
@@ -420,7 +449,11 @@ def test_smoke_run_has_a_gradient(tmp_path, capsys):
     assert "grad_norm" in capsys.readouterr().out
     # Each step's log says where the time went and what the regions were (the synthetic rows carry gt_bbox).
     for entry in steps:
-        assert all(entry[f"ergo/{name}_s"] > 0 for name in ("stage1", "zoom", "stage2", "reward"))
+        phases = ("stage1", "zoom", "stage2", "reward", "logprob", "loss_forward", "loss_backward")
+        assert all(entry[f"ergo/{name}_s"] > 0 for name in phases)
+        for stage in ("stage1", "stage2"):
+            tokens = entry[f"ergo/{stage}_tokens"]
+            assert tokens > 0 and entry[f"ergo/{stage}_tokens_per_s"] == pytest.approx(tokens / entry[f"ergo/{stage}_s"])
         assert 0 < entry["ergo/region_area_share"] < 1 and 0 <= entry["ergo/region_holds_gt_share"] <= 1
         assert entry["region_reward/rm_calls"] > 0 and 0 <= entry["region_reward/rm_unreadable_share"] <= 1
 

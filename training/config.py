@@ -41,14 +41,28 @@ class ErgoViewConfig:
 
 
 @dataclass
-class ErgoGRPOConfig(ErgoViewConfig, GRPOConfig):
+class ErgoVisionTowerConfig:
+    """Whether the vision tower trains, for both trainers."""
+
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "Train the language model only (keeps a "
+                                                                      "warmed-up or pre-trained tower as it is)."})
+
+    def apply_to_model(self, model) -> None:
+        """Freezes the tower when asked, LoRA layers inside it included (``model`` may be a PEFT wrapper)."""
+        if self.freeze_vision_tower:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.model.visual.requires_grad_(False)
+
+
+@dataclass
+class ErgoGRPOConfig(ErgoViewConfig, ErgoVisionTowerConfig, GRPOConfig):
     """GRPOConfig plus ERGO's rollout settings. ``max_completion_length`` bounds stage 1."""
 
     stage2_max_completion_length: int = field(default=256, metadata={"help": "Most tokens of the stage-2 answer."})
 
 
 @dataclass
-class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
+class ErgoSFTConfig(ErgoViewConfig, ErgoVisionTowerConfig, SFTConfig):
     """SFTConfig plus the coarse/crop budgets (as at inference) and which example kinds each row gives."""
 
     stage1_share: float = field(default=0.0, metadata={"help": "Share of rows giving a stage-1-only example (the "
@@ -61,8 +75,6 @@ class ErgoSFTConfig(ErgoViewConfig, SFTConfig):
                                                                  "(the costly kind: every vision token of the image)."})
     evidence_share: float = field(default=0.0, metadata={"help": "Share of rows giving a single turn over the "
                                                                      "gt_bbox crop alone (needs gt_bbox)."})
-    freeze_vision_tower: bool = field(default=False, metadata={"help": "Train the language model only (keeps a "
-                                                                      "warmed-up or pre-trained tower as it is)."})
     example_mean_loss: bool = field(default=False, metadata={
         "help": "Average the loss over each example's reply tokens, then over the examples, so that a one-letter "
                 "reply weighs as much as a 50-token one (with TRL's mean over all tokens it weighs 1/50 of it)."})

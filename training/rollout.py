@@ -7,19 +7,18 @@ crop with the stage-2 prompt; the policy answers. The completion TRL trains on i
 ``stage-1 tokens + injected turn + stage-2 tokens`` with the injected turn masked out of the loss
 (``tool_mask``), and the loss forward gets both images per sample, each at its own size.
 
-Why a subclass and not TRL's tool loop or ``rollout_func`` (trl 1.16, pinned): ``rollout_func`` cannot add the
-crop to the loss forward, and the tool loop needs a tool-call format, drops the second turn silently when the
-length budget runs out, and has no per-stage limits. This overrides three methods (``_generate_and_score_completions``
-to see the batch's rows, ``_generate`` to run the stages, ``_calculate_rewards`` to void scores that must not reach
-an advantage) and reuses TRL's own single-turn generator for both stages.
+Why not TRL's tool loop or ``rollout_func`` (trl 1.16, pinned): ``rollout_func`` cannot add the crop to the loss
+forward (``docs/trl-rollout-images.md``), and the tool loop needs a tool-call format, drops the second turn silently
+when the length budget runs out, and has no per-stage limits. The trainer builds on ``training.trl_adapter``, the one
+module that touches ``GRPOTrainer``'s private methods.
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
-from trl import GRPOTrainer
 from trl.data_utils import prepare_multimodal_messages
 
 from modeling_ergo.generation_ergo import tokens_until_stop
@@ -28,14 +27,10 @@ from processing_ergo.images_ergo import load_image
 
 from .config import ErgoGRPOConfig
 from .rewards import area_share
+from .trl_adapter import Rollout, RolloutGRPOTrainer
 
 
-def _routes_images_per_sample():
-    """Never called. A non-empty ``tools`` list makes TRL build the loss forward's pixel values from every image of
-    every sample (each at its own size) and its ``mm_token_type_ids`` from the full sequence."""
-
-
-class ErgoGRPOTrainer(GRPOTrainer):
+class ErgoGRPOTrainer(RolloutGRPOTrainer):
     """GRPOTrainer whose rollouts are ERGO's two stages. Dataset rows: ``training.data.to_grpo_rows``.
 
     Reward functions receive, besides the dataset columns (``image`` is the full-resolution original):
@@ -45,7 +40,7 @@ class ErgoGRPOTrainer(GRPOTrainer):
     tokens the policy wrote (stage 1, its end token, stage 2; never the injected turn's image tokens); ``region``
     (original pixels, or None when stage 1 gave no usable region); ``crop`` (stage 2's image: the region, or the
     whole image resized when there was none); ``fallback``; ``stage2_template`` (the template stage 2 was asked
-    with).
+    with); ``truncated`` (the rollout was cut off in either stage).
 
     Scores that must not reach an advantage are voided (TRL's "unscorable": out of the group baseline, advantage
     0): every rollout of a group in which a reward function returned None for some rollouts but not all (a failed
@@ -77,9 +72,9 @@ class ErgoGRPOTrainer(GRPOTrainer):
         args_.generation_kwargs = generation_kwargs
         args_.apply_to(processor)  # the rollout builds its views with the processor's budgets and template
         super().__init__(*args, **kwargs)
-        self.tools = [_routes_images_per_sample]
+        args_.apply_to_model(self.model)
         # TRL's masking zeroes the whole completion's attention, the crop's image tokens included (a shape mismatch
-        # in the loss forward); `_generate` masks the loss of a truncated rollout instead.
+        # in the loss forward); `rollout` masks the loss of a truncated rollout instead.
         self.mask_truncated_completions = False
         # Dr. GRPO divides by the most tokens a completion can train: both stages (the bound TRL set is stage 1's).
         self.max_completion_length = args_.max_completion_length + args_.stage2_max_completion_length
@@ -87,44 +82,40 @@ class ErgoGRPOTrainer(GRPOTrainer):
         # `log_completions`.
         self.log_multimodal = args_.log_multimodal and args_.log_completions
 
-    def _generate_and_score_completions(self, inputs):
-        # `_generate` only gets the prompts; stage 2 needs the full image and the question. TRL would put the
-        # original into every prompt and gather the prompts to every rank for its logs, so it never sees it: the
-        # rollout hands the originals to the rewards as an extra field.
-        self._batch_rows = inputs
-        return super()._generate_and_score_completions(
-            [{key: value for key, value in row.items() if key != "image"} for row in inputs])
-
-    def _generate(self, prompts: list):
+    def rollout(self, rows: list[dict]) -> Rollout:
         # Under bf16/fp16 the rollout computes as the loss forward does, also when the weights are fp32 (full
         # fine-tuning without DeepSpeed), so generation neither runs in fp32 nor holds an fp32 KV cache.
         with self.accelerator.autocast():
-            return self._two_stage_rollout(prompts)
+            return self._two_stage_rollout(rows)
 
-    def _two_stage_rollout(self, prompts: list):
+    def generate_stage(self, stage: int, prompt_ids: list[list[int]], pixel_fields: dict) -> list[list[int]]:
+        """Stage ``stage``'s (1 or 2) tokens for each prompt, within that stage's length limit."""
+        limit = self.args.max_completion_length if stage == 1 else self.args.stage2_max_completion_length
+        return self.generate_turn(prompt_ids, pixel_fields, self.with_max_new_tokens(limit))
+
+    def _two_stage_rollout(self, rows: list[dict]) -> Rollout:
         processor, tokenizer, args = self.processing_class, self._tokenizer, self.args
         mode = "train" if self.model.training else "eval"
-        originals = [load_image(row["image"], name="training image") for row in self._batch_rows]
-        context, coarse_views = processor.make_context(originals, [row["stage2_question"] for row in self._batch_rows])
-        prompts = [prepare_multimodal_messages(prompt, [view]) for prompt, view in zip(prompts, coarse_views)]
+        originals = [load_image(row["image"], name="training image") for row in rows]
+        context, coarse_views = processor.make_context(originals, [row["stage2_question"] for row in rows])
+        prompts = [prepare_multimodal_messages(row["prompt"], [view]) for row, view in zip(rows, coarse_views)]
 
         started = time.perf_counter()
-        tools, self.tools = self.tools, []  # stage 1 is TRL's plain single-turn generation
-        try:
-            prompt_ids, stage1_ids, _, _, logprobs, extra_fields, _, _ = super()._generate(prompts)  # logprobs: None
-        finally:
-            self.tools = tools
+        stage1 = processor.apply_chat_template(conversation=prompts, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, **self.chat_template_kwargs)
+        prompt_ids = stage1["input_ids"]
+        stage1_ids = self.generate_stage(1, prompt_ids, {key: torch.tensor(np.array(stage1[key]))
+                                                         for key in ("pixel_values", "image_grid_thw")})
         stage1_done = time.perf_counter()
 
         stop_ids = set(self.eos_token_ids) | {tokenizer.pad_token_id}
-        stage1_ids = [list(ids) for ids in stage1_ids]
         stage1_tokens = [tokens_until_stop(ids, stop_ids) for ids in stage1_ids]
         stage1_texts = tokenizer.batch_decode(stage1_tokens, skip_special_tokens=True)
         stage1_cut = [len(tokens) == len(ids) for tokens, ids in zip(stage1_tokens, stage1_ids)]  # no stop token
         decisions = processor.plan_zooms(context, stage1_texts, truncated=stage1_cut)
 
         # With the `resize` fallback (checked at init) every rollout has a second image, so every rollout has a stage 2.
-        completion_ids, loss_mask, stage2_prompts, stage2_images = [], [], [], []
+        completion_ids, loss_mask, stage2_prompts, images = [], [], [], []
         end_of_turn = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
         for index, (ids, tokens, decision) in enumerate(zip(stage1_ids, stage1_tokens, decisions)):
             turn = processor.stage2_turn_tokens(decision, context.samples[index].stage2_question,
@@ -137,38 +128,30 @@ class ErgoGRPOTrainer(GRPOTrainer):
             completion_ids.append(sequence.input_ids[sequence.reply.start:])
             loss_mask.append([1] * len(tokens) + [int(wrote_end)] + [0] * (turn_length - 1))
             stage2_prompts.append(sequence.input_ids)
-            stage2_images.append([coarse_views[index], decision.image])
+            images.append([coarse_views[index], decision.image])
         zoom_done = time.perf_counter()
 
         # The same image-processor call TRL's loss forward makes; ERGO's images are already sized, so none is resized.
-        pixels = processor.image_processor(images=[image for pair in stage2_images for image in pair], return_tensors="pt")
-        fields = {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
-        limit = self.generation_config.max_new_tokens
-        self.generation_config.max_new_tokens = args.stage2_max_completion_length
-        try:
-            stage2_ids, _ = self._generate_single_turn(
-                stage2_prompts, stage2_images, fields, num_generations=1, has_tool_images=True)
-        finally:
-            self.generation_config.max_new_tokens = limit
+        pixels = processor.image_processor(images=[image for pair in images for image in pair], return_tensors="pt")
+        stage2_ids = self.generate_stage(2, stage2_prompts, {"pixel_values": pixels["pixel_values"],
+                                                             "image_grid_thw": pixels["image_grid_thw"]})
         stage1_lengths = [sum(mask) for mask in loss_mask]
-        stage2_texts, stage2_cut, self._policy_ids = [], [], []
+        stage2_texts, stage2_cut, policy_ids = [], [], []
         for index, answer in enumerate(stage2_ids):
-            answer = list(answer)
             answer_tokens = tokens_until_stop(answer, stop_ids)
             stage2_cut.append(len(answer_tokens) == len(answer))
-            self._policy_ids.append([t for t, keep in zip(completion_ids[index], loss_mask[index]) if keep] + answer)
+            policy_ids.append([t for t, keep in zip(completion_ids[index], loss_mask[index]) if keep] + answer)
             completion_ids[index] += answer
             loss_mask[index] += [1] * len(answer)
             stage2_texts.append(tokenizer.decode(answer_tokens, skip_special_tokens=True))
-        self._truncated = [first or second for first, second in zip(stage1_cut, stage2_cut)]
+        truncated = [first or second for first, second in zip(stage1_cut, stage2_cut)]
         if args.mask_truncated_completions:
-            loss_mask = [[0] * len(mask) if cut else mask for mask, cut in zip(loss_mask, self._truncated)]
+            loss_mask = [[0] * len(mask) if cut else mask for mask, cut in zip(loss_mask, truncated)]
         finished = time.perf_counter()
 
         completions = [[{"role": "assistant", "content": first}, {"role": "assistant", "content": second}]
                        for first, second in zip(stage1_texts, stage2_texts)]
         extra_fields = {
-            **extra_fields,
             "image": originals,
             "stage1_text": stage1_texts,
             "answer_text": stage2_texts,
@@ -176,56 +159,62 @@ class ErgoGRPOTrainer(GRPOTrainer):
             "crop": [decision.image for decision in decisions],
             "fallback": [decision.fallback for decision in decisions],
             "stage2_template": [context.stage2_template] * len(decisions),
+            "completion_ids": policy_ids,
+            "truncated": truncated,
         }
         metrics = self._metrics[mode]
         metrics["ergo/fallback_share"].append(sum(d.fallback is not None for d in decisions) / len(decisions))
-        # TRL's completions/* metrics are stage 1's (its generate call); these count what each stage trains.
+        # What each stage trains (TRL's completions/* count both stages together).
         stage2_lengths = [len(answer) for answer in stage2_ids]
         for name, values in (("stage1_length", stage1_lengths), ("stage2_length", stage2_lengths),
                              ("stage1_clipped_ratio", stage1_cut), ("stage2_clipped_ratio", stage2_cut)):
-            gathered = self.accelerator.gather(torch.tensor(values, dtype=torch.float32, device=self.accelerator.device))
-            metrics[f"ergo/{name}"].append(gathered.mean().item())
-        metrics["ergo/stage1_s"].append(stage1_done - started)
-        metrics["ergo/zoom_s"].append(zoom_done - stage1_done)
-        metrics["ergo/stage2_s"].append(finished - zoom_done)
-        self._log_regions(metrics, originals, decisions)
-        tool_images = [[decision.image] for decision in decisions]
-        return prompt_ids, completion_ids, loss_mask, completions, logprobs, extra_fields, stage2_images, tool_images
+            metrics[f"ergo/{name}"].append(self.across_processes(values).mean().item())
+        self._log_stage_times(metrics, {"stage1": stage1_done - started, "zoom": zoom_done - stage1_done,
+                                        "stage2": finished - zoom_done},
+                              {"stage1": sum(map(len, stage1_ids)), "stage2": sum(stage2_lengths)})
+        self._log_regions(metrics, rows, originals, decisions)
+        return Rollout(prompt_ids, completion_ids, loss_mask, completions, images, extra_fields)
 
-    def _log_regions(self, metrics, originals: list, decisions: list) -> None:
+    def _log_stage_times(self, metrics, seconds: dict[str, float], tokens: dict[str, int]) -> None:
+        """``ergo/<phase>_s``, the slowest process's seconds (the step waits for it); ``ergo/<stage>_tokens``, the
+        tokens each stage generated on all processes; ``ergo/<stage>_tokens_per_s``, the two divided."""
+        slowest = self.across_processes(list(seconds.values())).view(-1, len(seconds)).max(dim=0).values.tolist()
+        total = self.across_processes(list(tokens.values())).view(-1, len(tokens)).sum(dim=0).tolist()
+        seconds = dict(zip(seconds, slowest))
+        for name, value in seconds.items():
+            metrics[f"ergo/{name}_s"].append(value)
+        for name, count in zip(tokens, total):
+            metrics[f"ergo/{name}_tokens"].append(count)
+            metrics[f"ergo/{name}_tokens_per_s"].append(count / seconds[name])
+
+    def _log_regions(self, metrics, rows: list[dict], originals: list, decisions: list) -> None:
         """What r_TCE is about, over the rollouts of all processes: ``ergo/region_area_share``, the mean share of the
         image the crop was cut from (1 for a rollout without a region: stage 2 sees the whole image), and, when rows
         carry ``gt_bbox``, ``ergo/region_holds_gt_share``, the share of those rollouts whose region holds the whole
         box (rollouts without a region count as not holding it)."""
         areas, holds = [], []
-        for row, image, decision in zip(self._batch_rows, originals, decisions):
+        for row, image, decision in zip(rows, originals, decisions):
             region, gt_box = decision.region, row.get("gt_bbox")
             areas.append(area_share(region, image) if region is not None else 1.0)
             if gt_box is not None:
                 holds.append(float(region is not None and region[0] <= gt_box[0] and region[1] <= gt_box[1]
                                    and region[2] >= gt_box[2] and region[3] >= gt_box[3]))
-        device = self.accelerator.device
-        metrics["ergo/region_area_share"].append(self.accelerator.gather(torch.tensor(areas, device=device)).mean().item())
+        metrics["ergo/region_area_share"].append(self.across_processes(areas).mean().item())
         # Counts rather than a mean per process: processes may hold different numbers of rows with a box.
-        held = self.accelerator.gather(torch.tensor([[sum(holds), len(holds)]], device=device)).sum(dim=0).tolist()
+        held = self.across_processes([sum(holds), len(holds)]).view(-1, 2).sum(dim=0).tolist()
         if held[1]:
             metrics["ergo/region_holds_gt_share"].append(held[0] / held[1])
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """TRL's rewards (over the policy's own tokens), with void rows set to NaN (see the class docstring);
-        ``ergo/reward_s`` is the time they took on this process (the judge's requests included)."""
-        started = time.perf_counter()
-        rewards = super()._calculate_rewards(inputs, prompts, completions, self._policy_ids)
+    def adjust_rewards(self, rewards: torch.Tensor, inputs: list[dict]) -> torch.Tensor:
+        """Void rows set to NaN (see the class docstring)."""
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["ergo/reward_s"].append(time.perf_counter() - started)
         size = self.num_generations if mode == "train" else self.num_generations_eval
         missing = rewards.isnan().view(-1, size, rewards.size(1))
         failed_groups = (missing.any(dim=1) & ~missing.all(dim=1)).any(dim=1)
         void = failed_groups.repeat_interleave(size)
         if self.args.mask_truncated_completions:
-            void |= self.accelerator.gather(torch.tensor(self._truncated, device=rewards.device))
+            void |= self.accelerator.gather(torch.tensor([row["truncated"] for row in inputs], device=rewards.device))
         rewards[void] = torch.nan
         self._metrics[mode]["ergo/failed_group_share"].append(failed_groups.float().mean().item())
         self._metrics[mode]["ergo/void_share"].append(void.float().mean().item())
         return rewards
-

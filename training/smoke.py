@@ -36,11 +36,11 @@ class ScriptedStage1Trainer(ErgoGRPOTrainer):
 
     stage1_texts: list[str] = STAGE1_TEXTS
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if has_tool_images:  # stage 2
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, True)
+    def generate_stage(self, stage: int, prompt_ids: list[list[int]], pixel_fields: dict) -> list[list[int]]:
+        if stage == 2:
+            return super().generate_stage(stage, prompt_ids, pixel_fields)
         with saying(self, self.stage1_texts, len(prompt_ids)):
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations)
+            return super().generate_stage(stage, prompt_ids, pixel_fields)
 
 
 @contextmanager
