@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -456,6 +457,53 @@ def test_smoke_run_has_a_gradient(tmp_path, capsys):
             assert tokens > 0 and entry[f"ergo/{stage}_tokens_per_s"] == pytest.approx(tokens / entry[f"ergo/{stage}_s"])
         assert 0 < entry["ergo/region_area_share"] < 1 and 0 <= entry["ergo/region_holds_gt_share"] <= 1
         assert entry["region_reward/rm_calls"] > 0 and 0 <= entry["region_reward/rm_unreadable_share"] <= 1
+
+
+def test_two_processes_agree_on_a_split_group_and_stop_together_on_a_judge_failure(tmp_path):
+    """The smoke recipe under ``torchrun --nproc_per_node 2`` on CPU (gloo): a group of two rollouts, one per process,
+    gets one baseline (advantages +a and -a, computed on each process from the rewards of both), and a judge that
+    fails on process 0 only stops both processes at the same step (no process waits for the other forever)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               str(root / "tests" / "two_process_smoke.py"), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    agree = [json.loads((tmp_path / f"agree-{rank}.json").read_text()) for rank in (0, 1)]
+    assert {(run["processes"], run["backend"]) for run in agree} == {(2, "gloo")}
+    (first,), (second,) = (run["advantages"] for run in agree)
+    assert first > 0 and second == pytest.approx(-first)  # process 0 asked for the small region: r_box 1
+    down = [json.loads((tmp_path / f"judge_down-{rank}.json").read_text()) for rank in (0, 1)]
+    assert down[0] == down[1] and down[0]["step"] == 0 and "the reward model failed 1 of the last 2" in down[0]["stopped"]
+
+
+def test_zero3_on_two_processes_trains_and_exports_as_ddp_does(tmp_path):
+    """The recipe's ZeRO-3 layout, two CPU processes: the same grad norms and exported weights as plain DDP. Needs
+    deepspeed, which is not a dependency (run it from an environment that has it)."""
+    pytest.importorskip("deepspeed")
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    steps, weights = {}, {}
+    for name, extra in (("ddp", []), ("zero3", ["--zero3"])):
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                               "training.smoke", str(out), *extra], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        state = json.loads((out / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+        steps[name] = [entry["grad_norm"] for entry in state["log_history"] if "grad_norm" in entry]
+        weights[name] = {k: v for f in (out / "run" / "ergo").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert steps["zero3"] == pytest.approx(steps["ddp"], rel=1e-4) and len(steps["ddp"]) == 2
+    assert weights["zero3"].keys() == weights["ddp"].keys()
+    assert all(torch.allclose(weights["zero3"][k], weights["ddp"][k], atol=1e-6) for k in weights["ddp"])
 
 
 def test_shipped_layout_fits_one_eight_gpu_node():

@@ -1,4 +1,5 @@
-"""A CPU smoke run of the whole training recipe, offline: ``python -m training.smoke [OUT_DIR]``.
+"""A CPU smoke run of the whole training recipe, offline: ``python -m training.smoke [OUT_DIR] [--zero3]``; on two
+processes ``torchrun --nproc_per_node 2 -m training.smoke OUT_DIR``.
 
 It writes a random-weight tiny ERGO model and a few synthetic samples (``ergo_vqa.synthetic_task``) as a JSONL dataset, then
 runs the shipped recipe through ``training.grpo.main`` with the model swapped for the tiny one, the tiny model
@@ -15,6 +16,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from accelerate import PartialState
 from transformers import LogitsProcessorList
 
 from ergo_vqa.synthetic_task import SceneSpec, write_split
@@ -67,8 +69,11 @@ def tiny_model(folder: Path) -> Path:
 
 
 def smoke_arguments(out_dir: Path) -> list[str]:
-    model = tiny_model(out_dir / "model")
-    data = write_split(out_dir / "data", "train", 4, spec=SceneSpec(size=448, shape_side=(40, 60), clutter=40))  # CPU-sized crops
+    # Under torchrun, process 0 writes the model and the data and the others then read them. `cpu=True`: the
+    # process group is gloo's, as `--use_cpu true` sets it up.
+    with PartialState(cpu=True).main_process_first():
+        model = tiny_model(out_dir / "model")
+        data = write_split(out_dir / "data", "train", 4, spec=SceneSpec(size=448, shape_side=(40, 60), clutter=40))  # CPU-sized crops
     return [
         "--config", str(RECIPE), "--model_name_or_path", str(model), "--dataset", str(data),
         "--reward_model_endpoint", "", "--reward_model", str(model), "--dtype", "float32",
@@ -80,12 +85,27 @@ def smoke_arguments(out_dir: Path) -> list[str]:
     ]
 
 
-def run(out_dir: Path) -> list[dict]:
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+         "gradient_clipping": "auto", "bf16": {"enabled": False}}
+"""The recipe's ZeRO-3 layout (``training/accelerate/zero3.yaml``) for ``--zero3``, in fp32 for the CPU."""
+
+
+def run(out_dir: Path, zero3: bool = False) -> list[dict]:
     """Trains the 2 steps and returns their logged entries (loss, grad_norm, reward, ...); SystemExit when no step
-    had a gradient."""
-    folder = main(smoke_arguments(out_dir), trainer_class=ScriptedStage1Trainer)
+    had a gradient. ``zero3``: under DeepSpeed ZeRO-3 (needs ``deepspeed``; run with torchrun)."""
+    arguments = smoke_arguments(out_dir)
+    if zero3:
+        import deepspeed
+
+        # transformers skips this under `--use_cpu`, and ZeRO-3 loading needs the process group.
+        deepspeed.init_distributed("gloo")
+        arguments += ["--deepspeed", json.dumps(ZERO3)]
+    folder = main(arguments, trainer_class=ScriptedStage1Trainer)
     state = json.loads((out_dir / "run" / "checkpoint-2" / "trainer_state.json").read_text())
     steps = [entry for entry in state["log_history"] if "grad_norm" in entry]
+    if not PartialState().is_main_process:
+        return steps
     for entry in steps:
         print(f"step {entry['step']}: loss {entry['loss']:.6f}  grad_norm {entry['grad_norm']:.6f}  "
               f"reward {entry['reward']:.3f}  reward_std {entry['reward_std']:.3f}")
@@ -96,4 +116,8 @@ def run(out_dir: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1] if len(sys.argv) > 1 else "ergo-train-smoke"))
+    options = [arg for arg in sys.argv[1:] if arg.startswith("--")]
+    folders = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
+    if set(options) - {"--zero3"}:
+        raise SystemExit(f"usage: python -m training.smoke [OUT_DIR] [--zero3]; unknown {sorted(set(options) - {'--zero3'})}")
+    run(Path(folders[0] if folders else "ergo-train-smoke"), zero3="--zero3" in options)
