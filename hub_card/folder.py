@@ -15,6 +15,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from transformers import GenerationConfig
 
+import modeling_ergo.compat_ergo
 import modeling_ergo.configuration_ergo
 import modeling_ergo.generation_ergo
 import modeling_ergo.modeling_ergo
@@ -30,6 +31,7 @@ from processing_ergo import ErgoProcessor
 from .card import build_model_card, check_summary
 
 REMOTE_CODE_MODULES = (
+    modeling_ergo.compat_ergo,  # processing_ergo/compat_ergo.py is a link to it: one file in the flat folder
     modeling_ergo.configuration_ergo,
     modeling_ergo.generation_ergo,
     modeling_ergo.modeling_ergo,

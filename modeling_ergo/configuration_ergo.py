@@ -10,6 +10,7 @@ so they live on ``ErgoProcessor`` (``processor_config.json``); this config holds
 
 from __future__ import annotations
 
+from .compat_ergo import TRANSFORMERS_RANGE  # noqa: F401  (first: checks the installed transformers before using it)
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen2_5_VLConfig
 

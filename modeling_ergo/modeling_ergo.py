@@ -10,6 +10,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+
+from .compat_ergo import TRANSFORMERS_RANGE  # noqa: F401  (first: checks the installed transformers before using it)
 from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
@@ -66,6 +68,15 @@ if varlen_attn is not None:
 
 class ErgoForConditionalGeneration(ErgoGenerationMixin, Qwen2_5_VLForConditionalGeneration):
     config_class = ErgoConfig
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        """Stage 2 continuing stage 1's cache brings a new image (the crop) after the cached tokens. transformers
+        5.19 then reuses stage 1's rope deltas instead of computing the crop's 3-D positions (5.23 computes them);
+        forgetting the deltas makes every supported release compute them."""
+        cache, token_types = model_kwargs.get("past_key_values"), model_kwargs.get("mm_token_type_ids")
+        if cache is not None and token_types is not None and bool(token_types[:, cache.get_seq_length():].any()):
+            self.model.rope_deltas = None
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     @contextmanager
     def _generation_vision_attention(self):

@@ -22,6 +22,7 @@ import torch
 
 from PIL import Image
 
+from .compat_ergo import TRANSFORMERS_RANGE  # noqa: F401  (first: checks the installed transformers before using it)
 from transformers import Qwen2_5_VLProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin

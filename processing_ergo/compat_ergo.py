@@ -1,0 +1,1 @@
+../modeling_ergo/compat_ergo.py
