@@ -109,14 +109,7 @@ class RecordingProxy:
                     failing, proxy.failures = proxy.failures > 0, max(proxy.failures - 1, 0)
                 if failing:
                     return self.reply(503, b'{"detail": "injected by the test proxy"}')
-                request = urllib.request.Request(proxy.upstream + "/chat/completions", data=raw, method="POST",
-                                                 headers={"Content-Type": "application/json"})
-                try:
-                    with urllib.request.urlopen(request, timeout=300) as response:
-                        status, payload = response.status, response.read()
-                except urllib.error.HTTPError as error:
-                    status, payload = error.code, error.read()
-                self.reply(status, payload)
+                self.reply(*http_request(proxy.upstream + "/chat/completions", raw))
 
             def reply(self, status: int, payload: bytes) -> None:
                 self.send_response(status)
@@ -349,15 +342,19 @@ def test_single_pass_requests_match_the_processor_and_are_not_taken_for_ergo(pro
         output, prompt_length=inputs["input_ids"].shape[1])[0]
 
 
-def call(url: str, body: dict | None = None) -> tuple[int, object]:
-    """One HTTP request (POST with a JSON ``body``, else GET): the status and the reply, decoded when it is JSON."""
-    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+def http_request(url: str, data: bytes | None = None) -> tuple[int, bytes]:
+    """One HTTP request (POST of JSON ``data``, else GET): the status and the raw reply, errors included."""
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
-            status, payload = response.status, response.read()
+            return response.status, response.read()
     except urllib.error.HTTPError as error:
-        status, payload = error.code, error.read()
+        return error.code, error.read()
+
+
+def call(url: str, body: dict | None = None) -> tuple[int, object]:
+    """One HTTP request (POST with a JSON ``body``, else GET): the status and the reply, decoded when it is JSON."""
+    status, payload = http_request(url, None if body is None else json.dumps(body).encode())
     try:
         return status, json.loads(payload)
     except json.JSONDecodeError:
