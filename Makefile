@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
+DEEPSPEED_VENV ?= .venv-deepspeed
 
-.PHONY: setup vllm-env demo test demo-model
+.PHONY: setup vllm-env demo test demo-model zero3-check
 
 setup: $(VENV)/.installed
 
@@ -41,3 +42,11 @@ test: setup vllm-env
 # cores (README, "Synthetic proof").
 demo-model: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m training.synthetic_recipe runs/synthetic --ship
+
+# The ZeRO-3 two-process smoke run checked against DDP (tests/test_training.py), in a venv of its own: DeepSpeed is
+# not a dependency of this package, and the test skips where it is missing (as in .venv).
+zero3-check:
+	$(PYTHON) -m venv $(DEEPSPEED_VENV)
+	$(DEEPSPEED_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(DEEPSPEED_VENV)/bin/python -m pip install -q -e ".[train,test]" deepspeed==0.19.8
+	HF_HUB_OFFLINE=1 $(DEEPSPEED_VENV)/bin/python -m pytest -q tests/test_training.py -k zero3

@@ -1,6 +1,7 @@
 """The synthetic task: deterministic scenes, correct boxes, splits every consumer reads, and the shipped model."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ from ergo_vqa.demo import hub_folder
 from ergo_vqa.eval_data import MULTIPLE_CHOICE_POSTFIX, load_benchmark
 from ergo_vqa.evaluation import letters_match
 from ergo_vqa.synthetic_task import COLORS, SceneSpec, generate_sample, write_split
+from hub_card.folder import REMOTE_CODE_MODULES
 from training.data import load_training_data, to_grpo_rows
 from training.reading_probe import first_answer_token_accuracy
+from training.synthetic_recipe import ship
 
 
 def _color_mask(sample) -> np.ndarray:
@@ -128,3 +131,18 @@ def test_recipe_supervised_phase_trains_and_writes_a_hub_folder(tmp_path):
     after = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(".visual." not in name and not name.startswith("model.visual") for name in changed)
+
+
+def test_shipping_keeps_the_remote_code_as_links_and_the_folder_loads(tiny_folder, tmp_path):
+    """``--ship``'s step: the trained folder's files and the card, its remote code linked to this package's files (a
+    copy ignoring ``*.py`` used to drop them), loadable with ``trust_remote_code`` from a fresh copy of the links."""
+    target = tmp_path / "ergo_vqa" / "demo_model"
+    target.parent.mkdir()
+    ship(tiny_folder, target, "card")
+    for module in REMOTE_CODE_MODULES:
+        link = target / Path(module.__file__).name
+        assert link.is_symlink() and link.resolve() == Path(module.__file__).resolve()
+    assert (target / "README.md").read_text() == "card"
+    assert (target / "model.safetensors").read_bytes() == (tiny_folder / "model.safetensors").read_bytes()
+    model = AutoModelForImageTextToText.from_pretrained(target, trust_remote_code=True)
+    assert type(model).__name__ == "ErgoForConditionalGeneration"

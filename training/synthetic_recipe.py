@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import time
@@ -42,6 +43,7 @@ from ergo_vqa.inference import load
 from ergo_vqa.synthetic_task import write_splits
 from ergo_vqa.tiny import DEMO, DEMO_VOCAB_SIZE, build_model, build_processor, build_tokenizer
 from hub_card import save_hub_folder
+from hub_card.folder import REMOTE_CODE_MODULES
 from modeling_ergo import ErgoForConditionalGeneration
 from processing_ergo import ErgoProcessor
 
@@ -273,10 +275,19 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.out)
     print(result["table"])
     if args.ship:
-        shutil.rmtree(SHIPPED_MODEL, ignore_errors=True)
-        shutil.copytree(args.out / "grpo" / "ergo", SHIPPED_MODEL, ignore=shutil.ignore_patterns("*.py"))
-        (SHIPPED_MODEL / "README.md").write_text(SHIPPED_CARD.format(table=result["table"]))
+        ship(args.out / "grpo" / "ergo", SHIPPED_MODEL, SHIPPED_CARD.format(table=result["table"]))
         print(f"shipped to {SHIPPED_MODEL}")
+
+
+def ship(trained: Path, target: Path, card: str) -> None:
+    """``target`` becomes the trained folder with ``card``, its remote code linked to this package's files (one copy
+    of the code to keep up to date; a wheel stores the links as files), as the shipped demo folder is."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(trained, target, ignore=shutil.ignore_patterns("*.py"))
+    for module in REMOTE_CODE_MODULES:
+        source = Path(module.__file__).resolve()
+        (target / source.name).symlink_to(os.path.relpath(source, target))
+    (target / "README.md").write_text(card)
 
 
 if __name__ == "__main__":
