@@ -172,7 +172,8 @@ def _eval(args: argparse.Namespace) -> int:
     from hub_card.card import results_table
 
     from .eval_data import load_benchmark
-    from .evaluation import comparable, evaluate, plot, run_settings
+    from .evaluation import comparable, evaluate, run_settings
+    from .plot import plot
 
     _check_target(args)
     samples = load_benchmark(args.dataset, args.data_root, limit=args.limit, split=args.split)

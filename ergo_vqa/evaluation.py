@@ -30,7 +30,7 @@ from hub_card.card import results_table
 from processing_ergo.geometry_ergo import PAPER_BUDGET
 from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET
-from processing_ergo.prompts_ergo import answer_letters, stage_questions
+from processing_ergo.prompts_ergo import answer_letters, letters_match, stage_questions
 
 from .client import ErgoChat, ErgoClient, ErgoRequest
 from .eval_data import MMERWL_CATEGORIES, EvalSample
@@ -39,12 +39,6 @@ MODES = ("ergo", "full", "coarse")
 MODEL_IDENTITY = ("weights", "endpoint", "engine", "served_model")
 """The settings that say which model answered: a local model's weights fingerprint, a served model's endpoint and
 name, or an in-process engine and its model. Rows compare only when these agree, present or absent alike."""
-
-
-def letters_match(reply: str, answer: str) -> bool:
-    """The reference evaluation's rule: the reply's answer letters equal the answer letter, ignoring case (every
-    benchmark here is multiple choice; the training rewards also score free-form answers)."""
-    return answer_letters(reply).lower() == answer.strip().lower()
 
 
 def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: str | Path, benchmark: str,

@@ -98,3 +98,10 @@ def extract_answer(text: str) -> str | None:
 def answer_letters(text: str) -> str:
     """The reference's prediction: the ASCII letters of the answer block, or of the whole text without one."""
     return "".join(re.findall(r"[a-zA-Z]", extract_answer(text) or text))
+
+
+def letters_match(reply: str, answer: str) -> bool:
+    """The reference evaluation's multiple-choice verdict: the reply's answer letters equal the gold answer's, ignoring
+    case. The gold answer goes through the same letter rule, so ``(A)`` and ``A`` are one answer wherever it is
+    scored (evaluation, demo, training reward); the reference's gold answers are bare letters, so its numbers stand."""
+    return answer_letters(reply).lower() == answer_letters(answer).lower() != ""

@@ -256,7 +256,7 @@ CROWDED = PLOTTED + [("mmerwl", "ergo", 640, 820, 0.81), ("mmerwl", "ergo", 1280
 def test_plot_labels_name_the_budget_stay_inside_and_do_not_overlap(tmp_path, points):
     from PIL import Image
 
-    from ergo_vqa.evaluation import plot, plot_layout
+    from ergo_vqa.plot import plot, plot_layout
 
     summaries = [{"benchmark": b, "mode": m, "budget": budget, "mean_vision_tokens": tokens, "accuracy": accuracy}
                  for b, m, budget, tokens, accuracy in points]

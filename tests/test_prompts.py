@@ -8,6 +8,7 @@ from processing_ergo.prompts_ergo import (
     SYSTEM_PROMPT,
     answer_letters,
     extract_answer,
+    letters_match,
     split_question,
     stage2_prompt,
     stage_questions,
@@ -118,3 +119,14 @@ def test_answer_letters_follow_the_reference(text, letters):
 def test_extract_answer_takes_the_first_block():
     assert extract_answer("<answer> A </answer><answer>B</answer>") == "A"
     assert extract_answer("no tags") is None
+
+
+@pytest.mark.parametrize("gold", ["A", "(A)", " a ", "A."])
+def test_evaluation_and_the_training_reward_give_one_verdict_for_any_way_of_writing_the_gold_letter(gold):
+    from ergo_vqa.evaluation import letters_match as evaluation_rule
+    from training.rewards import accuracy_reward
+
+    for reply, expected in (("<answer>(A)</answer>", True), ("<answer>B</answer>", False), ("", False)):
+        assert evaluation_rule(reply, gold) is letters_match(reply, gold) is expected
+        reward = accuracy_reward([[{"role": "assistant", "content": reply}]], [gold], [["(A) x", "(B) y"]])
+        assert reward == [float(expected)]

@@ -22,7 +22,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import reduce
 
-from processing_ergo.prompts_ergo import STAGE2_TEMPLATES, answer_letters, extract_answer
+from processing_ergo.prompts_ergo import STAGE2_TEMPLATES, extract_answer, letters_match
 
 from .judge import judge_question, judge_verdict, normalize
 
@@ -50,12 +50,12 @@ _STAGE2_FORMAT = {name: re.compile(rf"\s*<think>.*?{close}\s*<answer>.*?</answer
 
 
 def answer_matches(text: str | None, answer: str, options: list[str] | None) -> bool:
-    """The rewards' rule: the evaluation's letter rule for multiple choice (``ergo_vqa.evaluation.letters_match``),
-    and, unlike the evaluation, free-form answers too, by normalised exact match of the ``<answer>`` content."""
+    """The rewards' rule: the evaluation's letter rule for multiple choice (``letters_match``), and, unlike the
+    evaluation, free-form answers too, by normalised exact match of the ``<answer>`` content."""
     if not isinstance(text, str) or not isinstance(answer, str):
         return False
     if options:
-        return answer_letters(text).lower() == answer_letters(answer).lower() != ""
+        return letters_match(text, answer)
     predicted = extract_answer(text)
     return normalize(predicted if predicted is not None else text) == normalize(answer) != ""
 
