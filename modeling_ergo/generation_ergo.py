@@ -319,7 +319,8 @@ class ErgoGenerationMixin:
         return _TwoStagePlan(
             context=context, caller_input_ids=caller_input_ids, input_ids=input_ids, attention_mask=attention_mask,
             vision=vision, stage1_kwargs=stage1_kwargs, stage2_kwargs=stage2_kwargs, stage1_limit=limits[0],
-            stage2_limit=limits[1], stop_ids=frozenset(_stop_token_ids(stage1_config, processor)), pad_id=pad_id,
+            stage2_limit=limits[1], pad_id=pad_id,
+            stop_ids=stop_token_ids(stage1_config.eos_token_id, stage1_config.pad_token_id, processor.tokenizer),
             idle_end_id=idle_end_id, reuse=reuse, streamer=streamer, return_dict=return_dict,
         )
 
@@ -352,7 +353,7 @@ class ErgoGenerationMixin:
             sequences=output.sequences,
             completions=completions,
             texts=plan.processor.batch_decode(completions, skip_special_tokens=True),
-            truncated=[len(tokens) == generated.shape[1] == plan.stage1_limit for tokens in completions],
+            truncated=[ran_out_of_tokens(len(tokens), generated.shape[1], plan.stage1_limit) for tokens in completions],
             cache=output.past_key_values,
         )
 
@@ -663,13 +664,20 @@ def _length_setting(sources: list) -> tuple[str | None, int | None]:
     return None, None
 
 
-def _stop_token_ids(generation_config: GenerationConfig, processor) -> set[int]:
-    eos = generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    ids.add(_tokenizer_eos(processor))
-    if generation_config.pad_token_id is not None:
-        ids.add(generation_config.pad_token_id)
-    return ids
+def stop_token_ids(eos_token_id: int | list[int] | None, pad_token_id: int | None, tokenizer) -> frozenset[int]:
+    """What ends a stage, in ``generate`` and in the GRPO rollout alike: the configured end-of-sequence ids, the
+    tokenizer's end of turn (the chat template closes every turn with it) and padding (a batch pads finished rows)."""
+    ids = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+    ids |= {tokenizer.convert_tokens_to_ids(tokenizer.eos_token), pad_token_id}
+    return frozenset(ids - {None})
+
+
+def ran_out_of_tokens(reply_length: int, written: int, limit: int) -> bool:
+    """Whether a stage was cut off by its token limit (the zoom's ``"truncated"`` label, the rollout's truncation):
+    no stop token among the ``written`` tokens (the reply before the first stop is all of them) and the whole
+    ``limit`` written, so a stop string or time limit is not a cut-off. A chat engine applies this rule itself and
+    says so with ``finish_reason == "length"``."""
+    return reply_length == written == limit
 
 
 def tokens_until_stop(tokens, stop_ids: set[int]):
@@ -724,6 +732,8 @@ __all__ = [
     "ErgoContextLike",
     "ErgoProcessorLike",
     "EndRows",
+    "ran_out_of_tokens",
+    "stop_token_ids",
     "tokens_until_stop",
     "pad_rows",
 ]

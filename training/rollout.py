@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from trl.data_utils import prepare_multimodal_messages
 
-from modeling_ergo.generation_ergo import tokens_until_stop
+from modeling_ergo.generation_ergo import ran_out_of_tokens, tokens_until_stop
 from processing_ergo import ErgoProcessor
 from processing_ergo.images_ergo import load_image
 
@@ -108,10 +108,10 @@ class ErgoGRPOTrainer(RolloutGRPOTrainer):
                                                          for key in ("pixel_values", "image_grid_thw")})
         stage1_done = time.perf_counter()
 
-        stop_ids = set(self.eos_token_ids) | {tokenizer.pad_token_id}
-        stage1_tokens = [tokens_until_stop(ids, stop_ids) for ids in stage1_ids]
+        stage1_tokens = [tokens_until_stop(ids, self.stop_ids) for ids in stage1_ids]
         stage1_texts = tokenizer.batch_decode(stage1_tokens, skip_special_tokens=True)
-        stage1_cut = [len(tokens) == len(ids) for tokens, ids in zip(stage1_tokens, stage1_ids)]  # no stop token
+        stage1_cut = [ran_out_of_tokens(len(tokens), len(ids), args.max_completion_length)
+                      for tokens, ids in zip(stage1_tokens, stage1_ids)]
         decisions = processor.plan_zooms(context, stage1_texts, truncated=stage1_cut)
 
         # With the `resize` fallback (checked at init) every rollout has a second image, so every rollout has a stage 2.
@@ -138,8 +138,8 @@ class ErgoGRPOTrainer(RolloutGRPOTrainer):
         stage1_lengths = [sum(mask) for mask in loss_mask]
         stage2_texts, stage2_cut, policy_ids = [], [], []
         for index, answer in enumerate(stage2_ids):
-            answer_tokens = tokens_until_stop(answer, stop_ids)
-            stage2_cut.append(len(answer_tokens) == len(answer))
+            answer_tokens = tokens_until_stop(answer, self.stop_ids)
+            stage2_cut.append(ran_out_of_tokens(len(answer_tokens), len(answer), args.stage2_max_completion_length))
             policy_ids.append([t for t, keep in zip(completion_ids[index], loss_mask[index]) if keep] + answer)
             completion_ids[index] += answer
             loss_mask[index] += [1] * len(answer)

@@ -35,6 +35,8 @@ from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
+from modeling_ergo.generation_ergo import stop_token_ids
+
 SUPPORTED_TRL = ">=1.16,<1.17"
 """The TRL releases whose ``GRPOTrainer`` internals this module was checked against (trl 1.16.0)."""
 
@@ -153,8 +155,13 @@ class RolloutGRPOTrainer(GRPOTrainer):
                                           gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as model,
               torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
             generated = model.generate(**inputs, generation_config=generation_config)[:, padded.size(1):].tolist()
-        stops = set(self.eos_token_ids)
-        return [ids[:next((i + 1 for i, token in enumerate(ids) if token in stops), len(ids))] for ids in generated]
+        return [ids[:next((i + 1 for i, token in enumerate(ids) if token in self.stop_ids), len(ids))]
+                for ids in generated]
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """What ends a turn: ``generate``'s rule (``stop_token_ids``) over TRL's end-of-sequence ids and padding."""
+        return stop_token_ids(self.eos_token_ids, self._tokenizer.pad_token_id, self._tokenizer)
 
     def with_max_new_tokens(self, limit: int) -> GenerationConfig:
         """A copy of TRL's generation config with another length limit (the trainer's own is left as it is)."""
