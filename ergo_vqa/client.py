@@ -120,13 +120,11 @@ class ErgoChat:
         coarse = turn.coarse
         final_text = second.text if second else first.text
         stage1_tokens = self.processor.image_tokens(*coarse.size, coarse.width * coarse.height)
-        stage2_tokens = self.processor.second_image_tokens(decision)
         return ErgoResult(
             answer=extract_answer(final_text), final_text=final_text, stage1_text=first.text,
             region=list(decision.region) if decision.region else None, fallback=decision.fallback,
             second_image_size=list(decision.image.size) if decision.image is not None else None,
-            vision_tokens={"stage1": stage1_tokens, "stage2": stage2_tokens, "total": stage1_tokens + stage2_tokens,
-                           "full_resolution": self.processor.full_resolution_tokens(turn.context.samples[0].image)},
+            vision_tokens=self.processor.vision_token_counts(stage1_tokens, decision, turn.context.samples[0].image),
             seconds=_rounded(seconds), **_usages(first, second),
         )
 

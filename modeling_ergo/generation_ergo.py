@@ -98,9 +98,8 @@ class ErgoProcessorLike(Protocol):
 
     def max_stage2_turn_tokens(self, context: ErgoContextLike) -> int: ...
 
-    def second_image_tokens(self, decision: ZoomDecisionLike) -> int: ...
-
-    def full_resolution_tokens(self, image: Image.Image) -> int | None: ...
+    def vision_token_counts(self, stage1: int, decision: ZoomDecisionLike,
+                            original: Image.Image) -> dict[str, int | None]: ...
 
 
 class ErgoContextLike(Protocol):
@@ -400,11 +399,8 @@ class ErgoGenerationMixin:
             return sequences
         processor = plan.processor
         stage1_tokens = (plan.vision["image_grid_thw"].prod(dim=-1) // processor.image_processor.merge_size**2).tolist()
-        tokens = []
-        for index, (sample, decision) in enumerate(zip(plan.context.samples, decisions)):
-            second = processor.second_image_tokens(decision)
-            tokens.append({"stage1": stage1_tokens[index], "stage2": second, "total": stage1_tokens[index] + second,
-                           "full_resolution": processor.full_resolution_tokens(sample.image)})
+        tokens = [processor.vision_token_counts(count, decision, sample.image)
+                  for count, sample, decision in zip(stage1_tokens, plan.context.samples, decisions)]
         return ErgoGenerateOutput(
             sequences=sequences,
             stage1_texts=stage1.texts,

@@ -423,6 +423,13 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
             return 0
         return self.image_tokens(*decision.image.size, decision.processor_size["longest_edge"])
 
+    def vision_token_counts(self, stage1: int, decision: ZoomDecision, original: Image.Image) -> dict[str, int | None]:
+        """One sample's vision-token record (``stage1``, ``stage2``, ``total``, ``full_resolution``), counted the same
+        way by ``generate`` and the chat engines, given stage 1's count (the coarse view's tokens)."""
+        stage2 = self.second_image_tokens(decision)
+        return {"stage1": stage1, "stage2": stage2, "total": stage1 + stage2,
+                "full_resolution": self.full_resolution_tokens(original)}
+
 
 _SENTINEL = "\x00ERGO_STAGE1_ANSWER\x00"
 _SENTINEL_TURN = [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}]
