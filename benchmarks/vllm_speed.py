@@ -27,9 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ergo_vqa.demo import DEMO_MODEL
-from ergo_vqa.eval_data import MULTIPLE_CHOICE_POSTFIX
 from ergo_vqa.synthetic_task import generate_sample
 from ergo_vqa.vllm_runner import ErgoVLLM
+from processing_ergo.prompts_ergo import MULTIPLE_CHOICE_POSTFIX
 
 CPU_ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 8192}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from hub_card.card import BENCHMARKS
+from hub_card.results import BENCHMARKS
 from processing_ergo.geometry_ergo import PAPER_BUDGET, budget_to_pixels
 from processing_ergo.images_ergo import ErgoImageError, load_image
 from processing_ergo.processing_ergo import FALLBACK_POLICIES
@@ -169,7 +169,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from hub_card.card import results_table
+    from hub_card.results import results_table
 
     from .eval_data import load_benchmark
     from .evaluation import comparable, evaluate, run_settings

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from hub_card.folder import copy_remote_code
 from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
+from processing_ergo.prompts_ergo import MULTIPLE_CHOICE_POSTFIX
 
-from .eval_data import MULTIPLE_CHOICE_POSTFIX
 from .evaluation import letters_match
 from .inference import answer, draw_region, load, summary
 from .synthetic_task import generate_sample

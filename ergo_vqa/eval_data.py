@@ -28,14 +28,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub_card.card import BENCHMARKS
+from hub_card.results import BENCHMARKS
+from processing_ergo.prompts_ergo import LETTER_POSTFIX, MULTIPLE_CHOICE_POSTFIX
 
 HUB_DATASETS = {name: (dataset_id, dataset_id.split("/")[1]) for name, (dataset_id, _) in BENCHMARKS.items()}
 """Benchmark name -> (Hub dataset id, the folder under ``--data-root`` it is downloaded to)."""
-LETTER_POSTFIX = " Answer with the option's letter from the given choices directly."
-"""HR-Bench's and MME-RealWorld's postfix in the reference, leading space included."""
-MULTIPLE_CHOICE_POSTFIX = LETTER_POSTFIX.strip()
-"""The same line as V* writes it; what training rows and the synthetic benchmark use."""
 MMERWL_CATEGORIES = tuple(
     f"{task}/{domain}" for task in ("Perception", "Reasoning")
     for domain in ("Autonomous_Driving", "Diagram and Table", "Monitoring", "OCR with Complex Context", "Remote Sensing")

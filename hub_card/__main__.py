@@ -14,7 +14,7 @@ from processing_ergo import FALLBACK_POLICIES
 from processing_ergo.geometry_ergo import INFERENCE_BUDGET
 from processing_ergo.prompts_ergo import STAGE2_TEMPLATES
 
-from .card import check_summary
+from .results import check_summary
 from .folder import convert_checkpoint, push_folder
 
 

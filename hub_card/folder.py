@@ -28,7 +28,8 @@ from modeling_ergo import ErgoConfig
 from modeling_ergo.generation_ergo import DEFAULT_MAX_NEW_TOKENS
 from processing_ergo import ErgoProcessor
 
-from .card import build_model_card, check_summary
+from .card import build_model_card
+from .results import check_summary
 
 REMOTE_CODE_MODULES = (
     modeling_ergo.compat_ergo,  # processing_ergo/compat_ergo.py is a link to it: one file in the flat folder

@@ -32,6 +32,12 @@ STAGE2_TEMPLATES = {
     "fixed": _STAGE2_BODY.replace("{close}", "</think>"),
 }
 
+LETTER_POSTFIX = " Answer with the option's letter from the given choices directly."
+"""The reference's answer-format line for HR-Bench and MME-RealWorld, leading space included; ``stage_questions``
+puts it after the options."""
+MULTIPLE_CHOICE_POSTFIX = LETTER_POSTFIX.strip()
+"""The same line as V* writes it; what training rows, the demo and the synthetic benchmark use."""
+
 # "(A) red", "A. red", "A) red", "A: red", "A:red" (HR-Bench writes no space after the colon).
 _OPTION_LINE = re.compile(r"^\s*(?:\([A-Z]\)|[A-Z][.):])")
 _LINE_END = re.compile(r"\r\n|\r|\n")

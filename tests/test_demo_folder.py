@@ -8,11 +8,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ergo_vqa.cli import main
 from ergo_vqa.demo import DEMO_MODEL
-from ergo_vqa.eval_data import MULTIPLE_CHOICE_POSTFIX
 from ergo_vqa.evaluation import letters_match
 from ergo_vqa.synthetic_task import generate_sample
 from hub_card.folder import REMOTE_CODE_MODULES, write_video_processor_config
 from processing_ergo import ErgoProcessor
+from processing_ergo.prompts_ergo import MULTIPLE_CHOICE_POSTFIX
 
 
 def test_demo_folder_carries_the_package_remote_code():

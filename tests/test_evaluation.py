@@ -13,11 +13,11 @@ import pytest
 
 from conftest import noise_image
 from ergo_vqa.cli import main as cli
-from ergo_vqa.eval_data import LETTER_POSTFIX, load_benchmark
+from ergo_vqa.eval_data import load_benchmark
 from ergo_vqa.evaluation import comparable, evaluate, letters_match, summarize
-from hub_card.card import results_table
 from hub_card import build_model_card
-from processing_ergo.prompts_ergo import stage_questions
+from hub_card.results import results_table
+from processing_ergo.prompts_ergo import LETTER_POSTFIX, stage_questions
 
 
 def only(folder, pattern: str):

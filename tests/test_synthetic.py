@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ergo_vqa.demo import hub_folder
-from ergo_vqa.eval_data import MULTIPLE_CHOICE_POSTFIX, load_benchmark
+from ergo_vqa.eval_data import load_benchmark
+from processing_ergo.prompts_ergo import MULTIPLE_CHOICE_POSTFIX
 from ergo_vqa.evaluation import letters_match
 from ergo_vqa.synthetic_task import COLORS, SceneSpec, generate_sample, write_split
 from hub_card.folder import REMOTE_CODE_MODULES

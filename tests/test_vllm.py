@@ -24,7 +24,8 @@ import pytest
 from ergo_vqa.cli import main as cli
 from ergo_vqa.client import ErgoClient
 from ergo_vqa.demo import DEMO_MODEL
-from ergo_vqa.eval_data import MULTIPLE_CHOICE_POSTFIX, load_benchmark
+from ergo_vqa.eval_data import load_benchmark
+from processing_ergo.prompts_ergo import MULTIPLE_CHOICE_POSTFIX
 from ergo_vqa.evaluation import evaluate
 from ergo_vqa.inference import load
 from ergo_vqa.synthetic_task import generate_sample, write_split

@@ -21,9 +21,8 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict
 
-from ergo_vqa.eval_data import MULTIPLE_CHOICE_POSTFIX
 from processing_ergo.images_ergo import ErgoImageError, load_image
-from processing_ergo.prompts_ergo import SYSTEM_PROMPT, stage1_prompt, stage_questions
+from processing_ergo.prompts_ergo import MULTIPLE_CHOICE_POSTFIX, SYSTEM_PROMPT, stage1_prompt, stage_questions
 
 REQUIRED_COLUMNS = ("image", "question", "options", "answer")
 

@@ -33,8 +33,7 @@ from __future__ import annotations
 import re
 import string
 
-from ergo_vqa.eval_data import MULTIPLE_CHOICE_POSTFIX
-from processing_ergo.prompts_ergo import answer_letters, stage_questions
+from processing_ergo.prompts_ergo import MULTIPLE_CHOICE_POSTFIX, answer_letters, stage_questions
 
 JUDGE_LETTER_INSTRUCTION = MULTIPLE_CHOICE_POSTFIX
 """``"Answer with the option's letter from the given choices directly."``"""
