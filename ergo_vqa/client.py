@@ -104,7 +104,8 @@ class ErgoChat:
 
     def stage2(self, turn: Stage1Turn, first: ChatReply) -> tuple[ZoomDecision, list[dict] | None]:
         """The zoom decision, and stage 1's conversation continued with its reply and the stage-2 turn (``None``
-        when the decision skips stage 2)."""
+        when the decision skips stage 2). A cut-off stage 1 is the engine's ``finish_reason == "length"``: its
+        application of ``generate``'s rule (``ran_out_of_tokens``) to the tokens only it sees."""
         decision = self.processor.plan_zooms(turn.context, [first.text], skip_answered=self.skip_answered,
                                              truncated=[first.finish_reason == "length"])[0]
         if decision.image is None:
