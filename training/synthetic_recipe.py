@@ -106,28 +106,21 @@ class Recipe:
     vision_warmup_rows: int = 1000
     """The first this many training rows feed the vision warm-up (both objectives)."""
     freeze_vision_tower: bool = True
-    """The warm-up's features are used as they are, in every supervised phase: the language model learns to find and
-    copy them (stage 1's region held the target for 98 of 100 validation questions after the first phase), and a
-    frozen tower makes each step cheaper."""
+    """The warm-up's features are used as they are: the language model learns to find and copy them, and each step is
+    cheaper (measurements: docs/synthetic-proof-history.md)."""
     formatting: SupervisedPhase = SupervisedPhase(
         shares=(("stage1", 1.0), ("ergo", 0.5), ("crop", 1.0), ("full", 0.02)))
     """A stage-1-only example from every training row (the cheap kind that teaches where to zoom), the two-stage
     conversation from half, the crop alone from every row, a few full images; loss averaged over all tokens, as TRL
-    does. The crop examples take nearly half of this phase's time, and after it the model reads crops at chance, but
-    they are needed: without them phase 2 did not learn to read (8% of validation crops, against 100% with them)."""
+    does. The crop examples are what lets phase 2 learn to read (docs/synthetic-proof-history.md)."""
     reading: SupervisedPhase = SupervisedPhase(shares=(("stage1", 0.34), ("crop", 1.0)), example_mean_loss=True)
-    """Loss averaged per example: the one-letter crop replies, batched with 50-token stage-1 replies, taught nothing
-    under the token mean (validation crops read at chance). A crop from every row, and stage-1 examples from a third
-    to keep stage 1: this phase reads every validation crop (50 of 50), its loss falling within the first tenth of
-    the phase. With two-stage examples in place of a third of the crops, reading came late in the phase or not at
-    all (100%, then 64% of validation crops in two runs from the same phase-1 model). This phase's model is
-    r_region's frozen reward model."""
+    """Loss averaged per example, so one-letter crop replies weigh as much as 50-token stage-1 replies; a crop from
+    every row, stage-1 examples from a third to keep stage 1 (the runs behind these choices:
+    docs/synthetic-proof-history.md). This phase's model is r_region's frozen reward model."""
     answering: SupervisedPhase = SupervisedPhase(
         shares=(("stage2", 1.0), ("ergo", 0.34), ("stage1", 0.34)), example_mean_loss=True)
-    """Stage 2 reading the crop inside the conversation. The reading model reads every crop shown alone, yet read the
-    digit at stage 2 for 12 of 100 validation questions: its reading does not carry over to a crop that follows the
-    stage-2 prompt and comes after the coarse view and stage 1's turn. Stage 2's turn alone (``stage2`` examples)
-    is learned in a few hundred steps and carries over to the conversation."""
+    """Stage 2 reading the crop inside the conversation: reading a crop shown alone does not carry over to stage 2,
+    and stage 2's turn alone (``stage2`` examples) does (docs/synthetic-proof-history.md)."""
     grpo_steps: int = 40
     grpo_learning_rate: float = 1e-4
     box_threshold: float = 0.1

@@ -2,22 +2,19 @@
 in features the language model can use as they are.
 
 Released Qwen2.5-VL models start from a pre-trained vision tower; a model built from config does not, and then the
-language model's loss reaches the tower too weakly to shape it: on the synthetic task a from-scratch model stayed at
-chance through hundreds of supervised steps (README, "Synthetic proof"). The warm-up trains only the vision tower
+language model's loss reaches the tower too weakly to shape it (docs/synthetic-proof-history.md). The warm-up trains only the vision tower
 (patch embedding, blocks, merger), on the sum of two objectives per step, each read out by an ``AttentionProbe``: one
 attention head over an image's merged tokens, the operation a language-model layer applies to them. A probe that
 only needs "find the token by its content, copy what it carries" is what the language model can later learn quickly
-on a frozen tower; a max- or pair-softmax readout left that information in forms its attention could not use
-(stage 1 kept writing one or two fixed cells on a frozen tower).
+on a frozen tower (the readouts that failed: docs/synthetic-proof-history.md).
 
 * reading, on the crop stage 2 gets for the true region (``training.sft.zoom_on``: ``plan_zooms`` on a reply naming
   it, so the crop is cut and sized as inference cuts it): the probe's answer is the row's answer, and its attention
   goes to the token holding the centre of ``gt_bbox`` (where the label is). Besides, every token's own value must
   give the answer as far as the tower can carry it (every token when a block attends over the whole image, as
-  Qwen2.5-VL's full-attention blocks do; else the tokens of that token's attention window), and "none" beyond: with
-  the detail on one token of 288, or on one window of 16, the language model's attention never found it (chance
-  after 4500 reading examples, measured), while a detail every token carries reaches it through any attention at
-  all.
+  Qwen2.5-VL's full-attention blocks do; else the tokens of that token's attention window), and "none" beyond: a
+  detail every token carries reaches the language model through any attention at all, one held by a few tokens did
+  not (docs/synthetic-proof-history.md).
 * pointing, on the coarse view (``ErgoProcessor.make_context``, as inference builds it): the probe's answer is the
   cell of a ``grid`` x ``grid`` partition of the view holding the centre of ``gt_bbox`` (what stage 1's reply has to
   name), and its attention goes to the tokens ``gt_bbox`` overlaps. Besides, every token's own value must name the
