@@ -39,7 +39,7 @@ test: setup vllm-env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # Rebuild the demo model from nothing (data, warm-ups, SFT, GRPO, evaluation) and ship it: about 40 minutes on 2 CPU
-# cores (README, "Synthetic proof").
+# cores (docs/synthetic-proof.md).
 demo-model: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m training.synthetic_recipe runs/synthetic --ship
 

@@ -1,4 +1,5 @@
-"""The README's Python example, run exactly as printed, on the shipped demo model."""
+"""The README's Python example, run exactly as printed, on the shipped demo model; ``readme_block`` also serves the
+tests that run the examples of the pages under ``docs/``."""
 
 import re
 from pathlib import Path
@@ -9,12 +10,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 
 
-def readme_block(section: str, language: str = "python", index: int = 0, level: str = "##") -> str:
-    """The ``index``-th ```language block under the README heading ``section`` (up to the next ``## `` heading)."""
-    text = (ROOT / "README.md").read_text()
+def readme_block(section: str, language: str = "python", index: int = 0, level: str = "##",
+                 path: str = "README.md") -> str:
+    """The ``index``-th ```language block under the heading ``section`` of ``path`` (the README or a page under
+    ``docs/``, relative to the clone's root), up to the next ``## `` heading: the examples are tested where they are
+    printed."""
+    text = (ROOT / path).read_text()
     body = text.split(f"\n{level} {section}\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(rf"```{language}\n(.*?)```", body, re.DOTALL)
-    assert len(blocks) > index, f"no {language} block {index} under {level} {section}"
+    assert len(blocks) > index, f"no {language} block {index} under {level} {section} in {path}"
     return blocks[index]
 
 

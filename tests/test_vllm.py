@@ -42,7 +42,7 @@ VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 SERVED = "ergo-demo"
 MAX_TOKENS = 64
 SEEDS = [f"vllm-{index}" for index in range(20)]
-README_SECTION = {"section": "vLLM, tested here on CPU", "level": "###"}
+README_SECTION = {"section": "vLLM, tested here on CPU", "level": "##", "path": "docs/serving.md"}
 
 _skip_reason = VLLM_VENV.with_name(VLLM_VENV.name + ".skip")
 if _skip_reason.is_file():

@@ -46,7 +46,7 @@ def main(job_path: str, out_path: str) -> None:
     os.chdir(job["readme"]["cwd"])  # where the README's commands run: ergo_vqa/demo_model and ergo demo's output
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(job["readme"]["python"], "README.md (vLLM, tested here on CPU)", "exec"), {"__name__": "__main__"})
+        exec(compile(job["readme"]["python"], "docs/serving.md (vLLM, tested here on CPU)", "exec"), {"__name__": "__main__"})
     report["readme_printed"] = printed.getvalue().strip()
     gc.collect()
     report["eval_status"] = cli(job["readme"]["eval"])

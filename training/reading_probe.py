@@ -9,8 +9,8 @@ turns (``crop``, ``full``, ``evidence``). For single turns this is the letter th
 follows it: a model trained for ERGO's conversation may ramble after it, which the reference's scorer (every letter of
 a reply without ``<answer>``) counts as wrong. ``coarse`` is the control, one plain turn over the coarse view: the
 option letter the model ranks highest there, even if it would rather write something else, since the question is
-whether the coarse view carries the answer at all. The synthetic recipe's third phase came from it (README, "Synthetic
-proof"): a model that read every crop shown alone read the same crops at stage 2 of the conversation at chance.
+whether the coarse view carries the answer at all. The synthetic recipe's third phase came from it
+(docs/synthetic-proof.md): a model that read every crop shown alone read the same crops at stage 2 of the conversation at chance.
 """
 
 from __future__ import annotations

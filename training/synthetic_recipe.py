@@ -95,7 +95,7 @@ class SupervisedPhase:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The sizes behind the published table (README, "Synthetic proof")."""
+    """The sizes behind the published table (docs/synthetic-proof.md)."""
 
     splits: tuple[tuple[str, int], ...] = (("train", 3000), ("validation", 100), ("test", 200))
     budget: int = 144
