@@ -56,7 +56,7 @@ VLLM_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 class VLLMServer(Server):
-    """vLLM's OpenAI-compatible server on a folder, as the README's CPU command starts it."""
+    """vLLM's OpenAI-compatible server on a folder, as docs/serving.md's CPU command starts it."""
 
     startup_seconds = 900  # 45-175 s on an idle 2-core machine; much more while other tests run beside it
     environment = VLLM_ENVIRONMENT
@@ -161,7 +161,7 @@ def test_a_request_slower_than_the_timeout_fails_alone_with_a_timeout(server, qu
 
 
 def test_the_readmes_server_and_infer_commands_are_the_tested_ones(server, tmp_path, capsys, monkeypatch):
-    """The README's CPU commands: its server command is the one these tests start (but the port); its
+    """The CPU commands of docs/serving.md: its server command is the one these tests start (but the port); its
     ``ergo infer --endpoint`` on ``ergo demo``'s question answers right against that server."""
     commands = [shlex.split(line) for line in readme_block(language="bash", **README_SECTION)
                 .replace("\\\n", " ").splitlines() if line.strip()]
@@ -191,7 +191,7 @@ def pairs(arguments: list[str]) -> list[tuple[str, str]]:
 
 
 def readme_workspace(folder: Path) -> Path:
-    """A folder as the README's commands expect their working directory: ``ergo_vqa/demo_model`` and the output of
+    """A folder as docs/serving.md's commands expect their working directory: ``ergo_vqa/demo_model`` and the output of
     ``ergo demo`` (the question and its image)."""
     (folder / "ergo_vqa").mkdir(parents=True, exist_ok=True)
     if not (folder / "ergo_vqa" / "demo_model").exists():
@@ -201,7 +201,7 @@ def readme_workspace(folder: Path) -> Path:
 
 
 def readme_eval_arguments(data_root: Path, out: Path) -> list[str]:
-    """The README's ``ergo eval --engine vllm`` command's arguments, with its data and output folders here."""
+    """docs/serving.md's ``ergo eval --engine vllm`` command's arguments, with its data and output folders here."""
     text = readme_block(language="bash", index=1, **README_SECTION).replace("\\\n", " ")
     command = shlex.split(text)
     assert command[:2] == [".venv-vllm/bin/ergo", "eval"]
@@ -260,7 +260,7 @@ def test_inprocess_runner_gives_the_servers_results(inprocess, client_results):
 
 
 def test_the_readmes_inprocess_example_and_eval_command_run_as_printed(inprocess):
-    """The README's ``ErgoVLLM`` block (run in a folder holding ``ergo_vqa/demo_model`` and ``ergo demo``'s output)
+    """docs/serving.md's ``ErgoVLLM`` block (run in a folder holding ``ergo_vqa/demo_model`` and ``ergo demo``'s output)
     answers the demo question right; its ``ergo eval --engine vllm`` command scores and reports cached tokens."""
     printed = inprocess["readme_printed"]  # answer, region, cached prompt tokens per stage
     assert printed.split(" ", 1)[0] == generate_sample("demo/0").answer and "'stage2':" in printed

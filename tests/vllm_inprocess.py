@@ -4,8 +4,8 @@ has a newer one): ERGO on an in-process ``vllm.LLM`` through ``ErgoVLLM``, writt
 ``python tests/vllm_inprocess.py JOB.json OUT.json``; the job names the folders and the questions (synthetic-task
 seeds, so both processes build the same images):
 - ``ergo``: ``ErgoVLLM`` on the folder, every question in one batch per stage, each result in full;
-- ``readme``: the README's ``ErgoVLLM`` example and its ``ergo eval --engine vllm`` command, as printed (in a folder
-  laid out as they expect); what the example printed and the command's exit status;
+- ``readme``: docs/serving.md's ``ErgoVLLM`` example and its ``ergo eval --engine vllm`` command, as printed (in a
+  folder laid out as they expect); what the example printed and the command's exit status;
 - ``load``: each further folder (what ``hub_card`` writes) loaded by ``vllm.LLM`` and asked one ERGO question.
 """
 
@@ -43,10 +43,11 @@ def main(job_path: str, out_path: str) -> None:
         *zip(*questions(job["ergo"]["seeds"][:2], job["postfix"])), budget=144)]
     del engine
     gc.collect()
-    os.chdir(job["readme"]["cwd"])  # where the README's commands run: ergo_vqa/demo_model and ergo demo's output
+    os.chdir(job["readme"]["cwd"])  # where docs/serving.md's commands run: ergo_vqa/demo_model and ergo demo's output
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(job["readme"]["python"], "docs/serving.md (vLLM, tested here on CPU)", "exec"), {"__name__": "__main__"})
+        exec(compile(job["readme"]["python"], "docs/serving.md (vLLM, tested here on CPU)", "exec"),
+             {"__name__": "__main__"})
     report["readme_printed"] = printed.getvalue().strip()
     gc.collect()
     report["eval_status"] = cli(job["readme"]["eval"])

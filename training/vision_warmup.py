@@ -2,11 +2,11 @@
 in features the language model can use as they are.
 
 Released Qwen2.5-VL models start from a pre-trained vision tower; a model built from config does not, and then the
-language model's loss reaches the tower too weakly to shape it (docs/synthetic-proof-history.md). The warm-up trains only the vision tower
-(patch embedding, blocks, merger), on the sum of two objectives per step, each read out by an ``AttentionProbe``: one
-attention head over an image's merged tokens, the operation a language-model layer applies to them. A probe that
-only needs "find the token by its content, copy what it carries" is what the language model can later learn quickly
-on a frozen tower (the readouts that failed: docs/synthetic-proof-history.md).
+language model's loss reaches the tower too weakly to shape it (docs/synthetic-proof-history.md). The warm-up trains
+only the vision tower (patch embedding, blocks, merger), on the sum of two objectives per step, each read out by an
+``AttentionProbe``: one attention head over an image's merged tokens, the operation a language-model layer applies to
+them. A probe that only needs "find the token by its content, copy what it carries" is what the language model can
+later learn quickly on a frozen tower (the readouts that failed: docs/synthetic-proof-history.md).
 
 * reading, on the crop stage 2 gets for the true region (``training.sft.zoom_on``: ``plan_zooms`` on a reply naming
   it, so the crop is cut and sized as inference cuts it): the probe's answer is the row's answer, and its attention
