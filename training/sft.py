@@ -227,9 +227,8 @@ class ErgoSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer, with ``ErgoSFTConfig.example_mean_loss``.
 
     The per-example mean is computed from the per-token log-probabilities of the one forward pass TRL's
-    ``compute_loss`` runs (its fused LM head), caught with a forward hook. As a ``compute_loss_func`` it would make
-    TRL run the model a second time, without gradients, for its metrics (phase 3 of the synthetic recipe: 0.93 s
-    per step that way, over 300 steps; 0.70 s this way, over its 630)."""
+    ``compute_loss`` runs (its fused LM head), caught with a forward hook: as a ``compute_loss_func`` it would make
+    TRL run the model a second time, without gradients, for its metrics (timings: docs/synthetic-proof-history.md)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -254,9 +253,8 @@ def example_mean_loss(log_probs: torch.Tensor, label_mask: torch.Tensor) -> torc
     (zero when none has).
 
     Stage-1 replies are about 50 tokens and crop replies two (the letter, the end of turn), and both kinds share
-    batches (same vision tokens). Measured on the synthetic task: after a phase under TRL's mean over all tokens the
-    model answered 12 of 100 validation crops (chance), and one more phase of the same mixture under this mean
-    answered all 100."""
+    batches (same vision tokens): under a mean over all tokens the short replies teach next to nothing
+    (measurements: docs/synthetic-proof-history.md)."""
     counts = label_mask.sum(dim=1)
     per_example = -(log_probs * label_mask).sum(dim=1) / counts.clamp(min=1)
     labelled = (counts > 0).to(per_example.dtype)
