@@ -96,6 +96,17 @@ class ErgoChat:
         """The answering model, for people (summaries, logs)."""
         raise NotImplementedError
 
+    def answer_many(self, requests: list[ErgoRequest | tuple], max_tokens: int | None = None, on_result=None,
+                    **settings) -> list[ErgoResult]:
+        """ERGO on many requests, results in order; ``on_result(index, result)`` sees each one. The engine's own."""
+        raise NotImplementedError
+
+    def answer(self, image, question: str, options: list[str] | None = None, postfix: str = "",
+               **settings) -> ErgoResult:
+        """ERGO on one (image, question). A failure is reported in ``ErgoResult.error``, not raised. ``settings``
+        override the processor's for this call, as in ``ErgoProcessor.prepare``."""
+        return self.answer_many([ErgoRequest(image, question, options, postfix)], **settings)[0]
+
     def stage1(self, request: ErgoRequest, settings: dict) -> Stage1Turn:
         image = load_image(request.image, name=describe_source(request.image))
         stem, full_question = stage_questions(request.question, request.options, request.postfix)
@@ -191,12 +202,6 @@ class ErgoClient(ErgoChat):
         return f"{self.model} at {self.base_url}"
 
     # ------------------------------------------------------------------ ERGO
-
-    def answer(self, image, question: str, options: list[str] | None = None, postfix: str = "",
-               **settings) -> ErgoResult:
-        """ERGO on one (image, question). A failure is reported in ``ErgoResult.error``, not raised. ``settings``
-        override the processor's for this call, as in ``ErgoProcessor.prepare``."""
-        return self.answer_many([ErgoRequest(image, question, options, postfix)], **settings)[0]
 
     def answer_many(self, requests: list[ErgoRequest | tuple], max_tokens: int | None = None, on_result=None,
                     **settings) -> list[ErgoResult]:

@@ -50,10 +50,6 @@ class ErgoVLLM(ErgoChat):
     def description(self) -> str:
         return f"{self.model} on vLLM (in-process)"
 
-    def answer(self, image, question: str, options: list[str] | None = None, postfix: str = "",
-               **settings) -> ErgoResult:
-        return self.answer_many([ErgoRequest(image, question, options, postfix)], **settings)[0]
-
     def answer_many(self, requests: list[ErgoRequest | tuple], max_tokens: int | None = None, on_result=None,
                     **settings) -> list[ErgoResult]:
         """ERGO on many requests, one vLLM batch per stage; results in order (``on_result(index, result)`` sees each
@@ -66,7 +62,9 @@ class ErgoVLLM(ErgoChat):
         # ------------------------------------------------------------ stage 1: every coarse view in one batch
         turns: dict[int, Stage1Turn] = {}
         for index, request in enumerate(requests):
-            results[index] = _attempt(lambda: turns.setdefault(index, self.stage1(request, settings)), started)
+            turn, results[index] = _attempt(lambda: self.stage1(request, settings), started)
+            if turn is not None:
+                turns[index] = turn
         firsts = self._chat_batch({index: turn.messages for index, turn in turns.items()}, limit)
         stage1_done = time.perf_counter()
         # ------------------------------------------------------------ zoom: regions, crops, stage-2 turns
@@ -74,8 +72,10 @@ class ErgoVLLM(ErgoChat):
         for index, first in firsts.items():
             if first.error:
                 results[index] = failure(f"stage 1: {first.error}", started)
-            else:
-                results[index] = _attempt(lambda: plans.setdefault(index, self.stage2(turns[index], first)), started)
+                continue
+            plan, results[index] = _attempt(lambda: self.stage2(turns[index], first), started)
+            if plan is not None:
+                plans[index] = plan
         zoom_done = time.perf_counter()
         # ------------------------------------------------------------ stage 2: every crop in one batch
         stage2_replies = self._chat_batch({index: messages for index, (_, messages) in plans.items() if messages},
@@ -98,8 +98,10 @@ class ErgoVLLM(ErgoChat):
         results: list[ErgoResult | None] = [None] * len(images)
         prepared = {}
         for index, (source, question) in enumerate(zip(images, questions)):
-            results[index] = _attempt(
-                lambda: prepared.setdefault(index, self.single_pass_messages(source, question, budget)), started)
+            tokens_and_messages, results[index] = _attempt(
+                lambda: self.single_pass_messages(source, question, budget), started)
+            if tokens_and_messages is not None:
+                prepared[index] = tokens_and_messages
         replies = self._chat_batch({index: messages for index, (_, messages) in prepared.items()},
                                    max_tokens or self.max_tokens)
         seconds = time.perf_counter() - started
@@ -135,13 +137,12 @@ def _reply(output, seconds: float) -> ChatReply:
                      len(completion.token_ids), output.num_cached_tokens, seconds)
 
 
-def _attempt(step, started: float) -> ErgoResult | None:
-    """Runs one request's ``step``: ``None`` when it worked, else that request's failure."""
+def _attempt(step, started: float) -> tuple[object, ErgoResult | None]:
+    """Runs one request's ``step``: its value and no failure, or no value and that request's failure."""
     try:
-        step()
+        return step(), None
     except Exception as error:  # noqa: BLE001 - per-request failures are values
-        return failure(f"{type(error).__name__}: {error}", started)
-    return None
+        return None, failure(f"{type(error).__name__}: {error}", started)
 
 
 def _reported(results: list[ErgoResult], on_result) -> list[ErgoResult]:

@@ -242,6 +242,14 @@ def local_ergo(model, processor, image, question: str, max_new_tokens: int, **se
     return inputs, out, reply, decision
 
 
+def stage2_prompt_length(processor, inputs, decision, question: str, stage1_text: str) -> int:
+    """Stage 2's prompt as a server tokenises it: stage 1's prompt, stage 1's reply re-tokenised from its text (the
+    server gets text, not token ids), and the new turn with the crop."""
+    turn = processor.stage2_turn_tokens(decision, stage_questions(question)[1], processor.stage2_template)
+    written = processor.tokenizer(stage1_text, add_special_tokens=False)["input_ids"]
+    return inputs["input_ids"].shape[1] + len(written) + turn["input_ids"].shape[1]
+
+
 def test_client_sends_the_local_views_and_prompts_and_gets_the_local_answers(proxy, local, questions):
     """Stage 1 carries the local coarse view and prompts, stage 2 the same conversation plus the local crop; the
     server tokenises both exactly as this process does (``usage.prompt_tokens`` equals the local length, so the
@@ -271,9 +279,9 @@ def test_client_sends_the_local_views_and_prompts_and_gets_the_local_answers(pro
         assert texts(second)[-1] == ("user", stage2_prompt(full_question, processor.stage2_template))
         crop = decoded_images(second)[1]
         assert same_pixels(crop, decision.image)
-        turn = processor.stage2_turn_tokens(decision, full_question, processor.stage2_template)
+        assert result.prompt_tokens["stage2"] == stage2_prompt_length(processor, inputs, decision, question,
+                                                                      result.stage1_text)
         written = processor.tokenizer(result.stage1_text, add_special_tokens=False)["input_ids"]
-        assert result.prompt_tokens["stage2"] == inputs["input_ids"].shape[1] + len(written) + turn["input_ids"].shape[1]
         stage1_ids = model.generate(**{k: v for k, v in inputs.items() if k != "ergo_context"}, max_new_tokens=64,
                                     do_sample=False)[0, inputs["input_ids"].shape[1]:]
         eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")

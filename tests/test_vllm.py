@@ -31,10 +31,10 @@ from ergo_vqa.inference import load
 from ergo_vqa.synthetic_task import generate_sample, write_split
 from ergo_vqa.tiny import DEMO, build_tokenizer
 from hub_card.__main__ import main as hub_card_main
-from processing_ergo.prompts_ergo import stage_questions
 from test_hub_folder import save_stock
 from test_readme import readme_block
-from test_serving import RecordingProxy, Server, check_kill_and_restart_mid_evaluation, free_port, local_ergo
+from test_serving import (RecordingProxy, Server, check_kill_and_restart_mid_evaluation, free_port, local_ergo,
+                          stage2_prompt_length)
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = Path(os.environ.get("ERGO_VLLM_VENV", ROOT / ".venv-vllm"))
@@ -112,11 +112,8 @@ def test_client_stages_and_usage_equal_local_generate_on_20_samples(client_resul
         assert result.final_text == reply
         assert result.prompt_tokens["stage1"] == inputs["input_ids"].shape[1]
         if decision.image is not None:
-            full_question = stage_questions(question)[1]
-            turn = processor.stage2_turn_tokens(decision, full_question, processor.stage2_template)
-            written = processor.tokenizer(result.stage1_text, add_special_tokens=False)["input_ids"]
-            assert result.prompt_tokens["stage2"] == (inputs["input_ids"].shape[1] + len(written)
-                                                      + turn["input_ids"].shape[1])
+            assert result.prompt_tokens["stage2"] == stage2_prompt_length(processor, inputs, decision, question,
+                                                                          result.stage1_text)
             zoomed += 1
     assert zoomed >= 15, f"only {zoomed} of 20 stage-1 replies gave a crop: the stage-2 path was barely tested"
 
