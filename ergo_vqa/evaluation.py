@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from hub_card.results import results_table
 from processing_ergo.geometry_ergo import PAPER_BUDGET
 from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET

@@ -4,7 +4,6 @@ tests that run the examples of the pages under ``docs/``."""
 import re
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")

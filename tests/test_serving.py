@@ -22,7 +22,6 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
 from PIL import Image
 
 from ergo_vqa.cli import main as cli
