@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -385,6 +386,10 @@ def test_the_full_resolution_original_is_never_gathered_or_logged(policy, tmp_pa
                               args=grpo_config(tmp_path, max_steps=1), processing_class=processor)
     trainer.train()
     assert trainer._logs["prompt"] and not any(_images_in(prompt) for prompt in trainer._logs["prompt"])
+    # The rows reached the rollout on the prompts (RowPrompt); none stays on what TRL keeps, and what it gathers from
+    # other ranks (a pickle) is the plain messages.
+    assert not any(getattr(prompt, "__dict__", None) for prompt in trainer._logs["prompt"])
+    assert all(type(pickle.loads(pickle.dumps(prompt))) is list for prompt in trainer._logs["prompt"])
     assert not trainer._logs["images"]  # gathered only for log_completions
     assert all(not _images_in(prompt) for prompt in seen[0]["prompts"])
     assert sorted(image.size for image in seen[0]["image"]) == [(840, 560), (840, 560), (896, 560), (896, 560)]

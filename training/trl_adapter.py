@@ -8,9 +8,10 @@ says what it lacks), so a rollout that adds an image mid-conversation (ERGO's cr
 
 - ``_generate_and_score_completions`` (overridden): the one call that sees the batch's rows; the columns in
   ``hidden_columns`` are kept out of TRL's view (it would put an ``image`` into every prompt and gather it to every
-  rank for its logs) and handed to ``rollout``. ``_generate`` gets only the prompts, so the rows wait in
-  ``_rows_in_flight`` for the length of that one call (TRL hands ``_batch_environments`` across the same gap).
-- ``_generate`` (overridden): returns the rollout as TRL's 8-tuple, built here by name.
+  rank for its logs). TRL hands ``_generate`` only the prompts (``[row["prompt"] for row in rows]``), so each row
+  rides on its own prompt (``RowPrompt``) rather than on the trainer.
+- ``_generate`` (overridden): runs ``rollout`` on the rows its prompts carry and returns TRL's 8-tuple, built here by
+  name.
 - ``_calculate_rewards`` (overridden): rewards get the policy's own tokens (the ``completion_ids`` extra field; TRL's
   are the whole completion, the injected turn's image tokens included), and ``adjust_rewards`` may void rows.
 - ``self.tools`` (set after ``__init__``): a non-empty list makes TRL's loss forward take the pixels of every image of
@@ -57,6 +58,19 @@ def _routes_images_per_sample():
     every sample (each at its own size) and its ``mm_token_type_ids`` from the full sequence."""
 
 
+class RowPrompt(list):
+    """A prompt (TRL's list of messages) carrying its dataset row, every column, to ``_generate(prompts)``. The row
+    stays on this process: TRL pickles the prompts to gather its logs from every rank, and a pickle (or a copy) of a
+    ``RowPrompt`` is its plain messages, without the row and its full-resolution image."""
+
+    def __init__(self, messages: list, row: dict):
+        super().__init__(messages)
+        self.row = row
+
+    def __reduce__(self):
+        return list, (list(self),)
+
+
 @dataclass
 class Rollout:
     """One batch of rollouts, one entry per rollout in every list. ``loss_mask`` is 1 on the tokens the loss trains
@@ -81,7 +95,6 @@ class RolloutGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.tools = [_routes_images_per_sample]
-        self._rows_in_flight: list[dict] | None = None
         self._step_seconds = dict.fromkeys(("scoring", "rollout", "reward", "forward"), 0.0)  # of this training_step
 
     def rollout(self, rows: list[dict]) -> Rollout:
@@ -96,15 +109,16 @@ class RolloutGRPOTrainer(GRPOTrainer):
     def scored_batch(self, rows: list[dict]) -> dict:
         """TRL's training batch for ``rows`` (advantages, masks, pixel values ...). Logs ``ergo/logprob_s``: the time
         outside the rollout and the rewards, that is the reference (and old) log-probs with TRL's batch assembly."""
-        visible = [{key: value for key, value in row.items() if key not in self.hidden_columns} for row in rows]
+        visible = [{**{key: value for key, value in row.items() if key not in self.hidden_columns},
+                    "prompt": RowPrompt(row["prompt"], row)} for row in rows]
         seconds = self._step_seconds
         before = {name: seconds[name] for name in ("rollout", "reward")}
         started = time.perf_counter()
-        self._rows_in_flight = rows
         try:
             batch = super()._generate_and_score_completions(visible)
         finally:
-            self._rows_in_flight = None
+            for row in visible:  # TRL keeps the prompts for its logs; the rows (their images) are this step's only
+                del row["prompt"].row
         scoring = time.perf_counter() - started
         seconds["scoring"] += scoring
         logprob = scoring - sum(seconds[name] - before[name] for name in before)
@@ -176,7 +190,7 @@ class RolloutGRPOTrainer(GRPOTrainer):
 
     def _generate(self, prompts: list):
         started = time.perf_counter()
-        rollout = self.rollout(self._rows_in_flight)
+        rollout = self.rollout([prompt.row for prompt in prompts])
         self._step_seconds["rollout"] += time.perf_counter() - started
         self._log_lengths(rollout)
         # TRL's tuple: prompt ids, completion ids, tool mask, completions, sampling log-probs, extra fields, images of
