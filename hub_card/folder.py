@@ -17,6 +17,7 @@ from transformers import GenerationConfig
 
 import modeling_ergo.compat_ergo
 import modeling_ergo.configuration_ergo
+import modeling_ergo.family_ergo
 import modeling_ergo.generation_ergo
 import modeling_ergo.modeling_ergo
 import processing_ergo.geometry_ergo
@@ -34,6 +35,7 @@ from .results import check_summary
 REMOTE_CODE_MODULES = (
     modeling_ergo.compat_ergo,  # processing_ergo/compat_ergo.py is a link to it: one file in the flat folder
     modeling_ergo.configuration_ergo,
+    modeling_ergo.family_ergo,  # processing_ergo/family_ergo.py is a link to it, as for compat_ergo
     modeling_ergo.generation_ergo,
     modeling_ergo.modeling_ergo,
     processing_ergo.geometry_ergo,

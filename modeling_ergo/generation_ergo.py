@@ -9,14 +9,17 @@ Whisper's long-form loop in ``generation_whisper.py``).
 3. **stage 2**: generates the answer, continuing stage 1's KV cache when it can (only the new turn is prefilled);
 4. **accounting**: returns the caller's ``input_ids`` followed by the answer, or an ``ErgoGenerateOutput``.
 
-Any other inputs (a trainer's rollout, a multi-image chat) get plain Qwen2.5-VL generation.
+Any other inputs (a trainer's rollout, a multi-image chat) get the family's plain generation.
 
 Caches. With the default dynamic cache, stage 2 continues stage 1's ``DynamicCache`` (rows that skip stage 2 are
 dropped from it). With ``cache_implementation="static"`` (per call or in ``generation_config``), one ``StaticCache``
 sized for both stages is allocated before stage 1 and kept on the model for later calls of the same batch size;
 stage 2 continues in it, so transformers' compiled decode step serves both stages and every call of that size.
 Rows that skip stage 2 stay in a static batch (its shape is what the compiled step was built for) and are ended at
-their first token. Beam search and other cache kinds re-encode the whole conversation for stage 2.
+their first token. Beam search and other cache kinds re-encode the whole conversation for stage 2. A family whose cache
+keeps recurrent states (Qwen3.5, ``Family.recurrent_cache``) continues only a lone sample's dynamic cache, whose
+states hold exactly its prompt and reply; batches and static caches re-encode, and ``ErgoGenerateOutput.cache``
+says why.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import ModelOutput
 
 from .configuration_ergo import ergo_setting
+from .family_ergo import Family
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 """New tokens per stage when no argument, stage default or generation config sets a limit: the reference
@@ -135,7 +139,8 @@ class ErgoGenerateOutput(ModelOutput):
         stage2_prefill_tokens: tokens stage 2's prefill processed for the sample (0 when skipped): the whole
             conversation when re-prefilling, only the new turn when continuing from stage 1's cache.
         cache: how the batch's stage 2 got its context: ``"dynamic"`` or ``"static"`` (continued stage 1's cache of
-            that kind), ``"re-prefill"`` (re-encoded the conversation), or None when no sample had a stage 2.
+            that kind), ``"re-prefill"`` (re-encoded the conversation), ``"re-prefill (why)"`` when the family's
+            cache could not be continued (``Family.recurrent_cache``), or None when no sample had a stage 2.
         timings: seconds per step, ``{"stage1", "zoom", "stage2", "total"}``; the batch is generated together,
             so every sample of a batch reports the batch's figures.
     """
@@ -175,6 +180,8 @@ class _TwoStagePlan:
     """The token a static batch's rows without a stage 2 end on."""
     reuse: str | None
     """``"dynamic"`` or ``"static"``: stage 2 is to continue stage 1's cache of that kind; None: re-prefill."""
+    refused: str | None
+    """Why the family's cache cannot be continued for this call although reuse was asked for; None otherwise."""
     streamer: BaseStreamer | None
     return_dict: bool
 
@@ -221,7 +228,8 @@ class _KeptStaticCache:
 
 
 class ErgoGenerationMixin:
-    """Adds ERGO's two-stage ``generate`` to a Qwen2.5-VL generation class (put it first among the bases)."""
+    """Adds ERGO's two-stage ``generate`` to a family's generation class (put it first among the bases; the class's
+    ``config_class.ergo_family`` names the family)."""
 
     _ergo_static_cache: _KeptStaticCache | None = None
     """What the model keeps between calls: with ``cache_implementation="static"``, one cache sized for both stages,
@@ -236,7 +244,7 @@ class ErgoGenerationMixin:
         stage2_generate_kwargs: dict | None = None,
         **kwargs,
     ):
-        """Two-stage ERGO generation for ``ErgoProcessor`` inputs, plain Qwen2.5-VL generation otherwise.
+        """Two-stage ERGO generation for ``ErgoProcessor`` inputs, the family's plain generation otherwise.
 
         Standard generation arguments apply to both stages; ``stage1_generate_kwargs`` / ``stage2_generate_kwargs``
         override them per stage (over ``config.stage{1,2}_generation_kwargs`` defaults). They take any ``generate``
@@ -309,6 +317,8 @@ class ErgoGenerationMixin:
             stage_kwargs.pop("max_length", None)
             stage_kwargs["max_new_tokens"] = limit
         reuse = self._reusable_cache_kind(stage1_config, stage2_config)
+        refused = self._refused_continuation(reuse, len(input_ids))
+        reuse = None if refused else reuse
         if reuse == "static":
             capacity = input_ids.shape[1] + limits[0] + processor.max_stage2_turn_tokens(context) + limits[1]
             cache = self._static_cache(len(input_ids), capacity)
@@ -320,7 +330,7 @@ class ErgoGenerationMixin:
             vision=vision, stage1_kwargs=stage1_kwargs, stage2_kwargs=stage2_kwargs, stage1_limit=limits[0],
             stage2_limit=limits[1], pad_id=pad_id,
             stop_ids=stop_token_ids(stage1_config.eos_token_id, stage1_config.pad_token_id, processor.tokenizer),
-            idle_end_id=idle_end_id, reuse=reuse, streamer=streamer, return_dict=return_dict,
+            idle_end_id=idle_end_id, reuse=reuse, refused=refused, streamer=streamer, return_dict=return_dict,
         )
 
     def _stage_arguments(self, kwargs: dict, *, overrides: list[dict | None], defaults: list[dict | None]
@@ -420,11 +430,12 @@ class ErgoGenerationMixin:
                        ) -> _Stage2Batch:
         """Stage 2's batch for the samples in ``turns``: a continuation of stage 1's cache when ``plan.reuse`` says
         so and the cache still fits, else the whole conversation re-encoded."""
-        reuse = self._continuable(plan=plan, stage1=stage1, turns=turns)
+        reuse, refused = self._continuable(plan=plan, stage1=stage1, turns=turns)
         if reuse is None:
             inputs, prefill_tokens = self._stage2_prefill(plan=plan, stage1=stage1, turns=turns)
             return _Stage2Batch(inputs=inputs, generate_kwargs=plan.stage2_kwargs, rows=list(turns),
-                                prefill_tokens=prefill_tokens, cache="re-prefill")
+                                prefill_tokens=prefill_tokens,
+                                cache=f"re-prefill ({refused})" if refused else "re-prefill")
         # A static batch keeps every row (its shape is what the compiled decode step was built for), and the rows that
         # skip stage 2 are ended at their first token; a dynamic cache simply drops them.
         samples = len(stage1.sequences)
@@ -442,17 +453,22 @@ class ErgoGenerationMixin:
                             cache=reuse)
 
     def _continuable(self, *, plan: _TwoStagePlan, stage1: _Stage1Result,
-                     turns: dict[int, BatchFeature]) -> str | None:
-        """``plan.reuse`` if stage 1's cache can still take stage 2, else None (re-prefill)."""
+                     turns: dict[int, BatchFeature]) -> tuple[str | None, str | None]:
+        """(``plan.reuse``, None) if stage 1's cache can still take stage 2, else (None, why the family's cache could
+        not be continued, or None for the ordinary re-prefill)."""
+        if plan.refused:
+            return None, plan.refused
         if plan.reuse == "static":
             needed = stage1.sequences.shape[1] + max(len(turn["input_ids"][0]) for turn in turns.values())
             needed += plan.stage2_limit
             kept = self._ergo_static_cache
             if kept is None or stage1.cache is not kept.cache or needed > kept.cache.layers[0].max_cache_len:
-                return None  # the processor's bound makes this rare (a tiny crop budget); re-encode then
+                return None, None  # the processor's bound makes this rare (a tiny crop budget); re-encode then
         if plan.reuse == "dynamic" and type(stage1.cache) is not DynamicCache:
-            return None
-        return plan.reuse
+            return None, None
+        if plan.reuse and self.ergo_family.recurrent_cache and _fed_after_stop(plan, stage1):
+            return None, f"{self.ergo_family.recurrent_cache}: stage 1 went on after its stop token"
+        return plan.reuse, None
 
     def _stage_token_limits(self, overrides: list[dict | None], shared: dict, stage_defaults: list[dict | None],
                             prompt_length: int) -> tuple[int, int]:
@@ -492,6 +508,23 @@ class ErgoGenerationMixin:
     def release_static_cache(self) -> None:
         """Frees the static cache ERGO keeps between calls (it is allocated again by the next static call)."""
         self._ergo_static_cache = None
+
+    @property
+    def ergo_family(self) -> Family:
+        """The model family this class generates for (``family_ergo.py``)."""
+        return self.config_class.ergo_family
+
+    def _refused_continuation(self, reuse: str | None, batch_size: int) -> str | None:
+        """Why stage 2 cannot continue a ``reuse`` cache of stage 1 for a batch of ``batch_size`` on this family, or
+        None. A recurrent state holds a lone sample exactly (its prompt, then its reply up to the stop token, which is
+        never fed back) but not a batch: left padding, the tokens after a row's stop and the padding between the
+        history and a shorter new turn are all absorbed. ERGO's shared static cache is built for KV layers only."""
+        reason = self.ergo_family.recurrent_cache
+        if reuse is None or reason is None:
+            return None
+        if reuse == "static":
+            return f"{reason}; ERGO continues a static cache of KV layers only"
+        return f"{reason}: a batch of {batch_size}" if batch_size > 1 else None
 
     def _reusable_cache_kind(self, stage1_config: GenerationConfig, stage2_config: GenerationConfig) -> str | None:
         """``"dynamic"`` or ``"static"`` when stage 2 can continue stage 1's cache; None to re-prefill.
@@ -560,9 +593,13 @@ class ErgoGenerationMixin:
         on masked out, so cached positions are reused as they are; the new turns follow, left-padded to a common
         width (a row whose turn is None gets one end token, so that no row ends in padding, and is discarded).
         M-RoPE positions are computed by transformers over the whole sequence (``image_grid_thw`` lists every row's
-        images); only the crops go through the vision encoder.
+        images); only the crops go through the vision encoder (with Qwen3-VL's DeepStack features, which
+        ``get_image_features`` returns beside them). A recurrent cache (one sample: ``_refused_continuation``) gets
+        its history cut at the stop token instead of masked, since its states take in whatever is fed.
         """
         sequences, prompt_mask, vision, pad_id = stage1.sequences, plan.attention_mask, plan.vision, plan.pad_id
+        if self.ergo_family.recurrent_cache:
+            sequences = sequences[:, : plan.prompt_length + len(stage1.completions[0])]
         kept = torch.zeros(len(stage1.completions), sequences.shape[1] - prompt_mask.shape[1], dtype=prompt_mask.dtype,
                            device=sequences.device)
         for index, completion in enumerate(stage1.completions):
@@ -585,7 +622,8 @@ class ErgoGenerationMixin:
             "crop_grid_thw": torch.cat([turn["image_grid_thw"] for turn in active]),
             "past_key_values": stage1.cache,
         }
-        return inputs, [len(turn["input_ids"][0]) + 1 if turn else 0 for turn in turns]
+        uncached = sequences.shape[1] - (stage1.sequences.shape[1] - 1)  # stage 1's last token, unless cut off above
+        return inputs, [len(turn["input_ids"][0]) + uncached if turn else 0 for turn in turns]
 
 
 class EndRows(LogitsProcessor):
@@ -616,6 +654,13 @@ class _StageStreamer(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+def _fed_after_stop(plan: _TwoStagePlan, stage1: _Stage1Result) -> bool:
+    """Whether stage 1 fed any token after a row's stop token into the cache (generation feeds back every token but
+    the last; a lone row that ended on its stop token fed none)."""
+    fed = stage1.sequences.shape[1] - 1
+    return any(plan.prompt_length + len(completion) < fed for completion in stage1.completions)
 
 
 def _merge_contexts(contexts: list[ErgoContextLike | None]) -> ErgoContextLike:

@@ -1,8 +1,10 @@
-"""``ErgoForConditionalGeneration``: Qwen2.5-VL whose ``generate`` runs ERGO's two stages.
+"""ERGO's generation classes, one per family (``family_ergo.py``): the stock class whose ``generate`` runs ERGO's two
+stages. ``ErgoForConditionalGeneration`` is Qwen2.5-VL's (the name its folders have always had),
+``ErgoQwen3VLForConditionalGeneration`` Qwen3-VL's and ``ErgoQwen3_5ForConditionalGeneration`` Qwen3.5's.
 
-The two-stage loop lives in ``generation_ergo.py`` (``ErgoGenerationMixin``). This file adds what the model class
-itself needs: the checkpoint key mapping of Hub Qwen2.5-VL checkpoints, and the vision tower's attention for
-generation on GPU (all attention windows in one varlen call instead of one SDPA call per window).
+The two-stage loop lives in ``generation_ergo.py`` (``ErgoGenerationMixin``). This file adds what the model classes
+themselves need: the checkpoint key mapping of Hub checkpoints, and the vision tower's attention for generation on
+GPU (all attention windows, or images, in one varlen call instead of one SDPA call each).
 """
 
 from __future__ import annotations
@@ -12,24 +14,21 @@ from contextlib import contextmanager
 import torch
 
 from .compat_ergo import TRANSFORMERS_RANGE  # noqa: F401  (first: checks the installed transformers before using it)
-from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AttentionInterface,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from .configuration_ergo import ErgoConfig, ergo_setting
+from .configuration_ergo import ErgoConfig, ErgoQwen3_5Config, ErgoQwen3VLConfig, ergo_setting
 from .generation_ergo import ErgoGenerateOutput, ErgoGenerationMixin
 
 try:  # PyTorch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:
     varlen_attn = None
-
-# Hub Qwen2.5-VL checkpoints store `model.layers.*` / `visual.*`; transformers renames them on load, but only for
-# classes it registered itself. Without this, a subclass silently loads random weights.
-register_checkpoint_conversion_mapping(
-    "ErgoForConditionalGeneration",
-    get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration"),
-    overwrite=True,
-)
 
 
 def varlen_attention(
@@ -60,14 +59,15 @@ def varlen_attention(
 
 
 VARLEN_ATTENTION = "ergo_flash_varlen"
-"""The name the vision tower's attention is registered under; Qwen2.5-VL sends attention implementations whose
-name contains "flash" through its ``cu_seqlens`` (all windows at once) path."""
+"""The name the vision tower's attention is registered under; the vision towers of all three families send attention
+implementations whose name contains "flash" through their ``cu_seqlens`` path (all windows, or all images, at once;
+``is_flash_attention_requested`` in 5.19 and 5.23)."""
 if varlen_attn is not None:
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
 
 
-class ErgoForConditionalGeneration(ErgoGenerationMixin, Qwen2_5_VLForConditionalGeneration):
-    config_class = ErgoConfig
+class ErgoModelMixin(ErgoGenerationMixin):
+    """What ERGO's class adds to any family's stock generation class (put it first among the bases)."""
 
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """Stage 2 continuing stage 1's cache brings a new image (the crop) after the cached tokens. transformers
@@ -95,11 +95,36 @@ class ErgoForConditionalGeneration(ErgoGenerationMixin, Qwen2_5_VLForConditional
             vision_config._attn_implementation = loaded
 
 
+class ErgoForConditionalGeneration(ErgoModelMixin, Qwen2_5_VLForConditionalGeneration):
+    config_class = ErgoConfig
+
+
+class ErgoQwen3VLForConditionalGeneration(ErgoModelMixin, Qwen3VLForConditionalGeneration):
+    config_class = ErgoQwen3VLConfig
+
+
+class ErgoQwen3_5ForConditionalGeneration(ErgoModelMixin, Qwen3_5ForConditionalGeneration):
+    config_class = ErgoQwen3_5Config
+
+
+MODEL_CLASSES = {model.config_class.ergo_family.model_type: model for model in (
+    ErgoForConditionalGeneration, ErgoQwen3VLForConditionalGeneration, ErgoQwen3_5ForConditionalGeneration)}
+"""ERGO's generation class per family ``model_type``."""
+
+for _model in MODEL_CLASSES.values():
+    # Hub checkpoints may store a legacy key layout (Qwen2.5-VL's `model.layers.*` / `visual.*`); transformers renames
+    # them on load, but only for classes it registered itself. Without this, a subclass silently loads random weights.
+    # (Qwen3-VL and Qwen3.5 register none at the top level: their checkpoints already have the class's layout.)
+    _mapping = get_checkpoint_conversion_mapping(_model.config_class.ergo_family.model_class.__name__)
+    if _mapping is not None:
+        register_checkpoint_conversion_mapping(_model.__name__, _mapping, overwrite=True)
+    _model.register_for_auto_class("AutoModelForImageTextToText")
+
+
 def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether PyTorch's varlen attention runs here: it needs CUDA and fp16/bf16."""
     return varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
-ErgoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-
-__all__ = ["ErgoForConditionalGeneration", "ErgoGenerateOutput", "VARLEN_ATTENTION", "varlen_available"]
+__all__ = ["ErgoForConditionalGeneration", "ErgoQwen3VLForConditionalGeneration", "ErgoQwen3_5ForConditionalGeneration",
+           "ErgoGenerateOutput", "MODEL_CLASSES", "VARLEN_ATTENTION", "varlen_available"]

@@ -8,6 +8,10 @@ because the released ERGO weights were trained and evaluated with exactly these 
 * the model's box is in the coarse image's pixels; it is scaled to the original per axis, clamped, truncated;
 * the crop keeps native resolution and is only resized to a multiple of 28 (LANCZOS), down when over budget.
 
+Other families (``family_ergo.py``) run the same rules with their own ``factor`` (32 px for Qwen3-VL and Qwen3.5)
+and, for boxes relative to the image on a 0-1000 scale, a scale of ``original / 1000`` per axis
+(``box_scale``); every function here defaults to Qwen2.5-VL's 28.
+
 Deliberate departures, each only where the reference would crash:
 
 * ``smart_resize`` never returns a side of 0 (the reference's over-budget branch can, for very flat images):
@@ -23,8 +27,10 @@ import re
 
 from PIL import Image
 
+from .family_ergo import RELATIVE_SCALE
+
 IMAGE_FACTOR = 28
-"""Pixels per vision-token side: Qwen2.5-VL's 14-px patches merged 2x2."""
+"""Pixels per vision-token side: Qwen2.5-VL's 14-px patches merged 2x2 (``Family.factor`` for the others)."""
 PIXELS_PER_TOKEN = IMAGE_FACTOR * IMAGE_FACTOR
 MIN_PIXELS = 4 * PIXELS_PER_TOKEN
 """The reference's lower bound: at least 4 vision tokens."""
@@ -44,23 +50,28 @@ _WHOLE_BOX = re.compile(r"^\s*\[\d+,\s*\d+,\s*\d+,\s*\d+\]\s*$")
 _ANY_BOX = re.compile(r"\[\d+,\s*\d+,\s*\d+,\s*\d+\]")
 
 
-def budget_to_pixels(tokens: int) -> int:
-    """A vision-token budget as a pixel count (one token per 28x28 px)."""
+def budget_to_pixels(tokens: int, factor: int = IMAGE_FACTOR) -> int:
+    """A vision-token budget as a pixel count (one token per ``factor`` x ``factor`` px)."""
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 4:
         raise ValueError(f"a vision-token budget must be an integer >= 4, got {tokens!r}")
-    return tokens * PIXELS_PER_TOKEN
+    return tokens * factor * factor
 
 
-def vision_tokens(width: int, height: int) -> int:
-    """LLM vision tokens Qwen2.5-VL spends on an image already sized to multiples of 28."""
-    return (width // IMAGE_FACTOR) * (height // IMAGE_FACTOR)
+def min_pixels_for(factor: int) -> int:
+    """The reference's lower bound, 4 vision tokens, in pixels of a family with this ``factor``."""
+    return 4 * factor * factor
+
+
+def vision_tokens(width: int, height: int, factor: int = IMAGE_FACTOR) -> int:
+    """LLM vision tokens spent on an image already sized to multiples of ``factor``."""
+    return (width // factor) * (height // factor)
 
 
 def smart_resize(
     height: int,
     width: int,
     factor: int = IMAGE_FACTOR,
-    min_pixels: int = MIN_PIXELS,
+    min_pixels: int | None = None,
     max_pixels: int = INFERENCE_BUDGET * PIXELS_PER_TOKEN,
 ) -> tuple[int, int]:
     """ERGO's round-based ``smart_resize``: (height, width) as multiples of ``factor`` near the pixel budget.
@@ -70,6 +81,7 @@ def smart_resize(
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"cannot resize an empty image ({width}x{height})")
+    min_pixels = min_pixels_for(factor) if min_pixels is None else min_pixels
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:
@@ -95,10 +107,10 @@ def within_aspect_limit(width: int, height: int) -> bool:
 
 
 def resize_to_budget(
-    image: Image.Image, max_pixels: int, min_pixels: int = MIN_PIXELS, resample: int = Image.Resampling.BICUBIC
+    image: Image.Image, max_pixels: int, resample: int = Image.Resampling.BICUBIC, factor: int = IMAGE_FACTOR
 ) -> Image.Image:
     """The image resized to ERGO's ``smart_resize`` size (BICUBIC: the reference's coarse view)."""
-    height, width = smart_resize(image.height, image.width, IMAGE_FACTOR, min_pixels, max_pixels)
+    height, width = smart_resize(image.height, image.width, factor, max_pixels=max_pixels)
     return image.resize((width, height), resample)
 
 
@@ -124,10 +136,17 @@ def parse_zoom_box(text: str) -> Box | None:
     return numbers[0], numbers[1], numbers[2], numbers[3]
 
 
+def box_scale(original: tuple[int, int], coarse: tuple[int, int], grounding: str = "absolute") -> tuple[float, float]:
+    """Original pixels per box unit, per axis: per coarse-view pixel for ``absolute`` boxes (the reference's
+    ``width_scale``, ``height_scale``), per thousandth of the image for ``relative`` ones."""
+    frame = coarse if grounding == "absolute" else (RELATIVE_SCALE, RELATIVE_SCALE)
+    return original[0] / frame[0], original[1] / frame[1]
+
+
 def map_box_to_original(
     box: Box, scale_x: float, scale_y: float, width: int, height: int
 ) -> Box | None:
-    """A coarse-frame box in original pixels: scaled per axis, clamped to the image, truncated.
+    """A box in original pixels (``box_scale``'s scale): scaled per axis, clamped to the image, truncated.
 
     Returns None for a degenerate box (empty or inverted once clamped), which the reference does not guard.
     """
@@ -139,11 +158,11 @@ def map_box_to_original(
     return x1, y1, x2, y2
 
 
-def crop_size(region: Box, max_pixels: int, min_pixels: int = MIN_PIXELS) -> tuple[int, int] | None:
-    """(width, height) the crop of ``region`` is resized to, or None when Qwen2.5-VL could not take it."""
+def crop_size(region: Box, max_pixels: int, factor: int = IMAGE_FACTOR) -> tuple[int, int] | None:
+    """(width, height) the crop of ``region`` is resized to, or None when the image processor could not take it."""
     region_w, region_h = region[2] - region[0], region[3] - region[1]
     # The reference passes (w, h) into an (h, w) function; harmless since smart_resize is symmetric.
-    new_w, new_h = smart_resize(region_w, region_h, IMAGE_FACTOR, min_pixels, max_pixels)
+    new_w, new_h = smart_resize(region_w, region_h, factor, max_pixels=max_pixels)
     if not within_aspect_limit(new_w, new_h):
         return None
     return new_w, new_h

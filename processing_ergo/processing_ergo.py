@@ -1,4 +1,4 @@
-"""``ErgoProcessor``: Qwen2.5-VL's processor plus ERGO's two-stage input building.
+"""``ErgoProcessor``: Qwen2.5-VL's processor (image-only, for every family) plus ERGO's two-stage input building.
 
 Stage 1 (``apply_chat_template`` / ``prepare``): the image is downsampled to the coarse budget and the question
 stem is wrapped in ERGO's system prompt and stage-1 template. The returned ``BatchFeature`` carries an
@@ -8,7 +8,13 @@ Stage 2 (``plan_zooms`` / ``stage2_turn_tokens``): the model's stage-1 text is p
 original image and cropped (``zoom_ergo.decide_zoom``); the crop and the stage-2 prompt become the next user turn of
 the same conversation.
 
-Works without torchvision: image-only (no video processor), PIL image backend.
+One class for every family (``family_ergo.py``): the image processor's patch and merge sizes give the family's
+pixels per vision token (``factor``: 28 for Qwen2.5-VL, 32 for Qwen3-VL and Qwen3.5), which budgets, resizing, token
+accounting and crops follow, and the ``grounding`` setting (the family's native convention by default) says how
+stage 1 is asked for its box and how the box maps to the original.
+
+Works without torchvision: image-only (no video processor), PIL image backend; Qwen3-VL and Qwen3.5 folders, whose
+stock processor (``Qwen3VLProcessor``) cannot even be constructed without torchvision, load through it too.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from transformers import Qwen2_5_VLProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .family_ergo import GROUNDING_CONVENTIONS, native_grounding
 from .geometry_ergo import (
     INFERENCE_BUDGET,
     MAX_ASPECT_RATIO,
-    PIXELS_PER_TOKEN,
+    box_scale,
     budget_to_pixels,
     resize_to_budget,
     smart_resize,
@@ -60,21 +67,22 @@ process; the tokenizer does not carry it, because transformers' pipelines then k
 (``return_full_text=False`` ended in ``<|im_end|>``)."""
 
 FULL_RESOLUTION_BUDGET = 16384
-"""Vision tokens of the paper's full-resolution baseline (Qwen2.5-VL's stock max_pixels)."""
+"""Vision tokens of the paper's full-resolution baseline (Qwen2.5-VL's stock max_pixels; Qwen3-VL's too)."""
 
 
 @dataclass
 class ErgoSample:
-    """One request: the full-resolution image, its coarse view and the stage-2 question."""
+    """One request: the full-resolution image, its coarse view, the stage-2 question and how stage 1 writes boxes."""
 
     image: Image.Image
     coarse_size: tuple[int, int]
     stage2_question: str
+    grounding: str = "absolute"
 
     @property
     def scale(self) -> tuple[float, float]:
-        """Original over coarse, per axis: how a coarse-frame box maps to the original."""
-        return self.image.width / self.coarse_size[0], self.image.height / self.coarse_size[1]
+        """Original pixels per box unit, per axis: how a stage-1 box maps to the original."""
+        return box_scale(self.image.size, self.coarse_size, self.grounding)
 
 
 @dataclass
@@ -122,6 +130,10 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         crop_budget: vision tokens the stage-2 crop may use at most; ``None`` means equal to ``coarse_budget``.
         stage2_template: ``"reference"`` (the published evaluation's string, typo included) or ``"fixed"``.
         fallback: one of ``FALLBACK_POLICIES``.
+        grounding: how stage 1 is asked to write its box and how the box is read, one of
+            ``family_ergo.GROUNDING_CONVENTIONS``: ``"absolute"`` pixels of the coarse view (Qwen2.5-VL, the released
+            ERGO weights) or ``"relative"`` on a 0-1000 scale (Qwen3-VL, Qwen3.5). ``None``: the native convention of
+            the family whose vision geometry the image processor has.
     """
 
     def __init__(
@@ -133,6 +145,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         crop_budget: int | None = None,
         stage2_template: str = "reference",
         fallback: str = "resize",
+        grounding: str | None = None,
         **kwargs,
     ):
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
@@ -142,6 +155,9 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         self.coarse_budget, self.crop_budget = coarse_budget, crop_budget
         self.stage2_template, self.fallback = stage2_template, fallback
         self.check_settings(coarse_budget, crop_budget, stage2_template, fallback)
+        self.grounding = grounding or native_grounding(image_processor.patch_size, image_processor.merge_size)
+        if self.grounding not in GROUNDING_CONVENTIONS:
+            raise ValueError(f"grounding must be one of {GROUNDING_CONVENTIONS}, got {grounding!r}")
         if getattr(tokenizer, "response_template", None) == RESPONSE_TEMPLATE:  # saved by earlier ERGO folders
             tokenizer.response_template = None
         # Skip Qwen2_5_VLProcessor.__init__: it insists on a video processor, which needs torchvision.
@@ -156,6 +172,11 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         stage2_prompt("", stage2_template)
         if fallback not in FALLBACK_POLICIES:
             raise ValueError(f"fallback must be one of {FALLBACK_POLICIES}, got {fallback!r}")
+
+    @property
+    def factor(self) -> int:
+        """Pixels per LLM vision-token side: the image processor's patch size times its merge size."""
+        return self.image_processor.patch_size * self.image_processor.merge_size
 
     # ------------------------------------------------------------------ stage 1
 
@@ -216,37 +237,40 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         crop_budget = crop_budget or self.crop_budget or coarse_budget
         fallback, stage2_template = fallback or self.fallback, stage2_template or self.stage2_template
         self.check_settings(coarse_budget, crop_budget, stage2_template, fallback)
-        coarse_pixels, crop_pixels = budget_to_pixels(coarse_budget), budget_to_pixels(crop_budget)
+        factor = self.factor
+        coarse_pixels, crop_pixels = budget_to_pixels(coarse_budget, factor), budget_to_pixels(crop_budget, factor)
 
         def coarse_view(index: int) -> Image.Image:
             image = images[index]
             for pixels in (coarse_pixels, crop_pixels):
-                height, width = smart_resize(image.height, image.width, max_pixels=pixels)
+                height, width = smart_resize(image.height, image.width, factor, max_pixels=pixels)
                 if not within_aspect_limit(width, height):
                     raise ErgoImageError(
                         f"sample {index}: a {image.width}x{image.height} image becomes {width}x{height} at the "
-                        f"budget, flatter than Qwen2.5-VL's {MAX_ASPECT_RATIO}:1 limit; pad or split it first"
+                        f"budget, flatter than the image processor's {MAX_ASPECT_RATIO}:1 limit; pad or split it first"
                     )
-            return resize_to_budget(image, coarse_pixels)
+            return resize_to_budget(image, coarse_pixels, factor=factor)
 
         coarse_views = parallel_map(coarse_view, range(len(images)))
-        samples = [ErgoSample(image, view.size, question)
+        samples = [ErgoSample(image, view.size, question, self.grounding)
                    for image, view, question in zip(images, coarse_views, stage2_questions)]
         return ErgoContext(self, samples, crop_pixels, fallback, stage2_template), coarse_views
 
-    @staticmethod
-    def stage1_messages(question_stem: str) -> list[dict]:
-        """The stage-1 conversation: ERGO's system prompt, then the coarse image before the templated stem."""
+    def stage1_messages(self, question_stem: str) -> list[dict]:
+        """The stage-1 conversation: ERGO's system prompt, then the coarse image before the stem, templated for the
+        processor's grounding convention."""
+        text = stage1_prompt(question_stem, self.grounding)
         return [
             {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": stage1_prompt(question_stem)}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]},
         ]
 
     def _render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return super().apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
     def _encode(self, texts: list[str], images: list[Image.Image]) -> BatchFeature:
-        """Tokenise prompts whose images are already 28-aligned and in budget, so the processor keeps their size."""
+        """Tokenise prompts whose images are already aligned to the factor and in budget, so the processor keeps their
+        size."""
         largest = max(image.width * image.height for image in images)
         return self(
             text=texts,
@@ -272,9 +296,11 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         at the paper's 16384-token baseline, or with ``budget`` resized as ERGO's coarse view is (the image processor
         then keeps it as is). The baselines, the reward model and SFT's single turns use it."""
         images = [load_image(image, name=f"sample {index}") for index, image in enumerate(images)]
-        max_pixels = budget_to_pixels(FULL_RESOLUTION_BUDGET)
+        factor = self.factor
+        max_pixels = budget_to_pixels(FULL_RESOLUTION_BUDGET, factor)
         if budget is not None:
-            images = parallel_map(lambda image: resize_to_budget(image, budget_to_pixels(budget)), images)
+            images = parallel_map(lambda image: resize_to_budget(image, budget_to_pixels(budget, factor), factor=factor),
+                                  images)
             max_pixels = max(image.width * image.height for image in images)
         texts = [self._render(self.single_pass_messages(question)) for question in questions]
         return self(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt",
@@ -334,7 +360,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         tokens, so a missing region is reported as ``truncated`` rather than ``no_region``."""
         truncated = truncated or [False] * len(stage1_texts)
         settings = {"crop_max_pixels": context.crop_max_pixels, "fallback": context.fallback,
-                    "reference_size": self.image_processor.size, "skip_answered": skip_answered}
+                    "reference_size": self.image_processor.size, "skip_answered": skip_answered, "factor": self.factor}
         return parallel_map(lambda args: decide_zoom(args[0], args[1], truncated=args[2], **settings),
                             list(zip(context.samples, stage1_texts, truncated)))
 
@@ -388,11 +414,12 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         """An upper bound on the tokens ``stage2_turn_tokens`` adds for the samples of ``context``, so that a static
         cache for both stages can be sized before stage 1 runs. It depends on the settings, not on the images, so that
         the cache, and the decode step compiled for it, keep one shape across calls."""
-        budget = context.crop_max_pixels // PIXELS_PER_TOKEN
+        pixels_per_token = self.factor * self.factor
+        budget = context.crop_max_pixels // pixels_per_token
         # smart_resize rounds each side of a crop of up to 200:1, so it may exceed its budget by ~7 sqrt(budget).
         image_tokens = budget + math.ceil(8 * math.sqrt(budget)) + 1
         if context.fallback == "reference":  # the unresized original, up to the image processor's own limit
-            image_tokens = max(image_tokens, self.image_processor.size["longest_edge"] // PIXELS_PER_TOKEN)
+            image_tokens = max(image_tokens, self.image_processor.size["longest_edge"] // pixels_per_token)
         texts = [self.stage2_turn_text(sample.stage2_question, context.stage2_template) for sample in context.samples]
         text_tokens = max(len(self.tokenizer(text)["input_ids"]) for text in texts)
         return text_tokens + image_tokens
@@ -415,7 +442,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         Qwen2.5-VL's processor cannot take the image unresized: flatter than 200:1)."""
         if not within_aspect_limit(*image.size):
             return None
-        return self.image_tokens(image.width, image.height, budget_to_pixels(FULL_RESOLUTION_BUDGET))
+        return self.image_tokens(image.width, image.height, budget_to_pixels(FULL_RESOLUTION_BUDGET, self.factor))
 
     def second_image_tokens(self, decision: ZoomDecision) -> int:
         """Vision tokens of stage 2's image (0 when stage 2 is skipped)."""

@@ -1,6 +1,8 @@
 """ERGO's prompts, the question split between the two stages, and answer extraction.
 
 The strings are the reference's (``src/ergo/const.py``) byte for byte: the released weights were trained on them.
+The one addition is the stage-1 template for families that write boxes relative to the image on a 0-1000 scale
+(Qwen3-VL, Qwen3.5; ``family_ergo.py``), which says so; Qwen2.5-VL's absolute pixels keep the reference's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ STAGE1_TEMPLATE = (
     "information necessary to answer the question. Output the thinking process in <think> </think> tags and then "
     "output the region's bounding box coordinates in the following format <zoom>[x1, y1, x2, y2]</zoom> tags."
 )
+
+STAGE1_TEMPLATES = {
+    "absolute": STAGE1_TEMPLATE,
+    "relative": STAGE1_TEMPLATE.replace(
+        "bounding box coordinates", "bounding box coordinates, relative to the image on a 0-1000 scale,"),
+}
+"""Stage 1's template per grounding convention (``family_ergo.GROUNDING_CONVENTIONS``)."""
 
 _STAGE2_BODY = (
     "{Question}\nCarefully analyze both the original image and the enlarged sub-image to solve the question step "
@@ -84,8 +93,8 @@ def stage_questions(question: str, options: list[str] | None = None, postfix: st
     return stem, question.strip()
 
 
-def stage1_prompt(question: str) -> str:
-    return STAGE1_TEMPLATE.format(Question=question)
+def stage1_prompt(question: str, grounding: str = "absolute") -> str:
+    return STAGE1_TEMPLATES[grounding].format(Question=question)
 
 
 def stage2_prompt(question: str, variant: str = "reference") -> str:

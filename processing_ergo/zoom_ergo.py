@@ -10,6 +10,7 @@ from typing import Protocol
 from PIL import Image
 
 from .geometry_ergo import (
+    IMAGE_FACTOR,
     MIN_PIXELS,
     Box,
     crop_region,
@@ -28,7 +29,9 @@ class ZoomSample(Protocol):
     image: Image.Image
 
     @property
-    def scale(self) -> tuple[float, float]: ...
+    def scale(self) -> tuple[float, float]:
+        """Original pixels per box unit, per axis (``geometry_ergo.box_scale``)."""
+        ...
 
 
 @dataclass
@@ -54,15 +57,17 @@ def decide_zoom(
     reference_size: dict,
     truncated: bool = False,
     skip_answered: bool = False,
+    factor: int = IMAGE_FACTOR,
 ) -> ZoomDecision:
     """The region ``stage1_text`` asks for, mapped to the original image and cropped within ``crop_max_pixels``;
     else the ``fallback`` policy's second image (``reference_size``: the image processor's own ``size``, which the
     ``reference`` policy keeps). ``truncated``: stage 1 ran out of tokens, so a missing region is reported as such.
-    ``skip_answered``: a complete ``<answer>…</answer>`` without a region ends there (early exit)."""
+    ``skip_answered``: a complete ``<answer>…</answer>`` without a region ends there (early exit). ``factor``: the
+    family's pixels per vision-token side, which crop sizes are multiples of."""
     box = parse_zoom_box(stage1_text)
     if box is not None:
         region = map_box_to_original(box, *sample.scale, sample.image.width, sample.image.height)
-        size = crop_size(region, crop_max_pixels) if region is not None else None
+        size = crop_size(region, crop_max_pixels, factor) if region is not None else None
         if size is not None:
             crop = crop_region(sample.image, region, size)
             return ZoomDecision(region, crop, None, keep_size(crop))
@@ -73,7 +78,7 @@ def decide_zoom(
         return ZoomDecision(None, None, reason)
     if fallback == "reference" and within_aspect_limit(*sample.image.size):
         return ZoomDecision(None, sample.image, reason, dict(reference_size))
-    whole = resize_to_budget(sample.image, crop_max_pixels, resample=Image.Resampling.LANCZOS)
+    whole = resize_to_budget(sample.image, crop_max_pixels, resample=Image.Resampling.LANCZOS, factor=factor)
     return ZoomDecision(None, whole, reason, keep_size(whole))
 
 

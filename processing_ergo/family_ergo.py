@@ -1,0 +1,1 @@
+../modeling_ergo/family_ergo.py
