@@ -17,8 +17,10 @@ from processing_ergo.images_ergo import ErgoImageError, load_image
 from processing_ergo.processing_ergo import FALLBACK_POLICIES
 from processing_ergo.prompts_ergo import stage_questions
 
+from .eval_data import SYNTHETIC_DATASETS
 from .evaluation import MODES
 from .inference import CACHE_CHOICES, check_device
+from .synthetic_task import VARIANTS
 
 ENGINES = ("transformers", "vllm")
 
@@ -164,7 +166,7 @@ def _vllm(args: argparse.Namespace):
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    print(run(args.out, budget=args.budget, seed=args.seed))
+    print(run(args.out, budget=args.budget, seed=args.seed, variant=args.variant))
     return 0
 
 
@@ -190,11 +192,12 @@ def _eval(args: argparse.Namespace) -> int:
     for mode in args.mode:
         summary = evaluate(model, processor, samples, mode, out, args.dataset, budget=args.budget,
                            batch_size=args.batch_size or 1, max_new_tokens=args.max_new_tokens,
-                           fallback=args.fallback)
+                           fallback=args.fallback, mask_target=args.mask_target)
         failed += summary["failed"] + summary["missing"]
     # The combined table and plot cover every mode and budget evaluated into this folder so far with this run's
     # other settings (model, weights, generation, fallback, template): never rows made under different ones.
-    settings = run_settings(model, processor, args.dataset, "ergo", args.budget, args.max_new_tokens, args.fallback)
+    settings = run_settings(model, processor, args.dataset, "ergo", args.budget, args.max_new_tokens, args.fallback,
+                            args.mask_target)
     found = sorted(out.glob(f"{args.dataset}-*.summary.json"))
     summaries = comparable([json.loads(path.read_text()) for path in found], settings)
     table = results_table(summaries)
@@ -255,15 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="ergo-demo", help="folder for the pictures (default ergo-demo)")
     demo.add_argument("--budget", type=_budget, default=None, help="vision tokens (default: the model's, 144)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--variant", choices=VARIANTS, default="original",
+                      help="original: the digit on the one saturated shape; context: the digit on a tag found "
+                           "through its relation to a landmark")
     demo.set_defaults(run=_demo)
 
     evaluation = commands.add_parser("eval", help="accuracy, vision tokens and latency on a benchmark")
     evaluation.add_argument("--model", help="ERGO or Qwen2.5-VL folder, or Hub id (with --endpoint: where the "
                                             "processor settings come from; default --served-model)")
-    evaluation.add_argument("--dataset", required=True, choices=[*BENCHMARKS, "synthetic"])
+    evaluation.add_argument("--dataset", required=True, choices=[*BENCHMARKS, *SYNTHETIC_DATASETS])
     evaluation.add_argument("--data-root", required=True,
                             help="folder holding the downloaded benchmark (synthetic: the folder of split files)")
     evaluation.add_argument("--split", default="test", help="synthetic only: which split file (default test)")
+    evaluation.add_argument("--mask-target", action="store_true",
+                            help="the masking test: the target's gt_bbox painted out of the coarse view only (stage 2 "
+                                 "still crops the original); modes ergo and coarse, local models, synthetic datasets")
     evaluation.add_argument("--mode", nargs="+", choices=MODES, default=["ergo"],
                             help="ergo (two stages), full (16384-token single pass), coarse (coarse view only)")
     evaluation.add_argument("--budget", type=_budget, default=PAPER_BUDGET,

@@ -39,14 +39,15 @@ def hub_folder(out_dir: str | Path, model_dir: str | Path = DEMO_MODEL) -> Path:
 
 
 def run(out_dir: str | Path = "ergo-demo", budget: int | None = None, seed: int = 0,
-        model_dir: str | Path = DEMO_MODEL) -> str:
+        model_dir: str | Path = DEMO_MODEL, variant: str = "original") -> str:
     """Answer one generated question; write the image and the question (``image.png``, ``question.txt``), the scene
-    with the region, the coarse view and the crop as PNGs under ``out_dir``. Returns the report. ``budget`` defaults to the one the model was trained at."""
+    with the region, the coarse view and the crop as PNGs under ``out_dir``. Returns the report. ``budget`` defaults to the one the model was trained at;
+    ``variant`` is the synthetic task's (``synthetic_task.VARIANTS``)."""
     out_dir = Path(out_dir)
     folder = hub_folder(out_dir, model_dir)
     model, processor = load(str(folder), device="cpu")
     budget = budget or processor.coarse_budget
-    sample = generate_sample(f"demo/{seed}")
+    sample = generate_sample(f"demo/{seed}", variant=variant)
     # As the model was trained and evaluated: the options, then V*'s answer-format line.
     question = "\n".join([sample.question, *sample.options, MULTIPLE_CHOICE_POSTFIX])
     result = answer(model, processor, sample.image, question, budget=budget, max_new_tokens=64)
@@ -59,7 +60,8 @@ def run(out_dir: str | Path = "ergo-demo", budget: int | None = None, seed: int 
         f"ERGO demo: {sample.image.width}x{sample.image.height} generated image, budget {budget} vision tokens",
         f"model:         {folder} (trained on the synthetic task, loaded with trust_remote_code)",
         f"question:      {question!r}",
-        f"correct:       {sample.answer} (the digit {sample.digit}, on the shape inside {sample.gt_bbox})",
+        f"correct:       {sample.answer} (the digit {sample.digit}, on the "
+        f"{'tag' if variant == 'context' else 'shape'} inside {sample.gt_bbox})",
         summary(result),
         f"verdict:       {'correct' if letters_match(result.final_text, sample.answer) else 'wrong'}",
         f"picture:       {scene_path} (region outlined in red); coarse view the model saw first: {coarse_path}",

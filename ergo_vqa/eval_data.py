@@ -31,8 +31,12 @@ from pathlib import Path
 from hub_card.results import BENCHMARKS
 from processing_ergo.prompts_ergo import LETTER_POSTFIX, MULTIPLE_CHOICE_POSTFIX
 
+from .synthetic_task import split_path
+
 HUB_DATASETS = {name: (dataset_id, dataset_id.split("/")[1]) for name, (dataset_id, _) in BENCHMARKS.items()}
 """Benchmark name -> (Hub dataset id, the folder under ``--data-root`` it is downloaded to)."""
+SYNTHETIC_DATASETS = {"synthetic": "original", "synthetic-context": "context"}
+"""Dataset name -> variant of ``ergo_vqa.synthetic_task``; both read from one data root (``write_splits``)."""
 MMERWL_CATEGORIES = tuple(
     f"{task}/{domain}" for task in ("Perception", "Reasoning")
     for domain in ("Autonomous_Driving", "Diagram and Table", "Monitoring", "OCR with Complex Context", "Remote Sensing")
@@ -53,16 +57,21 @@ class EvalSample:
     """Why the row could not be read, with its file and line; such a sample fails without running."""
     where: str = ""
     """The file and line (or row) it was read from."""
+    gt_bbox: list[int] | None = None
+    """The target's box, original pixels, where the dataset has one (the synthetic ones): what ``mask_target``
+    paints out of the coarse view."""
 
 
 def load_benchmark(name: str, data_root: str | Path, limit: int | None = None, split: str = "test") -> list[EvalSample]:
     """The benchmark's samples in file order; ``limit`` stops reading after that many (the files can be large).
-    ``synthetic`` reads ``<data_root>/<split>.jsonl`` as ``ergo_vqa.synthetic_task`` writes it."""
+    ``synthetic`` reads ``<data_root>/<split>.jsonl`` and ``synthetic-context`` ``<data_root>/context/<split>.jsonl``,
+    as ``ergo_vqa.synthetic_task.write_splits`` writes them."""
     loaders = {"vstar": _vstar, "hrbench": _hrbench, "mmerwl": _mmerwl}
-    if name == "synthetic":
-        return _unique(list(itertools.islice(_synthetic(Path(data_root) / f"{split}.jsonl"), limit)))
+    if name in SYNTHETIC_DATASETS:
+        path = split_path(data_root, split, SYNTHETIC_DATASETS[name])
+        return _unique(list(itertools.islice(_synthetic(path), limit)))
     if name not in loaders:
-        raise ValueError(f"unknown benchmark {name!r}; one of {sorted(loaders) + ['synthetic']}")
+        raise ValueError(f"unknown benchmark {name!r}; one of {sorted(loaders) + sorted(SYNTHETIC_DATASETS)}")
     folder = Path(data_root) / HUB_DATASETS[name][1]
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} not found: download it with `ergo eval-download {name} --data-root "
@@ -118,7 +127,7 @@ def _synthetic(path: Path) -> Iterator[EvalSample]:
     def sample(item: dict, index: int) -> EvalSample:
         return EvalSample(str(item.get("id", index)), path.parent / _field(item, "image"), _field(item, "question"),
                           _field(item, "options"), MULTIPLE_CHOICE_POSTFIX, _field(item, "answer"),
-                          item.get("category", ""))
+                          item.get("category", ""), gt_bbox=item.get("gt_bbox"))
 
     yield from _json_lines(path, path.parent, sample)
 

@@ -11,6 +11,10 @@ The model runs in this process, behind an OpenAI-compatible endpoint (an ``ErgoC
 served model and the engine's token ``usage``, cached prompt tokens included where the engine reports them.
 Per-sample records are appended to ``<out>/<benchmark>-<mode>-<budget>-<settings id>.jsonl`` as they finish, so a
 rerun with the same settings resumes and a run with other settings starts its own file.
+
+``mask_target`` is the paper's masking test: the coarse view is made from the image with the sample's ``gt_bbox``
+painted over in its surroundings' colour, while stage 2's crop is still cut from the unmasked original. A model that
+found the target through its context keeps its region; one that needed to see the target loses it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from processing_ergo.geometry_ergo import PAPER_BUDGET
 from processing_ergo.images_ergo import load_image
@@ -39,20 +45,23 @@ name, or an in-process engine and its model. Rows compare only when these agree,
 
 def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: str | Path, benchmark: str,
              budget: int = PAPER_BUDGET, batch_size: int = 1, max_new_tokens: int = 1024, fallback: str = "reference",
-             progress: bool = True) -> dict:
+             progress: bool = True, mask_target: bool = False) -> dict:
     """Runs the samples without a successful record under the same ``run_settings`` (failed ones run again), appends
     their records to ``<out>/<benchmark>-<mode>-<budget>-<settings id>.jsonl`` and returns the summary of
     ``samples``. ``model`` is a local model (``batch_size`` samples per ``generate``), an ``ErgoClient`` (all
     samples sent at once, its ``concurrency`` in flight; each record is written as its sample finishes) or an
     ``ErgoVLLM`` (all samples in one batch per stage). ``fallback`` (ERGO mode) defaults to the reference's: the unresized original when stage 1 gives no
-    usable region."""
+    usable region. ``mask_target`` (local models, modes ``ergo`` and ``coarse``, samples with a ``gt_bbox``) masks
+    the target out of the coarse view only (module docstring)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mask_target:
+        _check_maskable(model, samples, mode)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(model, processor, benchmark, mode, budget, max_new_tokens, fallback)
+    settings = run_settings(model, processor, benchmark, mode, budget, max_new_tokens, fallback, mask_target)
     budget = settings["budget"]
     stem = f"{benchmark}-{mode}-{budget}-{settings_id(settings)}"
     records_path = out_dir / f"{stem}.jsonl"
@@ -82,7 +91,8 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
                 finished = [_record(sample, mode, failure=sample.error) for sample in batch
                             if sample.error is not None]
                 if runnable:
-                    finished += _run_batch(model, processor, runnable, mode, budget, max_new_tokens, fallback)
+                    finished += _run_batch(model, processor, runnable, mode, budget, max_new_tokens, fallback,
+                                           mask_target)
                 for record in finished:
                     write(record)
     bar.close()
@@ -98,7 +108,7 @@ def evaluate(model, processor, samples: list[EvalSample], mode: str, out_dir: st
 
 
 def run_settings(model, processor, benchmark: str, mode: str, budget: int, max_new_tokens: int,
-                 fallback: str) -> dict:
+                 fallback: str, mask_target: bool = False) -> dict:
     """Everything that changes a mode's answers (a setting the mode does not use is left out, so it does not set
     its records apart): written into every record and summary, and hashed into the file names. A local model is
     identified by its weights, not by how its path was written, so a copy, a re-download or ``./m`` for ``m``
@@ -110,7 +120,35 @@ def run_settings(model, processor, benchmark: str, mode: str, budget: int, max_n
                 "max_new_tokens": max_new_tokens, **identity}
     if mode == "ergo":
         settings |= {"fallback": fallback, "stage2_template": processor.stage2_template}
+    if mask_target:  # only then: unmasked runs keep the settings (and file names) they always had
+        settings["mask"] = "gt_bbox in the coarse view"
     return settings
+
+
+def _check_maskable(model, samples: list[EvalSample], mode: str) -> None:
+    """``mask_target`` needs the coarse view built here (a local model) and a box on every readable sample."""
+    if mode == "full":
+        raise ValueError("mask_target masks the coarse view: modes ergo and coarse only")
+    if isinstance(model, ErgoChat):
+        raise ValueError("mask_target: local models only (a served engine builds its own coarse view)")
+    missing = [sample.id for sample in samples if sample.error is None and sample.gt_bbox is None]
+    if missing:
+        raise ValueError(f"mask_target needs each sample's gt_bbox; none for {missing[:5]} (the synthetic datasets "
+                         f"have them)")
+
+
+def mask_box(image: Image.Image, box: list[int], ring: int = 4) -> Image.Image:
+    """A copy of ``image`` with ``box`` (original pixels) filled with the median colour of the ``ring`` pixels
+    around it: the target is gone, and no hole of an odd colour marks where it was."""
+    pixels = np.asarray(image.convert("RGB")).copy()
+    height, width = pixels.shape[:2]
+    x1, y1, x2, y2 = (max(0, min(value, limit)) for value, limit in zip(box, (width, height, width, height)))
+    outer = pixels[max(0, y1 - ring):y2 + ring, max(0, x1 - ring):x2 + ring].reshape(-1, 3)
+    inside = np.zeros((height, width), dtype=bool)
+    inside[y1:y2, x1:x2] = True
+    around = ~inside[max(0, y1 - ring):y2 + ring, max(0, x1 - ring):x2 + ring].reshape(-1)
+    pixels[y1:y2, x1:x2] = np.median(outer[around], axis=0).round().astype(np.uint8)
+    return Image.fromarray(pixels)
 
 
 def settings_id(settings: dict) -> str:
@@ -149,10 +187,10 @@ def comparable(summaries: list[dict], settings: dict) -> list[dict]:
         and all(s["settings"].get(key) == settings.get(key) for key in MODEL_IDENTITY)]
 
 
-def _run_batch(model, processor, batch, mode, budget, max_new_tokens, fallback) -> list[dict]:
+def _run_batch(model, processor, batch, mode, budget, max_new_tokens, fallback, mask_target=False) -> list[dict]:
     """Records for a batch; when the batch fails, each sample is retried alone so one bad sample fails alone."""
     try:
-        return _generate(model, processor, batch, mode, budget, max_new_tokens, fallback)
+        return _generate(model, processor, batch, mode, budget, max_new_tokens, fallback, mask_target)
     except Exception as error:  # noqa: BLE001 - recorded per sample below, never dropped
         message = f"{type(error).__name__}: {error}"
     # Out of the except block: the failed batch's tensors (held by the traceback) are freed before retrying.
@@ -161,17 +199,22 @@ def _run_batch(model, processor, batch, mode, budget, max_new_tokens, fallback) 
     if len(batch) == 1:
         return [_record(batch[0], mode, failure=message)]
     return [record for sample in batch
-            for record in _run_batch(model, processor, [sample], mode, budget, max_new_tokens, fallback)]
+            for record in _run_batch(model, processor, [sample], mode, budget, max_new_tokens, fallback, mask_target)]
 
 
 @torch.no_grad()
-def _generate(model, processor, batch: list[EvalSample], mode, budget, max_new_tokens, fallback) -> list[dict]:
+def _generate(model, processor, batch: list[EvalSample], mode, budget, max_new_tokens, fallback,
+              mask_target=False) -> list[dict]:
     images = [load_image(sample.image, name=f"sample {sample.id}") for sample in batch]
+    seen = [mask_box(image, sample.gt_bbox) for image, sample in zip(images, batch)] if mask_target else images
     started = time.perf_counter()
     if mode == "ergo":
-        inputs = processor.prepare(images, [sample.stem for sample in batch], options=[s.options for s in batch],
+        inputs = processor.prepare(seen, [sample.stem for sample in batch], options=[s.options for s in batch],
                                    postfixes=[s.postfix for s in batch], coarse_budget=budget, crop_budget=budget,
                                    fallback=fallback)
+        if mask_target:  # stage 2 crops the unmasked original; the coarse view is already made
+            for request, image in zip(inputs["ergo_context"].samples, images):
+                request.image = image
         out = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
                              return_dict_in_generate=True)
         replies = processor.post_process_image_text_to_text(out.sequences, prompt_length=inputs["input_ids"].shape[1])
@@ -179,7 +222,7 @@ def _generate(model, processor, batch: list[EvalSample], mode, budget, max_new_t
         return [_record(sample, mode, reply, seconds, out.vision_tokens[i], out.regions[i], out.fallbacks[i])
                 for i, (sample, reply) in enumerate(zip(batch, replies))]
     questions = [stage_questions(s.stem, s.options, s.postfix)[1] for s in batch]
-    inputs = processor.single_pass(images, questions, budget=budget if mode == "coarse" else None)
+    inputs = processor.single_pass(seen, questions, budget=budget if mode == "coarse" else None)
     output = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
     replies = processor.post_process_image_text_to_text(output, prompt_length=inputs["input_ids"].shape[1])
     seconds = (time.perf_counter() - started) / len(batch)

@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -302,3 +303,61 @@ def test_a_repeated_id_is_refused_up_front_naming_the_id_and_its_lines(tiny_fold
     assert captured.err.startswith("ergo: error: ") and f"id '0' at {where} 1 and {where} 3" in captured.err
     assert not (tmp_path / "out").exists()  # nothing ran
     assert [sample.id for sample in load_benchmark("vstar", data_root, limit=2)] == ["0", "1"]  # not in the selection
+
+
+def _red_patches(pixel_values) -> int:
+    """Patches of a Qwen2.5-VL ``pixel_values`` (channel-major, CLIP-normalised) that are mostly saturated red."""
+    red, green = pixel_values.unflatten(-1, (3, -1)).mean(-1).unbind(-1)[:2]
+    return int((red - green > 2).sum())
+
+
+def test_masking_hides_the_target_from_the_coarse_view_only(model, processor, tmp_path):
+    """The masking test (``mask_target``): stage 1's view has the target's box painted over in its surroundings'
+    colour, and stage 2 still crops the unmasked original. The target fills all but an 8 px ring of the image, so
+    whatever region (or fallback) stage 1 gives, the second image shows it. Watched at the vision tower's input."""
+    from PIL import Image, ImageDraw
+
+    from ergo_vqa.evaluation import mask_box
+
+    image = Image.new("RGB", (448, 448), (128, 128, 128))
+    ImageDraw.Draw(image).rectangle((8, 8, 439, 439), fill=(230, 20, 20))
+    assert (np.asarray(mask_box(image, [8, 8, 440, 440])) == 128).all()  # filled with its ring's median colour
+    image.save(tmp_path / "scene.png")
+    row = {"id": "a", "image": "scene.png", "question": "What is red?", "options": ["(A) a", "(B) b"],
+           "answer": "A", "gt_bbox": [8, 8, 440, 440]}
+    (tmp_path / "test.jsonl").write_text(json.dumps(row) + "\n")
+    samples = load_benchmark("synthetic", tmp_path)
+    seen = []
+    hook = model.model.visual.register_forward_pre_hook(lambda module, args: seen.append(_red_patches(args[0])))
+    try:
+        summaries = {mask: evaluate(model, processor, samples, "ergo", tmp_path / "out", "synthetic", budget=64,
+                                    max_new_tokens=4, progress=False, mask_target=mask) for mask in (False, True)}
+    finally:
+        hook.remove()
+    unmasked_coarse, unmasked_second, masked_coarse, masked_second = seen
+    assert unmasked_coarse > 0 and masked_coarse == 0  # the target is gone from the masked run's coarse view only
+    assert unmasked_second > 0 and masked_second > 0
+    assert summaries[True]["settings"]["mask"] and "mask" not in summaries[False]["settings"]  # records apart
+    with pytest.raises(ValueError, match="modes ergo and coarse"):
+        evaluate(model, processor, samples, "full", tmp_path / "out", "synthetic", mask_target=True)
+    (tmp_path / "test.jsonl").write_text(json.dumps({**row, "gt_bbox": None}) + "\n")
+    with pytest.raises(ValueError, match="gt_bbox"):
+        evaluate(model, processor, load_benchmark("synthetic", tmp_path), "ergo", tmp_path / "out", "synthetic",
+                 mask_target=True)
+
+
+def test_cli_evaluates_the_contextual_variant_with_the_target_masked(tiny_folder, tmp_path, capsys):
+    """``ergo eval --dataset synthetic-context --mask-target`` reads the contextual split from the data root's
+    ``context/`` folder and keeps the masked run's records and table apart from the unmasked one's."""
+    from ergo_vqa.synthetic_task import write_splits
+
+    write_splits(tmp_path / "data", {"test": 2}, variant="context")
+    for flags in ([], ["--mask-target"]):
+        assert cli(["eval", "--model", str(tiny_folder), "--dataset", "synthetic-context", "--data-root",
+                    str(tmp_path / "data"), "--out", str(tmp_path / "eval"), "--mode", "coarse", "--budget", "64",
+                    "--max-new-tokens", "2", *flags]) == 0
+    found = (tmp_path / "eval").glob("synthetic-context-coarse-*.summary.json")
+    summaries = [json.loads(path.read_text()) for path in found]
+    assert sorted("mask" in summary["settings"] for summary in summaries) == [False, True]
+    assert all(summary["samples"] == 2 for summary in summaries)
+    assert "| synthetic-context | coarse |" in capsys.readouterr().out

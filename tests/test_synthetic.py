@@ -12,7 +12,8 @@ from ergo_vqa.demo import hub_folder
 from ergo_vqa.eval_data import load_benchmark
 from processing_ergo.prompts_ergo import MULTIPLE_CHOICE_POSTFIX
 from ergo_vqa.evaluation import letters_match
-from ergo_vqa.synthetic_task import COLORS, SceneSpec, generate_sample, write_split
+from ergo_vqa.synthetic_task import COLORS, RELATIONS, SceneSpec, generate_sample, write_split, write_splits
+from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
 from hub_card.folder import REMOTE_CODE_MODULES
 from training.data import load_training_data, to_grpo_rows
 from training.reading_probe import first_answer_token_accuracy
@@ -75,6 +76,83 @@ def test_split_files_feed_training_and_evaluation_alike(tmp_path):
     assert samples[0].id == "test-00000"
     with pytest.raises(FileNotFoundError, match="training.synthetic_recipe"):
         load_benchmark("synthetic", tmp_path, split="validation")
+
+
+def _cell(box: list[int], spec: SceneSpec) -> tuple[int, int]:
+    """(row, column) of the grid cell holding the box's centre."""
+    return (box[1] + box[3]) // 2 // spec.cell, (box[0] + box[2]) // 2 // spec.cell
+
+
+def test_context_variant_is_deterministic_and_apart_from_the_original():
+    first, again = generate_sample("t/1", variant="context"), generate_sample("t/1", variant="context")
+    assert first.image.tobytes() == again.image.tobytes() and first.question == again.question
+    original = generate_sample("t/1")
+    assert original.variant == "original" and first.variant == "context"
+    assert first.image.tobytes() != original.image.tobytes()
+    assert first.options == original.options  # one question format for both variants
+    with pytest.raises(ValueError, match="variant"):
+        generate_sample("t/1", variant="contextual")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_context_target_is_the_one_tag_in_its_cell_next_to_the_named_landmark(seed):
+    """The question's relation leads from the one saturated shape (the landmark) to the region, the grid cell of the
+    target tag; that cell holds no other ink, and every cell without a landmark holds a tag (the distractors)."""
+    sample, spec = generate_sample(f"context/{seed}", variant="context"), SceneSpec()
+    relation = next(name for name in RELATIONS if f"tag {name} the {sample.color} " in sample.question)
+    (row, column), (step_row, step_column) = _cell(sample.landmark, spec), RELATIONS[relation]
+    rx1, ry1, rx2, ry2 = sample.region
+    assert (ry1 // spec.cell, rx1 // spec.cell) == (row + step_row, column + step_column)
+    assert rx2 - rx1 == ry2 - ry1 == spec.cell
+    x1, y1, x2, y2 = sample.gt_bbox
+    assert rx1 <= x1 < x2 <= rx2 and ry1 <= y1 < y2 <= ry2 and (x2 - x1, y2 - y1) == (17, 22)
+    pixels = np.asarray(sample.image)
+    ink = (pixels == 0).all(axis=-1)
+    assert ink[ry1:ry2, rx1:rx2].sum() == ink[y1:y2, x1:x2].sum() > 0  # one tag in the crop: the target
+    inked = {(r, c) for r in range(spec.grid) for c in range(spec.grid)
+             if ink[r * spec.cell:(r + 1) * spec.cell, c * spec.cell:(c + 1) * spec.cell].any()}
+    assert spec.landmarks[0] <= spec.grid ** 2 - len(inked) <= spec.landmarks[1]  # the other cells: landmarks
+    assert (row, column) not in inked
+    lx1, ly1, lx2, ly2 = sample.landmark
+    mask = _color_mask(sample)
+    assert mask[ly1:ly2, lx1:lx2].sum() == mask.sum() > 0.3 * (lx2 - lx1) * (ly2 - ly1)
+    assert sample.options["ABCDEFGHIJ".index(sample.answer)].endswith(sample.digit)
+
+
+def test_context_targets_leave_no_position_prior_and_vanish_at_the_coarse_budget():
+    """Over 100 scenes the target's cell and the relation vary (no fixed place answers), and at the 144-token budget
+    the 17x22 px tag becomes about 4x5 px of the 336x336 coarse view, its 2 px strokes half a pixel."""
+    samples = [generate_sample(f"prior/{index}", variant="context") for index in range(100)]
+    spec = SceneSpec()
+    cells = [tuple(value // spec.cell for value in sample.region[:2]) for sample in samples]
+    assert len(set(cells)) == 16 and max(cells.count(cell) for cell in set(cells)) <= 15
+    assert {name for name in RELATIONS for sample in samples if f"tag {name} the" in sample.question} == set(RELATIONS)
+    assert max(sum(sample.answer == letter for sample in samples) for letter in "ABCDEFGHIJ") <= 20
+    view = resize_to_budget(samples[0].image, budget_to_pixels(144))
+    assert view.size == (336, 336)
+
+
+def test_context_splits_feed_training_and_evaluation(tmp_path):
+    """``write_splits(..., variant="context")`` puts its files in ``context/``, where ``synthetic-context`` reads them
+    (with the boxes the masking test needs); the rows are training rows too."""
+    paths = write_splits(tmp_path, {"test": 3}, seed=7, variant="context")
+    assert paths["test"] == tmp_path / "context" / "test.jsonl"
+    rows = [json.loads(line) for line in paths["test"].read_text().splitlines()]
+    assert all(row["variant"] == "context" and len(row["landmark"]) == 4 for row in rows)
+    samples = load_benchmark("synthetic-context", tmp_path, split="test")
+    assert [(s.answer, s.gt_bbox) for s in samples] == [(r["answer"], r["gt_bbox"]) for r in rows]
+    assert samples[0].stem == rows[0]["question"] and "tag" in samples[0].stem
+    assert to_grpo_rows(load_training_data(str(paths["test"])))[0]["image"].size == (1344, 1344)
+    with pytest.raises(FileNotFoundError):
+        load_benchmark("synthetic", tmp_path, split="test")  # the original variant's files are not there
+
+
+def test_demo_asks_a_contextual_question(tmp_path):
+    from ergo_vqa.demo import run
+
+    report = run(tmp_path, variant="context")
+    assert "What number is written on the tag " in report and "on the tag inside" in report
+    assert (tmp_path / "coarse.png").is_file() and (tmp_path / "scene.png").is_file()
 
 
 QUESTIONS = 40

@@ -1,24 +1,29 @@
 """The synthetic demo model end to end on a CPU: data, supervised warm-up, GRPO with TCE, evaluation.
 
-    python -m training.synthetic_recipe runs/synthetic           # about 40 minutes on 2 CPU cores
+    python -m training.synthetic_recipe runs/synthetic           # about 45 minutes on 2 CPU cores
     python -m training.synthetic_recipe runs/synthetic --ship    # then copy the trained model to ergo_vqa/demo_model
                                                           # (without its remote code: ergo_vqa.demo adds it)
+    python -m training.synthetic_recipe runs/synthetic --ablation  # then GRPO's reward ablation (``ablation``)
+
+One model learns both variants of the task (``ergo_vqa.synthetic_task.VARIANTS``), asked in the same format.
 
 Each step writes a folder under OUT and is skipped when that folder is complete, so an interrupted run resumes:
 
-1. ``data``: the synthetic splits (``ergo_vqa.synthetic_task``), in the training schema;
+1. ``data``: the synthetic splits of both variants (``ergo_vqa.synthetic_task``), in the training schema, and
+   ``data/mixed-train.jsonl``, both variants' training rows interleaved (what the supervised phases and GRPO read);
 2. ``init``: a ``DEMO``-shape Qwen2.5-VL built from config, random weights, offline tokenizer;
 3. ``vision``: the vision warm-up (``training.vision_warmup``: reading crops and pointing at the target on the
-   coarse view), written as an ERGO Hub folder;
+   coarse view), on original-variant rows only (a contextual target's cell cannot be pointed at without the
+   question, which the tower never sees), written as an ERGO Hub folder;
 4. ``sft``, ``reading``, ``answering``: three supervised phases (``training.sft``, TRL's SFTTrainer, tower frozen),
    each from the previous one's model (``Recipe.formatting``, ``Recipe.reading``, ``Recipe.answering``): the
    format, then reading the crop, then reading it at stage 2 of the conversation;
 5. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the ``answering`` model, with the ``reading``
    model (it reads crops shown alone) as r_region's frozen reward model; its ERGO folder is ``grpo/ergo``;
-6. ``eval``: ``ergo_vqa.evaluation`` on the test split, the same samples for every mode: the coarse-only single
-   pass and ERGO for both later supervised models, the full-resolution single pass for the reading model (the one
-   trained on full images last), ERGO for the GRPO model;
-   ``results.md`` and ``results.json`` hold the table.
+6. ``eval``: ``ergo_vqa.evaluation`` on each variant's test split, the same samples for every mode: the
+   full-resolution single pass for the reading model (the one trained on full images last), ERGO for the
+   ``answering`` model, and for the GRPO model ERGO, ERGO with the target masked out of the coarse view
+   (``mask_target``) and the coarse-only single pass; ``results.md`` and ``results.json`` hold the table.
 
 Each step's wall time is appended to ``OUT/timings.jsonl``.
 """
@@ -36,11 +41,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from ergo_vqa.eval_data import load_benchmark
+from ergo_vqa.eval_data import SYNTHETIC_DATASETS, load_benchmark
 from ergo_vqa.evaluation import evaluate
 from ergo_vqa.inference import load
-from ergo_vqa.synthetic_task import write_splits
+from ergo_vqa.synthetic_task import split_path, write_splits
 from ergo_vqa.tiny import DEMO, DEMO_VOCAB_SIZE, build_model, build_processor, build_tokenizer
 from hub_card import save_hub_folder
 from hub_card.folder import REMOTE_CODE_MODULES
@@ -66,8 +72,9 @@ A 1.6M-parameter Qwen2.5-VL-architecture model trained from scratch, on 2 CPU co
 recipe (`python -m training.synthetic_recipe runs/synthetic --ship`): a vision warm-up (reading digits in crops,
 pointing at the target on the coarse view), three supervised phases on ERGO's two-turn format (the format; reading
 crops; reading the crop at stage 2), then GRPO with the TCE reward, on the synthetic task of
-`ergo_vqa.synthetic_task`: find the one saturated shape in a 1344x1344 image seen at 144 vision tokens, zoom on it,
-read its digit in the native-resolution crop. It is a demonstration, not a general model: it answers ERGO's two-stage
+`ergo_vqa.synthetic_task`, both variants: find the one saturated shape in a 1344x1344 image seen at 144 vision
+tokens, zoom on it, read its digit in the native-resolution crop; or find the tag named by its relation to a landmark
+("the tag to the right of the blue circle"), which the coarse view cannot show, and read it. It is a demonstration, not a general model: it answers ERGO's two-stage
 conversation. Its single-pass replies are malformed: on the coarse view, a stage-1 reply the scorer cannot read;
 on the full image, for most questions, a letter followed by dots or repeated words (the letter was right for 10 of
 the first 40 test questions, `ergo eval --mode full --limit 40`). The table below was measured on held-out
@@ -97,7 +104,11 @@ class SupervisedPhase:
 class Recipe:
     """The sizes behind the published table (docs/synthetic-proof.md)."""
 
-    splits: tuple[tuple[str, int], ...] = (("train", 3000), ("validation", 100), ("test", 200))
+    splits: tuple[tuple[str, int], ...] = (("train", 1000), ("validation", 100), ("test", 200))
+    """The original variant's splits; its training rows are the vision warm-up's."""
+    context_splits: tuple[tuple[str, int], ...] = (("train", 2000), ("validation", 100), ("test", 200))
+    """The contextual variant's: twice the original's training rows, its stage 1 being the harder to learn (a
+    landmark, then a step to a neighbouring cell); 3000 rows in all, as the single-variant recipe had."""
     budget: int = 144
     """Coarse and crop budget, vision tokens: the 1344x1344 image shrinks 4x in the coarse view."""
     vision_warmup_steps: int = 300
@@ -127,17 +138,39 @@ class Recipe:
     """γ of r_box: the target's cell is 1/16 of the image, so only a box about one cell large earns it (the paper's
     0.6 does not tell the target's cell from a box ten times larger)."""
     seed: int = 0
+    ablation_arms: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("all rewards", ()),
+        ("r_acc + r_format", ("--box_weight", "0", "--reward_model", "", "--no_region_reward", "true")),
+        ("r_TCE only", ("--accuracy_weight", "0", "--format_weight", "0")),
+    )
+    """GRPO's reward ablation (``ablation``): the arms' flags over the recipe's GRPO arguments. All rewards is the
+    paper's (and the recipe's); r_TCE = r_region + 0.5 r_box."""
+    ablation_seeds: tuple[int, ...] = (0, 1)
 
 
 def run(out: Path, recipe: Recipe = Recipe()) -> dict:
+    """Every step (module docstring); returns the evaluation's table and rows."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
+    reading, answering = train_steps(out, recipe)
+    data, grpo = out / "data", out / "grpo" / "ergo"
+    start = time.perf_counter()
+    result = evaluate_all([("SFT phases 1-2", reading, "full"), ("SFT phases 1-3", answering, "ergo"),
+                           ("SFT + GRPO", grpo, "ergo"), ("SFT + GRPO", grpo, "ergo masked"),
+                           ("SFT + GRPO", grpo, "coarse")], data, out / "eval", recipe.budget)
+    _log_time(out, "eval", start)
+    return result
+
+
+def train_steps(out: Path, recipe: Recipe) -> tuple[Path, Path]:
+    """The steps from the data to GRPO's (each skipped when its folder is complete); returns the reading and
+    answering models' folders."""
     data, init, vision, sft, grpo = out / "data", out / "init", out / "vision", out / "sft", out / "grpo" / "ergo"
     reading, answering = out / "reading", out / "answering"
-    train = data / "train.jsonl"
-    _step(out, "data", data / "test.jsonl", lambda: write_splits(data, dict(recipe.splits), seed=recipe.seed))
+    train = data / "mixed-train.jsonl"
+    _step(out, "data", train, lambda: write_data(data, recipe))
     _step(out, "init", init / "config.json", lambda: build_init(init, recipe.seed))
-    _step(out, "vision", vision / "config.json", lambda: vision_warm_up(init, train, vision, recipe))
+    _step(out, "vision", vision / "config.json", lambda: vision_warm_up(init, data / "train.jsonl", vision, recipe))
     _step(out, "sft", sft / "config.json", lambda: supervised_phase(vision, train, sft, recipe, recipe.formatting))
     _step(out, "reading", reading / "config.json",
           lambda: supervised_phase(sft, train, reading, recipe, recipe.reading))
@@ -145,12 +178,26 @@ def run(out: Path, recipe: Recipe = Recipe()) -> dict:
           lambda: supervised_phase(reading, train, answering, recipe, recipe.answering))
     _step(out, "grpo", grpo / "config.json",
           lambda: grpo_main(grpo_arguments(answering, reading, train, out / "grpo", recipe)))
-    start = time.perf_counter()
-    result = evaluate_all({"SFT phases 1-2": (reading, ("coarse", "full", "ergo")),
-                           "SFT phases 1-3": (answering, ("coarse", "ergo")), "SFT + GRPO": (grpo, ("ergo",))},
-                          data, out / "eval", recipe.budget)
-    _log_time(out, "eval", start)
-    return result
+    return reading, answering
+
+
+def write_data(data: Path, recipe: Recipe) -> Path:
+    """Both variants' splits under ``data`` and their training rows interleaved evenly into
+    ``data/mixed-train.jsonl`` (image paths relative to it), so that every "first share of the rows" of a supervised
+    phase holds both variants in proportion."""
+    write_splits(data, dict(recipe.splits), seed=recipe.seed)
+    write_splits(data, dict(recipe.context_splits), seed=recipe.seed, variant="context")
+    placed = []
+    for variant in SYNTHETIC_DATASETS.values():
+        path = split_path(data, "train", variant)
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        folder = path.parent.relative_to(data)
+        for index, row in enumerate(rows):
+            row = {key: value for key, value in row.items() if key != "landmark"} | {"variant": variant}
+            placed.append(((index + 0.5) / len(rows), variant, row | {"image": str(folder / row["image"])}))
+    mixed = data / "mixed-train.jsonl"
+    mixed.write_text("".join(json.dumps(row) + "\n" for *_, row in sorted(placed, key=lambda item: item[:2])))
+    return mixed
 
 
 def _step(out: Path, name: str, done: Path, build: Callable[[], object]) -> None:
@@ -224,47 +271,93 @@ def grpo_arguments(policy: Path, reward_model: Path, train_file: Path, out: Path
     ]
 
 
-def evaluate_all(models: dict[str, tuple[Path, tuple[str, ...]]], data: Path, out: Path, budget: int) -> dict:
-    """The table: accuracy, vision tokens, latency, and for ERGO how often stage 1's region held the target, for each
-    model (name: (folder, modes)). "share of full" is of the first model's full-resolution pass."""
-    samples = load_benchmark("synthetic", data, split="test")
-    targets = {row["id"]: row["gt_bbox"] for row in map(json.loads, (data / "test.jsonl").read_text().splitlines())}
+def evaluate_all(runs: list[tuple[str, Path, str]], data: Path, out: Path, budget: int) -> dict:
+    """The table: for each (model name, folder, mode) and each variant's test split, accuracy, vision tokens and
+    latency, and for ERGO how often stage 1's region held the target and the mean share of the image it cut. Mode
+    ``ergo masked`` is ERGO with the target masked out of the coarse view (``evaluate``'s ``mask_target``). "share of
+    full" is of the variant's full-resolution pass."""
     rows = []
-    for name, (folder, modes) in models.items():
-        model, processor = load(str(folder), device="cpu")
-        records = out / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-        for mode in modes:
-            summary = evaluate(model, processor, samples, mode, records, "synthetic", budget=budget, batch_size=8,
-                               max_new_tokens=64, progress=False)
-            hits = None
-            if mode == "ergo":
+    for dataset, variant in SYNTHETIC_DATASETS.items():
+        samples = load_benchmark(dataset, data, split="test")
+        targets = {sample.id: sample.gt_bbox for sample in samples}
+        for name, folder, mode in runs:
+            model, processor = load(str(folder), device="cpu")
+            records = out / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            summary = evaluate(model, processor, samples, mode.split()[0], records, dataset, budget=budget,
+                               batch_size=8, max_new_tokens=64, progress=False, mask_target=mode.endswith("masked"))
+            hits = area = None
+            if mode.startswith("ergo"):
                 regions = {r["id"]: r["region"] for r in map(json.loads, (records / summary["records"])
                                                              .read_text().splitlines())}
                 hits = sum(_contains(regions.get(i), box) for i, box in targets.items()) / len(targets)
-            rows.append({**summary, "model": name, "target_in_region": hits})  # the table's name, not the path
-    full = next(row for row in rows if row["mode"] == "full")
-    lines = ["| model | mode | accuracy | target inside the region | vision tokens / sample | share of full | "
-             "s / sample |", "|---|---|---|---|---|---|---|"]
+                area = sum(_area_share(regions.get(i), sample.image) for i, sample in
+                           zip(targets, samples)) / len(samples)
+            rows.append({**summary, "variant": variant, "model": name, "mode": mode,  # the table's names
+                         "target_in_region": hits, "region_area_share": area})
+    lines = ["| variant | model | mode | accuracy | target inside the region | mean crop area share | "
+             "vision tokens / sample | share of full | s / sample |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        share = row["mean_vision_tokens"] / full["mean_vision_tokens"]
-        hits = "-" if row["target_in_region"] is None else f"{100 * row['target_in_region']:.1f}%"
-        lines.append(f"| {row['model']} | {row['mode']} | {100 * row['accuracy']:.1f}% | {hits} | "
-                     f"{row['mean_vision_tokens']:.0f} | {100 * share:.0f}% | {row['mean_seconds']:.2f} |")
-    table = "\n".join(lines) + f"\n\n{len(samples)} test samples, 10 options each (chance 10%).\n"
+        full = next((r for r in rows if r["variant"] == row["variant"] and r["mode"] == "full"), None)
+        share = f"{100 * row['mean_vision_tokens'] / full['mean_vision_tokens']:.0f}%" if full else "-"
+        hits, area = ("-" if row[key] is None else f"{100 * row[key]:.1f}%"
+                      for key in ("target_in_region", "region_area_share"))
+        lines.append(f"| {row['variant']} | {row['model']} | {row['mode']} | {100 * row['accuracy']:.1f}% | {hits} | "
+                     f"{area} | {row['mean_vision_tokens']:.0f} | {share} | {row['mean_seconds']:.2f} |")
+    table = "\n".join(lines) + "\n\n" + " and ".join(
+        f"{next(r['samples'] for r in rows if r['variant'] == variant)} {variant}" for variant in
+        SYNTHETIC_DATASETS.values()) + " test samples, 10 options each (chance 10%).\n"
     (out.parent / "results.md").write_text(table)
     (out.parent / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     return {"table": table, "rows": rows}
+
+
+def _area_share(region: list[int] | None, image: Path) -> float:
+    """The share of the image a region covers; 1 without one (the fallback then reads the whole image)."""
+    if region is None:
+        return 1.0
+    with Image.open(image) as opened:
+        width, height = opened.size
+    return (region[2] - region[0]) * (region[3] - region[1]) / (width * height)
 
 
 def _contains(region: list[int] | None, box: list[int]) -> bool:
     return region is not None and region[0] <= box[0] and region[1] <= box[1] and region[2] >= box[2] and region[3] >= box[3]
 
 
+def ablation(out: Path, recipe: Recipe = Recipe()) -> dict:
+    """GRPO's reward ablation from one supervised start, the ``answering`` model (phases 1-3), with the recipe's
+    GRPO settings and steps for every arm (``Recipe.ablation_arms``) and seed (``Recipe.ablation_seeds``); the
+    arm with all rewards and the recipe's seed is the recipe's own ``grpo`` step. That start is where the supervised
+    phases leave the contextual variant's localisation short of the original's (docs/synthetic-proof.md), so the
+    rewards differ within rollout groups and GRPO has something to learn. ``OUT/ablation/results.md`` holds the
+    table: the start and every arm, ERGO on both variants' test splits."""
+    reading, answering = train_steps(out, recipe)
+    runs = [("SFT phases 1-3 (start)", answering, "ergo")]
+    for arm, flags in recipe.ablation_arms:
+        for seed in recipe.ablation_seeds:
+            folder = out / "ablation" / f"{re.sub(r'[^a-z0-9]+', '-', arm.lower()).strip('-')}-seed{seed}"
+            if not flags and seed == recipe.seed:
+                folder = out / "grpo"
+            arguments = grpo_arguments(answering, reading, out / "data" / "mixed-train.jsonl", folder, recipe)
+            _step(out, f"ablation {arm} seed {seed}", folder / "ergo" / "config.json",
+                  lambda: grpo_main([*arguments, *flags, "--seed", str(seed)]))
+            runs.append((f"{arm}, seed {seed}", folder / "ergo", "ergo"))
+    start = time.perf_counter()
+    result = evaluate_all(runs, out / "data", out / "ablation" / "eval", recipe.budget)
+    _log_time(out, "ablation eval", start)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder for data, checkpoints and results")
     parser.add_argument("--ship", action="store_true", help=f"copy the SFT + GRPO model to {SHIPPED_MODEL}")
+    parser.add_argument("--ablation", action="store_true",
+                        help="GRPO's reward ablation instead (OUT/ablation/results.md), after the supervised steps")
     args = parser.parse_args(argv)
+    if args.ablation:
+        print(ablation(args.out)["table"])
+        return
     result = run(args.out)
     print(result["table"])
     if args.ship:
