@@ -1,5 +1,5 @@
-"""``python -m hub_card SOURCE OUT``: turn a local Qwen2.5-VL or ERGO checkpoint into an ERGO Hub folder, with a
-model card that reports ``ergo eval`` results when ``--results`` summaries are given."""
+"""``python -m hub_card SOURCE OUT``: turn a local Qwen2.5-VL, Qwen3-VL, Qwen3.5 or ERGO checkpoint into an ERGO Hub
+folder, with a model card that reports ``ergo eval`` results when ``--results`` summaries are given."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from huggingface_hub.utils import validate_repo_id
 
+from modeling_ergo.family_ergo import GROUNDING_CONVENTIONS
 from processing_ergo import FALLBACK_POLICIES
 from processing_ergo.geometry_ergo import INFERENCE_BUDGET
 from processing_ergo.prompts_ergo import STAGE2_TEMPLATES
@@ -20,7 +21,7 @@ from .folder import convert_checkpoint, push_folder
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hub_card", description=__doc__)
-    parser.add_argument("source", help="local Qwen2.5-VL or ERGO checkpoint folder (safetensors)")
+    parser.add_argument("source", help="local Qwen2.5-VL, Qwen3-VL, Qwen3.5 or ERGO checkpoint folder (safetensors)")
     parser.add_argument("out", help="folder to write (new or empty, unless --overwrite)")
     parser.add_argument("--coarse-budget", type=int,
                         help=f"stage-1 vision tokens (default: the source's; {INFERENCE_BUDGET} from a stock folder)")
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: the source's; 'reference' from a stock folder")
     parser.add_argument("--fallback", choices=FALLBACK_POLICIES,
                         help="default: the source's; 'resize' from a stock folder")
+    parser.add_argument("--grounding", choices=GROUNDING_CONVENTIONS,
+                        help="how stage 1 writes its box (default: the source's; from a stock folder, the family's: "
+                             "absolute pixels for Qwen2.5-VL, relative 0-1000 for Qwen3-VL and Qwen3.5)")
     parser.add_argument("--overwrite", action="store_true",
                         help="convert into a non-empty folder: its weight files are removed first, so that it holds "
                              "only this conversion's")
@@ -40,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = {key: value for key, value in (("coarse_budget", args.coarse_budget), ("crop_budget", args.crop_budget),
                                               ("stage2_template", args.stage2_template),
-                                              ("fallback", args.fallback)) if value is not None}
+                                              ("fallback", args.fallback), ("grounding", args.grounding))
+                if value is not None}
     try:
         if args.push_to_hub:
             validate_repo_id(args.push_to_hub)

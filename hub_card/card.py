@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from modeling_ergo.family_ergo import QWEN2_5_VL, Family
+
 from .results import BENCHMARKS, results_table
 
 RESULTS_TEMPLATE = """## Results
@@ -20,9 +22,9 @@ CARD_TEMPLATE = """---
 {card_data}
 ---
 
-# ERGO: two-stage high-resolution visual question answering on Qwen2.5-VL
+# ERGO: two-stage high-resolution visual question answering on {family}
 
-This folder is a Qwen2.5-VL checkpoint with ERGO's remote code (arXiv 2509.21991). With
+This folder is a {family} checkpoint with ERGO's remote code (arXiv 2509.21991). With
 `trust_remote_code=True`, `generate()` first reasons over the image downsampled to **{coarse_budget} vision
 tokens**, emits a region `<zoom>[x1, y1, x2, y2]</zoom>`, then answers from that region cropped out of the
 original image at native resolution, in the same conversation.
@@ -46,7 +48,7 @@ pipe = pipeline("image-text-to-text", model=REPO, trust_remote_code=True)
 
 Command line (from the ERGO repository): `ergo infer --model REPO --image photo.jpg --question "..."`.
 
-Engines that serve Qwen2.5-VL natively (vLLM, SGLang) load this folder as the plain Qwen2.5-VL it is
+Engines that serve {family} natively (vLLM, SGLang) load this folder as the plain {family} it is
 (`architectures` names the stock class); the two-stage loop then runs client-side.
 
 {results}## Limitations
@@ -69,7 +71,7 @@ policy applies (default: the whole image at the crop budget) and the output repo
 
 
 def build_model_card(base_model: str | None, coarse_budget: int, results: list[dict] | None = None,
-                     model_name: str = "ERGO") -> ModelCard:
+                     model_name: str = "ERGO", family: Family = QWEN2_5_VL) -> ModelCard:
     """A model card with metadata (pipeline tag, library, base model), usage and, given ``ergo eval`` summaries,
     a results table and the model-index entries the Hub shows (the ``ergo`` mode's accuracy per benchmark)."""
     results = results or []
@@ -84,10 +86,11 @@ def build_model_card(base_model: str | None, coarse_budget: int, results: list[d
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         license="apache-2.0",
-        tags=["ergo", "qwen2_5_vl", "high-resolution", "visual-question-answering", "custom_code"],
+        tags=["ergo", family.model_type, "high-resolution", "visual-question-answering", "custom_code"],
         base_model=base_model if base_model and "/" in base_model and not base_model.startswith(("/", ".")) else None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
     )
     section = RESULTS_TEMPLATE.format(table=results_table(results)) if results else ""
-    return ModelCard(CARD_TEMPLATE.format(card_data=data.to_yaml(), coarse_budget=coarse_budget, results=section))
+    return ModelCard(CARD_TEMPLATE.format(card_data=data.to_yaml(), coarse_budget=coarse_budget, results=section,
+                                          family=family.name))

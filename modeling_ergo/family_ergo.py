@@ -54,6 +54,9 @@ class Family:
     merge_size: int
     grounding: str
     """The native grounding convention (one of ``GROUNDING_CONVENTIONS``): the processor's default."""
+    video_processor: str
+    """The stock video processor class, which a Hub folder names for engines that load the stock processor (ERGO
+    reads no video, and that class needs torchvision)."""
     recurrent_cache: str | None = None
     """Why stage 2 can continue stage 1's cache only for a lone sample with the dynamic cache, or None when it can
     always continue (a KV cache, where masked positions are simply not attended to)."""
@@ -65,12 +68,12 @@ class Family:
 
 
 QWEN2_5_VL = Family("Qwen2.5-VL", "qwen2_5_vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                    patch_size=14, merge_size=2, grounding="absolute")
+                    patch_size=14, merge_size=2, grounding="absolute", video_processor="Qwen2VLVideoProcessor")
 QWEN3_VL = Family("Qwen3-VL", "qwen3_vl", Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                  patch_size=16, merge_size=2, grounding="relative")
+                  patch_size=16, merge_size=2, grounding="relative", video_processor="Qwen3VLVideoProcessor")
 QWEN3_5 = Family(
     "Qwen3.5", "qwen3_5", Qwen3_5Config, Qwen3_5ForConditionalGeneration, patch_size=16, merge_size=2,
-    grounding="relative",
+    grounding="relative", video_processor="Qwen3VLVideoProcessor",
     recurrent_cache="Qwen3.5's gated-DeltaNet states take in every token fed (padding, tokens after a stop) and "
                     "cannot drop rows",
 )

@@ -37,6 +37,7 @@ from .family_ergo import GROUNDING_CONVENTIONS, native_grounding
 from .geometry_ergo import (
     INFERENCE_BUDGET,
     MAX_ASPECT_RATIO,
+    MIN_PIXELS,
     box_scale,
     budget_to_pixels,
     resize_to_budget,
@@ -432,9 +433,13 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
 
     # ------------------------------------------------------------------ accounting
 
-    def image_tokens(self, width: int, height: int, max_pixels: int) -> int:
-        """Vision tokens the image processor spends on a width x height image under ``max_pixels``."""
-        patches = self.image_processor.get_number_of_image_patches(height, width, {"size": size_up_to(max_pixels)})
+    def image_tokens(self, width: int, height: int, max_pixels: int, min_pixels: int = MIN_PIXELS) -> int:
+        """Vision tokens the image processor spends on a width x height image under ``max_pixels`` (and over
+        ``min_pixels``), as ERGO has it processed (``size_up_to``). The bounds go in by name: the image processor's
+        count reads ``size`` from its own settings only, whose lower bound Qwen3-VL's and Qwen3.5's stock folders set
+        to 64 tokens (Qwen2.5-VL's: 4)."""
+        bounds = {"min_pixels": min_pixels, "max_pixels": max(max_pixels, min_pixels)}
+        patches = self.image_processor.get_number_of_image_patches(height, width, bounds)
         return patches // self.image_processor.merge_size**2
 
     def full_resolution_tokens(self, image: Image.Image) -> int | None:
@@ -448,7 +453,8 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         """Vision tokens of stage 2's image (0 when stage 2 is skipped)."""
         if decision.image is None:
             return 0
-        return self.image_tokens(*decision.image.size, decision.processor_size["longest_edge"])
+        size = decision.processor_size
+        return self.image_tokens(*decision.image.size, size["longest_edge"], size["shortest_edge"])
 
     def vision_token_counts(self, stage1: int, decision: ZoomDecision, original: Image.Image) -> dict[str, int | None]:
         """One sample's vision-token record (``stage1``, ``stage2``, ``total``, ``full_resolution``), counted the same

@@ -9,13 +9,14 @@ import textwrap
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from ergo_vqa.demo import DEMO_MODEL
 from ergo_vqa.tiny import TINY, ModelShape, build_processor, config_kwargs
 from hub_card import convert_checkpoint
 from hub_card.__main__ import main as hub_card_main
 from modeling_ergo import ErgoForConditionalGeneration
+from modeling_ergo.family_ergo import QWEN2_5_VL, Family
 from processing_ergo import ErgoProcessor
 
 FRESH_PROCESS_CHECK = textwrap.dedent('''
@@ -115,14 +116,26 @@ def test_engines_that_know_qwen2_5_vl_read_the_folder_natively(tiny_folder, mode
     assert not any(key.startswith("model.language_model.") for key in keys)
 
 
-def save_stock(folder, tokenizer, seed: int = 7, shape: ModelShape = TINY, **save_kwargs):
-    """A stock Qwen2.5-VL folder (legacy Hub key layout), as Qwen/Qwen2.5-VL-*-Instruct are laid out;
-    ``save_kwargs`` such as ``max_shard_size`` go to ``save_pretrained``."""
+def save_stock(folder, tokenizer, seed: int = 7, shape: ModelShape = TINY, family: Family = QWEN2_5_VL,
+               **save_kwargs):
+    """A stock folder of ``family`` (Qwen2.5-VL: the legacy Hub key layout), as Qwen/Qwen2.5-VL-*-Instruct are laid
+    out; Qwen3-VL and Qwen3.5 folders as theirs are: a fast image processor and the stock processor class named, a
+    chat template file and a video processor file. ``save_kwargs`` such as ``max_shard_size`` go to
+    ``save_pretrained``."""
     torch.manual_seed(seed)
-    stock = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config_kwargs(tokenizer, shape)))
+    stock = family.model_class(family.config_class(**config_kwargs(tokenizer, shape, family)))
     stock.save_pretrained(folder, **save_kwargs)
-    build_processor(tokenizer).tokenizer.save_pretrained(folder)
-    build_processor(tokenizer).image_processor.save_pretrained(folder)
+    processor = build_processor(tokenizer, family=family)
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    if family is not QWEN2_5_VL:
+        image = json.loads((folder / "preprocessor_config.json").read_text())
+        image.update(image_processor_type="Qwen2VLImageProcessorFast", processor_class="Qwen3VLProcessor")
+        (folder / "preprocessor_config.json").write_text(json.dumps(image))
+        video = {"video_processor_type": family.video_processor, "patch_size": family.patch_size,
+                 "temporal_patch_size": 2, "merge_size": family.merge_size, "fps": 2, "do_sample_frames": True}
+        (folder / "video_preprocessor_config.json").write_text(json.dumps(video))
+        (folder / "chat_template.jinja").write_text(processor.chat_template)
     return folder, stock
 
 
@@ -164,7 +177,7 @@ def test_convert_checkpoint_refuses_what_it_cannot_load_safely(stock_checkpoint,
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="Qwen2.5-VL"):
+    with pytest.raises(ValueError, match=r"Qwen2.5-VL \(qwen2_5_vl\), Qwen3-VL \(qwen3_vl\), Qwen3.5 \(qwen3_5\)"):
         convert_checkpoint(other, tmp_path / "out2")
     with pytest.raises(FileNotFoundError):
         convert_checkpoint(tmp_path / "missing", tmp_path / "out3")
