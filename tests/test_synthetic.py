@@ -212,6 +212,19 @@ def test_recipe_supervised_phase_trains_and_writes_a_hub_folder(tmp_path):
     assert changed and all(".visual." not in name and not name.startswith("model.visual") for name in changed)
 
 
+def test_recipe_data_interleaves_both_variants_for_training(tmp_path):
+    """The recipe's training file holds both variants' rows in proportion all along (a supervised phase takes the
+    first share of the rows) with image paths that resolve; each variant's test split is where ``ergo eval`` reads
+    it."""
+    from training.synthetic_recipe import Recipe, write_data
+
+    recipe = Recipe(splits=(("train", 2), ("test", 1)), context_splits=(("train", 4), ("test", 1)))
+    rows = load_training_data(str(write_data(tmp_path, recipe)))
+    assert rows["variant"] == ["context", "original", "context", "context", "original", "context"]
+    assert all(Path(image).is_file() for image in rows["image"])
+    assert [len(load_benchmark(name, tmp_path)) for name in ("synthetic", "synthetic-context")] == [1, 1]
+
+
 def test_shipping_keeps_the_remote_code_as_links_and_the_folder_loads(tiny_folder, tmp_path):
     """``--ship``'s step: the trained folder's files and the card, its remote code linked to this package's files (a
     copy ignoring ``*.py`` used to drop them), loadable with ``trust_remote_code`` from a fresh copy of the links."""

@@ -157,7 +157,7 @@ def run(out: Path, recipe: Recipe = Recipe()) -> dict:
     start = time.perf_counter()
     result = evaluate_all([("SFT phases 1-2", reading, "full"), ("SFT phases 1-3", answering, "ergo"),
                            ("SFT + GRPO", grpo, "ergo"), ("SFT + GRPO", grpo, "ergo masked"),
-                           ("SFT + GRPO", grpo, "coarse")], data, out / "eval", recipe.budget)
+                           ("SFT + GRPO", grpo, "coarse")], out, recipe.budget)
     _log_time(out, "eval", start)
     return result
 
@@ -271,18 +271,19 @@ def grpo_arguments(policy: Path, reward_model: Path, train_file: Path, out: Path
     ]
 
 
-def evaluate_all(runs: list[tuple[str, Path, str]], data: Path, out: Path, budget: int) -> dict:
-    """The table: for each (model name, folder, mode) and each variant's test split, accuracy, vision tokens and
-    latency, and for ERGO how often stage 1's region held the target and the mean share of the image it cut. Mode
-    ``ergo masked`` is ERGO with the target masked out of the coarse view (``evaluate``'s ``mask_target``). "share of
-    full" is of the variant's full-resolution pass."""
+def evaluate_all(runs: list[tuple[str, Path, str]], out: Path, budget: int, table: str = "results") -> dict:
+    """The table ``OUT/<table>.md`` (and ``.json``): for each (model name, folder, mode) and each variant's test
+    split in ``OUT/data``, accuracy, vision tokens and latency, and for ERGO how often stage 1's region held the
+    target and the mean share of the image it cut. Mode ``ergo masked`` is ERGO with the target masked out of the
+    coarse view (``evaluate``'s ``mask_target``). "share of full" is of the variant's full-resolution pass. Records
+    go to ``OUT/eval/<model folder>``, so a model in two tables runs once."""
     rows = []
     for dataset, variant in SYNTHETIC_DATASETS.items():
-        samples = load_benchmark(dataset, data, split="test")
+        samples = load_benchmark(dataset, out / "data", split="test")
         targets = {sample.id: sample.gt_bbox for sample in samples}
         for name, folder, mode in runs:
             model, processor = load(str(folder), device="cpu")
-            records = out / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            records = out / "eval" / re.sub(r"[^a-z0-9]+", "-", str(folder.relative_to(out)).lower()).strip("-")
             summary = evaluate(model, processor, samples, mode.split()[0], records, dataset, budget=budget,
                                batch_size=8, max_new_tokens=64, progress=False, mask_target=mode.endswith("masked"))
             hits = area = None
@@ -303,12 +304,12 @@ def evaluate_all(runs: list[tuple[str, Path, str]], data: Path, out: Path, budge
                       for key in ("target_in_region", "region_area_share"))
         lines.append(f"| {row['variant']} | {row['model']} | {row['mode']} | {100 * row['accuracy']:.1f}% | {hits} | "
                      f"{area} | {row['mean_vision_tokens']:.0f} | {share} | {row['mean_seconds']:.2f} |")
-    table = "\n".join(lines) + "\n\n" + " and ".join(
+    text = "\n".join(lines) + "\n\n" + " and ".join(
         f"{next(r['samples'] for r in rows if r['variant'] == variant)} {variant}" for variant in
         SYNTHETIC_DATASETS.values()) + " test samples, 10 options each (chance 10%).\n"
-    (out.parent / "results.md").write_text(table)
-    (out.parent / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    return {"table": table, "rows": rows}
+    (out / f"{table}.md").write_text(text)
+    (out / f"{table}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return {"table": text, "rows": rows}
 
 
 def _area_share(region: list[int] | None, image: Path) -> float:
@@ -329,12 +330,12 @@ def ablation(out: Path, recipe: Recipe = Recipe()) -> dict:
     GRPO settings and steps for every arm (``Recipe.ablation_arms``) and seed (``Recipe.ablation_seeds``); the
     arm with all rewards and the recipe's seed is the recipe's own ``grpo`` step. That start is where the supervised
     phases leave the contextual variant's localisation short of the original's (docs/synthetic-proof.md), so the
-    rewards differ within rollout groups and GRPO has something to learn. ``OUT/ablation/results.md`` holds the
-    table: the start and every arm, ERGO on both variants' test splits."""
+    rewards differ within rollout groups and GRPO has something to learn. ``OUT/ablation.md`` holds the table: the
+    start and every arm, ERGO on both variants' test splits."""
     reading, answering = train_steps(out, recipe)
     runs = [("SFT phases 1-3 (start)", answering, "ergo")]
-    for arm, flags in recipe.ablation_arms:
-        for seed in recipe.ablation_seeds:
+    for seed in recipe.ablation_seeds:  # every arm of one seed before the next seed's
+        for arm, flags in recipe.ablation_arms:
             folder = out / "ablation" / f"{re.sub(r'[^a-z0-9]+', '-', arm.lower()).strip('-')}-seed{seed}"
             if not flags and seed == recipe.seed:
                 folder = out / "grpo"
@@ -343,7 +344,7 @@ def ablation(out: Path, recipe: Recipe = Recipe()) -> dict:
                   lambda: grpo_main([*arguments, *flags, "--seed", str(seed)]))
             runs.append((f"{arm}, seed {seed}", folder / "ergo", "ergo"))
     start = time.perf_counter()
-    result = evaluate_all(runs, out / "data", out / "ablation" / "eval", recipe.budget)
+    result = evaluate_all(runs, out, recipe.budget, table="ablation")
     _log_time(out, "ablation eval", start)
     return result
 
