@@ -33,7 +33,8 @@ from transformers.cli.serving.chat_completion import ChatCompletionHandler
 from transformers import GenerationConfig
 from transformers.cli.serving.model_manager import ModelManager
 
-from modeling_ergo import ErgoForConditionalGeneration
+from modeling_ergo import FAMILIES
+from modeling_ergo.modeling_ergo import MODEL_CLASSES
 from processing_ergo.images_ergo import ErgoImageError, load_image
 from processing_ergo.processing_ergo import RESPONSE_TEMPLATE
 
@@ -96,23 +97,25 @@ def run(options: ServeOptions) -> int:
 
 
 def allow_ergo_in_transformers_serve() -> None:
-    """Lists ERGO's model class among transformers' image-text-to-text classes in this process, where
-    ``transformers serve`` looks up the modality of the model it serves."""
+    """Lists ERGO's model class of every family among transformers' image-text-to-text classes in this process,
+    where ``transformers serve`` looks up the modality of the model it serves."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.setdefault("ergo", ErgoForConditionalGeneration.__name__)
+    for model_type, model_class in MODEL_CLASSES.items():
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.setdefault(f"ergo_{model_type}", model_class.__name__)
     use_ergo_response_template()
 
 
 def use_ergo_response_template() -> None:
     """Makes ``transformers serve`` in this process return an ERGO reply whole as the message's content (ERGO's
     ``RESPONSE_TEMPLATE``). It parses replies by the tokenizer's ``response_template``, else by its table of
-    templates per ``model_type``, whose Qwen2.5-VL entry would split ``<think>…</think>`` off as reasoning; ERGO's
-    tokenizer carries none (pipelines would then keep special tokens), so ERGO's goes first in that table."""
+    templates per ``model_type``, whose Qwen2.5-VL and Qwen3-VL entry would split ``<think>…</think>`` off as
+    reasoning; ERGO's tokenizer carries none (pipelines would then keep special tokens), so ERGO's goes first in that
+    table, for every family."""
     from transformers.cli.serving import utils
 
     templates = utils._RESPONSE_TEMPLATE_FALLBACKS
-    ordered = {("qwen2_5_vl",): RESPONSE_TEMPLATE, **templates}
+    ordered = {tuple(FAMILIES): RESPONSE_TEMPLATE, **templates}
     templates.clear()
     templates.update(ordered)
 
