@@ -97,7 +97,7 @@ class SupervisedPhase:
     example_mean_loss: bool = False
     learning_rate: float = 1e-3
     max_steps: int = -1
-    """Batches of 8; -1: one epoch."""
+    """Batches of 8; -1: ``Recipe.epochs`` of the phase's examples."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,9 @@ class Recipe:
     """γ of r_box: the target's cell is 1/16 of the image, so only a box about one cell large earns it (the paper's
     0.6 does not tell the target's cell from a box ten times larger)."""
     seed: int = 0
+    epochs: float = 1.0
+    """Of each supervised phase (a fraction stops it early, with its learning-rate schedule fitted to the shorter
+    run): ``--epochs`` trains a smaller model when the CPU is not free (docs/synthetic-proof.md)."""
     ablation_arms: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("all rewards", ()),
         ("r_acc + r_format", ("--box_weight", "0", "--reward_model", "", "--no_region_reward", "true")),
@@ -243,7 +246,7 @@ def supervised_phase(start: Path, train_file: Path, folder: Path, recipe: Recipe
         output_dir=str(folder.parent / f"{folder.name}-run"), coarse_budget=recipe.budget,
         **{f"{kind}_share": shares.get(kind, 0.0) for kind in EXAMPLE_KINDS},
         freeze_vision_tower=recipe.freeze_vision_tower, example_mean_loss=phase.example_mean_loss,
-        num_train_epochs=1.0, max_steps=phase.max_steps,
+        num_train_epochs=recipe.epochs, max_steps=phase.max_steps,
         learning_rate=phase.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=0.05, per_device_train_batch_size=8, weight_decay=0.0, logging_steps=10, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
@@ -354,12 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="folder for data, checkpoints and results")
     parser.add_argument("--ship", action="store_true", help=f"copy the SFT + GRPO model to {SHIPPED_MODEL}")
     parser.add_argument("--ablation", action="store_true",
-                        help="GRPO's reward ablation instead (OUT/ablation/results.md), after the supervised steps")
+                        help="GRPO's reward ablation instead (OUT/ablation.md), after the supervised steps")
+    parser.add_argument("--epochs", type=float, default=1.0, help="of each supervised phase (default 1)")
     args = parser.parse_args(argv)
+    recipe = Recipe(epochs=args.epochs)
     if args.ablation:
-        print(ablation(args.out)["table"])
+        print(ablation(args.out, recipe)["table"])
         return
-    result = run(args.out)
+    result = run(args.out, recipe)
     print(result["table"])
     if args.ship:
         ship(args.out / "grpo" / "ergo", SHIPPED_MODEL, SHIPPED_CARD.format(table=result["table"]))
