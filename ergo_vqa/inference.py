@@ -1,4 +1,5 @@
-"""Loading an ERGO or stock Qwen2.5-VL folder and answering one question, as the CLI and the demo do."""
+"""Loading an ERGO folder or a stock checkpoint of a supported family and answering one question, as the CLI and
+the demo do."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, CompileConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, CompileConfig, PreTrainedConfig
 
-from modeling_ergo import ErgoForConditionalGeneration
+from modeling_ergo import family_of
+from modeling_ergo.modeling_ergo import MODEL_CLASSES
 from processing_ergo import ErgoProcessor
 from processing_ergo.prompts_ergo import extract_answer
 
@@ -44,7 +46,7 @@ CACHE_CHOICES = ("auto", "dynamic", "static")
 
 def load(model_id: str, device: str = "auto", dtype: str = "auto", cache: str = "auto", **processor_settings):
     """(model, processor) from an ERGO folder (through ``trust_remote_code``, like any Hub user) or from a stock
-    Qwen2.5-VL folder (through the installed ERGO classes, which read it as is).
+    Qwen2.5-VL, Qwen3-VL or Qwen3.5 folder (through the installed ERGO class of its family, which reads it as is).
 
     ``cache="auto"`` generates with a static cache on CUDA (transformers then compiles the decode step, which both
     ERGO stages share) and with a dynamic one elsewhere (where nothing is compiled and a dynamic cache is faster)."""
@@ -58,10 +60,17 @@ def load(model_id: str, device: str = "auto", dtype: str = "auto", cache: str = 
         model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=torch_dtype)
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True, **processor_settings)
     else:
-        model = ErgoForConditionalGeneration.from_pretrained(model_id, dtype=torch_dtype)
+        model = ergo_class(model_id).from_pretrained(model_id, dtype=torch_dtype)
         processor = ErgoProcessor.from_pretrained(model_id, **processor_settings)
     use_cache(model, "static" if cache == "static" or (cache == "auto" and device.startswith("cuda")) else "dynamic")
     return model.to(device).eval(), processor
+
+
+def ergo_class(model_id: str | Path, revision: str | None = None) -> type:
+    """The installed ERGO generation class of a checkpoint's family (an ERGO folder or a stock one, read from its
+    ``config.json`` alone): what loads a folder without running its remote code, as training does."""
+    config, _ = PreTrainedConfig.get_config_dict(str(model_id), revision=revision)
+    return MODEL_CLASSES[family_of(config.get("model_type")).model_type]
 
 
 def check_device(device: str) -> str:

@@ -15,7 +15,7 @@ from trl import ModelConfig, TrlParser
 
 from conftest import noise_image
 from ergo_vqa.testing_utils import ScriptedText, zoom_text
-from modeling_ergo import ErgoForConditionalGeneration
+from modeling_ergo import FAMILIES, ErgoForConditionalGeneration
 from processing_ergo import ErgoProcessor
 from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
 from processing_ergo.prompts_ergo import stage2_prompt
@@ -447,12 +447,16 @@ def test_freeze_vision_tower_trains_the_language_model_only(policy, tmp_path):
     assert tower and not changed & tower and len(changed) > (len(before) - len(tower)) // 2
 
 
-def test_smoke_run_has_a_gradient(tmp_path, capsys):
+@pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
+def test_smoke_run_has_a_gradient(tmp_path, capsys, family):
+    """The shipped recipe through ``training.grpo.main`` on a tiny model of each family (loaded by its ERGO class,
+    exported as its ERGO folder)."""
     from training import smoke
 
-    steps = smoke.run(tmp_path)
+    steps = smoke.run(tmp_path, family=family)
     assert len(steps) == 2 and all(entry["grad_norm"] > 0 and entry["reward_std"] > 0 for entry in steps)
     assert "grad_norm" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "ergo" / "config.json").read_text())["model_type"] == family.model_type
     # Each step's log says where the time went and what the regions were (the synthetic rows carry gt_bbox).
     for entry in steps:
         phases = ("stage1", "zoom", "stage2", "reward", "logprob", "loss_forward", "loss_backward")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig, SFTConfig
 
 from processing_ergo import ErgoProcessor
-from processing_ergo.geometry_ergo import PAPER_BUDGET
+from processing_ergo.geometry_ergo import PAPER_BUDGET, min_pixels_for
 
 from .data import MULTIPLE_CHOICE_POSTFIX
 
@@ -33,10 +33,15 @@ class ErgoViewConfig:
 
     def apply_to(self, processor: ErgoProcessor) -> ErgoProcessor:
         """Sets the budgets and the template on ``processor`` (checked there), which every view and turn is then
-        built with."""
+        built with, and lowers its image processor's minimum to ERGO's (4 vision tokens): TRL's loss forward and
+        the rollout's stage 1 call the image processor with its own bounds, and Qwen3-VL's and Qwen3.5's stock
+        minimum of 64 tokens would enlarge a smaller coarse view or crop there (Qwen2.5-VL's is 4 already). The
+        exported folder keeps that minimum, so an engine serving it keeps small crops as training saw them."""
         processor.check_settings(self.coarse_budget, self.crop_budget, self.stage2_template, processor.fallback)
         processor.coarse_budget, processor.crop_budget = self.coarse_budget, self.crop_budget
         processor.stage2_template = self.stage2_template
+        image_processor = processor.image_processor
+        image_processor.size = {**dict(image_processor.size), "shortest_edge": min_pixels_for(processor.factor)}
         return processor
 
 

@@ -22,8 +22,8 @@ from peft import PeftModel
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
+from ergo_vqa.inference import ergo_class
 from hub_card import push_folder, save_hub_folder
-from modeling_ergo import ErgoForConditionalGeneration
 from processing_ergo import ErgoProcessor
 
 from .data import MULTIPLE_CHOICE_POSTFIX, load_training_data, to_grpo_rows
@@ -80,7 +80,7 @@ def build_trainer(script: ErgoScriptArguments, args: ErgoGRPOConfig, model_args:
     processor = ErgoProcessor.from_pretrained(model_args.model_name_or_path, revision=init_kwargs["revision"],
                                               padding_side="left")  # budgets: args
     args.model_init_kwargs = init_kwargs  # TRL builds the frozen reference model (beta > 0) from these
-    model = ErgoForConditionalGeneration.from_pretrained(
+    model = ergo_class(model_args.model_name_or_path, init_kwargs["revision"]).from_pretrained(
         model_args.model_name_or_path, **{**init_kwargs, "dtype": weights_dtype(init_kwargs["dtype"], model_args, args)})
     dataset = to_grpo_rows(load_training_data(script.dataset, script.dataset_split), script.multiple_choice_postfix)
 
@@ -104,7 +104,7 @@ def model_init_kwargs(model_args: ModelConfig, args: ErgoGRPOConfig) -> dict:
     ``--load_in_4bit`` / ``--load_in_8bit`` (QLoRA). Quantization without bitsandbytes or without LoRA, and
     quantization settings without quantization, are refused by name: TRL would ignore them silently."""
     if not model_args.model_name_or_path:
-        raise ValueError("--model_name_or_path is required (a Qwen2.5-VL or ERGO folder or Hub id)")
+        raise ValueError("--model_name_or_path is required (a Qwen2.5-VL, Qwen3-VL, Qwen3.5 or ERGO folder or Hub id)")
     kwargs = {"revision": model_args.model_revision, "trust_remote_code": args.trust_remote_code,
               "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
               **(args.model_init_kwargs or {})}
@@ -145,10 +145,10 @@ def export(checkpoint: str | Path, base_model: str, processor: ErgoProcessor, fo
     ZeRO-3 shards); LoRA adapters are merged into the base weights (``base_model`` at ``revision``)."""
     checkpoint = Path(checkpoint)
     if (checkpoint / "adapter_config.json").is_file():
-        base = ErgoForConditionalGeneration.from_pretrained(base_model, revision=revision, dtype="auto")
+        base = ergo_class(base_model, revision).from_pretrained(base_model, revision=revision, dtype="auto")
         model = PeftModel.from_pretrained(base, checkpoint).merge_and_unload()
     else:
-        model = ErgoForConditionalGeneration.from_pretrained(checkpoint, dtype="auto")
+        model = ergo_class(checkpoint).from_pretrained(checkpoint, dtype="auto")
     save_hub_folder(model, processor, folder, base_model=base_model)
     return folder
 

@@ -1,7 +1,7 @@
-"""A CPU smoke run of the whole training recipe, offline: ``python -m training.smoke [OUT_DIR] [--zero3]``; on two
-processes ``torchrun --nproc_per_node 2 -m training.smoke OUT_DIR``.
+"""A CPU smoke run of the whole training recipe, offline: ``python -m training.smoke [OUT_DIR] [--zero3]
+[--family qwen3_vl|qwen3_5]``; on two processes ``torchrun --nproc_per_node 2 -m training.smoke OUT_DIR``.
 
-It writes a random-weight tiny ERGO model and a few synthetic samples (``ergo_vqa.synthetic_task``) as a JSONL dataset, then
+It writes a random-weight tiny ERGO model of the family (Qwen2.5-VL by default) and a few synthetic samples (``ergo_vqa.synthetic_task``) as a JSONL dataset, then
 runs the shipped recipe through ``training.grpo.main`` with the model swapped for the tiny one, the tiny model
 as its own local reward model, and sizes a CPU can take (2 steps). A random policy never writes a region, so stage 1
 is scripted: the rollouts of a group ask for a small and a large region, their box rewards differ, and every step
@@ -11,8 +11,8 @@ gradient. It proves the plumbing, backward included, not learning.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,12 +23,15 @@ from ergo_vqa.synthetic_task import SceneSpec, write_split
 from ergo_vqa.testing_utils import ScriptedText, zoom_text
 from ergo_vqa.tiny import build_model, build_processor, build_tokenizer
 from hub_card import save_hub_folder
+from modeling_ergo.family_ergo import FAMILIES, QWEN2_5_VL, Family
 
 from .grpo import main
 from .rollout import ErgoGRPOTrainer
 
 RECIPE = Path(__file__).parent / "recipes" / "ergo-qwen2.5-vl-7b.yaml"
-SMALL_BOX, LARGE_BOX = (4, 4, 40, 30), (0, 0, 250, 170)  # coarse pixels; the large one covers most of a 64-token view
+SMALL_BOX, LARGE_BOX = (4, 4, 40, 30), (0, 0, 1000, 1000)
+"""A small region and the whole image in either grounding convention: Qwen2.5-VL's coarse pixels (the large box is
+clamped to the coarse view) and the 16-px families' thousandths."""
 STAGE1_TEXTS = [zoom_text(SMALL_BOX, "small"), zoom_text(LARGE_BOX, "large")]
 
 
@@ -60,19 +63,19 @@ def saying(trainer: ErgoGRPOTrainer, texts: list[str], rows: int):
         del model.generate
 
 
-def tiny_model(folder: Path) -> Path:
-    """A random-weight tiny ERGO folder, written once."""
+def tiny_model(folder: Path, family: Family = QWEN2_5_VL) -> Path:
+    """A random-weight tiny ERGO folder of ``family``, written once."""
     if not (folder / "config.json").is_file():
-        tokenizer = build_tokenizer()
-        save_hub_folder(build_model(tokenizer), build_processor(tokenizer), folder)
+        tokenizer = build_tokenizer(family=family)
+        save_hub_folder(build_model(tokenizer, family=family), build_processor(tokenizer, family=family), folder)
     return folder
 
 
-def smoke_arguments(out_dir: Path) -> list[str]:
+def smoke_arguments(out_dir: Path, family: Family = QWEN2_5_VL) -> list[str]:
     # Under torchrun, process 0 writes the model and the data and the others then read them. `cpu=True`: the
     # process group is gloo's, as `--use_cpu true` sets it up.
     with PartialState(cpu=True).main_process_first():
-        model = tiny_model(out_dir / "model")
+        model = tiny_model(out_dir / "model", family)
         data = write_split(out_dir / "data", "train", 4, spec=SceneSpec(size=448, shape_side=(40, 60), clutter=40))  # CPU-sized crops
     return [
         "--config", str(RECIPE), "--model_name_or_path", str(model), "--dataset", str(data),
@@ -91,10 +94,11 @@ ZERO3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model
 """The recipe's ZeRO-3 layout (``training/accelerate/zero3.yaml``) for ``--zero3``, in fp32 for the CPU."""
 
 
-def run(out_dir: Path, zero3: bool = False) -> list[dict]:
-    """Trains the 2 steps and returns their logged entries (loss, grad_norm, reward, ...); SystemExit when no step
-    had a gradient. ``zero3``: under DeepSpeed ZeRO-3 (needs ``deepspeed``; run with torchrun)."""
-    arguments = smoke_arguments(out_dir)
+def run(out_dir: Path, zero3: bool = False, family: Family = QWEN2_5_VL) -> list[dict]:
+    """Trains the 2 steps on a tiny model of ``family`` and returns their logged entries (loss, grad_norm, reward,
+    ...); SystemExit when no step had a gradient. ``zero3``: under DeepSpeed ZeRO-3 (needs ``deepspeed``; run with
+    torchrun)."""
+    arguments = smoke_arguments(out_dir, family)
     if zero3:
         import deepspeed
 
@@ -116,8 +120,9 @@ def run(out_dir: Path, zero3: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    options = [arg for arg in sys.argv[1:] if arg.startswith("--")]
-    folders = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
-    if set(options) - {"--zero3"}:
-        raise SystemExit(f"usage: python -m training.smoke [OUT_DIR] [--zero3]; unknown {sorted(set(options) - {'--zero3'})}")
-    run(Path(folders[0] if folders else "ergo-train-smoke"), zero3="--zero3" in options)
+    parser = argparse.ArgumentParser(prog="python -m training.smoke", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", nargs="?", default="ergo-train-smoke", type=Path)
+    parser.add_argument("--zero3", action="store_true", help="under DeepSpeed ZeRO-3 (needs deepspeed)")
+    parser.add_argument("--family", choices=list(FAMILIES), default=QWEN2_5_VL.model_type)
+    options = parser.parse_args()
+    run(options.out_dir, zero3=options.zero3, family=FAMILIES[options.family])
