@@ -25,13 +25,19 @@ TRANSFORMERS_INTERNALS = {
     "PreTrainedConfig._attn_implementation":
         "read and set on the vision tower's config during generate() to run its attention windows in one varlen call; "
         "the public set_attn_implementation refuses the registered function: any name containing 'flash' is taken "
-        "for a flash-attention kernel to load, and Qwen2.5-VL's vision tower batches its windows only for such names",
+        "for a flash-attention kernel to load, and the vision towers of Qwen2.5-VL, Qwen3-VL and Qwen3.5 batch their "
+        "windows (or images) through cu_seqlens only for such names",
     "Qwen2_5_VLForConditionalGeneration._prepare_position_ids_for_generation":
         "overridden: before transformers 5.23 a generate() continuing a cache reused the previous call's rope deltas "
         "even when the new tokens hold an image, which gave stage 2's crop wrong positions when it continues stage "
         "1's cache (silently different answers, or a shape error when rows were dropped)",
     "Qwen2_5_VLModel.rope_deltas":
         "cleared by that override, so the new image's 3-D positions are computed as transformers 5.23 does itself",
+    "Qwen3VLForConditionalGeneration._prepare_position_ids_for_generation":
+        "the same override for Qwen3-VL (5.19 has the same early exit on stale rope deltas)",
+    "Qwen3VLModel.rope_deltas": "the same",
+    "Qwen3_5ForConditionalGeneration._prepare_position_ids_for_generation": "the same override for Qwen3.5",
+    "Qwen3_5Model.rope_deltas": "the same",
     "conversion_mapping.get_checkpoint_conversion_mapping":
         "Qwen2.5-VL's checkpoint key renaming, registered for ERGO's class: transformers applies it only to classes "
         "it registered, and a subclass would otherwise load Hub checkpoints with random weights",
@@ -40,6 +46,9 @@ TRANSFORMERS_INTERNALS = {
     "GenerationMixin:mm_encoder_outputs":
         "stage 2 continuing stage 1's cache passes the crops' image features pre-encoded, so the vision tower "
         "encodes only the crops, not the coarse views again; an undocumented generate() keyword",
+    "Qwen3VLModel:deepstack_features":
+        "Qwen3-VL's forward takes the crops' DeepStack features from those pre-encoded outputs (get_image_features "
+        "returns them beside the merged features) and adds them to the first decoder layers' image positions",
     # processing_ergo.py
     "ProcessorMixin._process_images":
         "overridden to run the image processor per image on a thread pool (same tensors as one call)",

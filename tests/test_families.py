@@ -39,6 +39,9 @@ from test_pipeline import ANSWER, chat, forced
 from test_pipeline import test_new_text_is_the_answer_without_special_tokens as pipes
 
 BUDGET = 64
+NEW_FAMILIES = pytest.mark.parametrize("family", [family for family in FAMILIES.values() if family is not QWEN2_5_VL],
+                                       ids=lambda family: family.model_type, indirect=True)
+"""For the tests imported from ``test_generate`` and ``test_pipeline``, which run on Qwen2.5-VL there already."""
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES.values()), ids=list(FAMILIES))
@@ -159,20 +162,24 @@ def stage1_text(processor, stage1: dict) -> str:
     return processor.tokenizer.decode(script, skip_special_tokens=True)
 
 
+@NEW_FAMILIES
 def test_a_padded_batch_continues_or_re_prefills_and_says_why(family, model, processor):
     """The padded batch of ``test_generate``, rows skipping stage 2 included, with the dynamic and static caches:
     token for token as re-prefilled; Qwen3.5's recurrent states re-encode and ``cache`` gives the reason."""
     continues_like_re_prefill(model, processor, "coarse")
 
 
+@NEW_FAMILIES
 def test_a_greedy_batch_equals_its_samples_one_by_one(model, processor):
     batches_like_singles(model, processor)
 
 
+@NEW_FAMILIES
 def test_a_streamer_receives_stage_1_then_the_answer(model, processor):
     streams(model, processor)
 
 
+@NEW_FAMILIES
 def test_the_image_text_to_text_pipeline_answers_as_generate(model, processor):
     pipes(pipeline("image-text-to-text", model=model, processor=processor), model, processor)
 

@@ -7,6 +7,7 @@ from PIL import Image
 
 from processing_ergo.geometry_ergo import (
     MIN_PIXELS,
+    box_scale,
     budget_to_pixels,
     crop_region,
     crop_size,
@@ -127,3 +128,20 @@ def test_crop_keeps_native_resolution_and_uses_lanczos():
 
 def test_crop_size_rejects_crops_flatter_than_qwen_accepts():
     assert crop_size((0, 0, 9000, 1), budget_to_pixels(1280)) is None
+
+
+def test_a_32_px_family_resizes_counts_and_crops_by_its_factor():
+    """Qwen3-VL and Qwen3.5: the same round-based rules with 32 px per vision token (minimum 4 of them)."""
+    assert budget_to_pixels(64, 32) == 64 * 32 * 32
+    height, width = smart_resize(2160, 3840, 32, max_pixels=budget_to_pixels(640, 32))
+    assert (height, width) == (608, 1088) and height % 32 == width % 32 == 0
+    assert vision_tokens(width, height, 32) == 646  # 19 x 34: slightly over budget, as with 28 px
+    assert smart_resize(10, 5, 32) == (96, 64)  # at least 4 tokens, rounded up per side: 6, as 84x56 at 28 px
+    assert crop_size((0, 0, 200, 150), budget_to_pixels(1280, 32), 32) == (192, 160)
+
+
+def test_relative_boxes_map_from_thousandths_of_the_image():
+    scale = box_scale((1400, 900), (448, 288), "relative")
+    assert scale == (1.4, 0.9) and box_scale((1400, 900), (448, 288), "absolute") == (1400 / 448, 900 / 288)
+    assert map_box_to_original((0, 0, 1000, 1000), *scale, 1400, 900) == (0, 0, 1400, 900)
+    assert map_box_to_original((500, 250, 750, 1200), *scale, 1400, 900) == (700, 225, 1050, 900)  # clamped

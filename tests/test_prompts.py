@@ -4,6 +4,7 @@ import pytest
 
 from processing_ergo.prompts_ergo import (
     STAGE1_TEMPLATE,
+    STAGE1_TEMPLATES,
     STAGE2_TEMPLATES,
     SYSTEM_PROMPT,
     answer_letters,
@@ -21,6 +22,14 @@ def test_prompts_are_the_reference_strings():
     assert STAGE1_TEMPLATE.startswith("{Question} First, consider how to zoom in")
     assert STAGE1_TEMPLATE.endswith("<zoom>[x1, y1, x2, y2]</zoom> tags.")
     assert "\n" not in SYSTEM_PROMPT + STAGE1_TEMPLATE
+
+
+def test_stage1_asks_relative_boxes_only_for_the_relative_convention():
+    """Qwen2.5-VL's absolute pixels keep the reference's template; the relative (0-1000) families' template only
+    says so, after "bounding box coordinates"."""
+    assert STAGE1_TEMPLATES["absolute"] is STAGE1_TEMPLATE
+    head, tail = STAGE1_TEMPLATE.split("bounding box coordinates")
+    assert STAGE1_TEMPLATES["relative"] == head + "bounding box coordinates, relative to the image on a 0-1000 scale," + tail
 
 
 def test_stage2_template_variants_differ_only_in_the_typo():
