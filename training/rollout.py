@@ -177,7 +177,8 @@ class ErgoGRPOTrainer(RolloutGRPOTrainer):
 
     def _log_stage_times(self, metrics, seconds: dict[str, float], tokens: dict[str, int]) -> None:
         """``ergo/<phase>_s``, the slowest process's seconds (the step waits for it); ``ergo/<stage>_tokens``, the
-        tokens each stage generated on all processes; ``ergo/<stage>_tokens_per_s``, the two divided."""
+        tokens each stage generated on all processes, every reply up to and including its stop token (as a chat
+        engine's ``usage.completion_tokens`` counts them); ``ergo/<stage>_tokens_per_s``, the two divided."""
         slowest = self.across_processes(list(seconds.values())).view(-1, len(seconds)).max(dim=0).values.tolist()
         total = self.across_processes(list(tokens.values())).view(-1, len(tokens)).sum(dim=0).tolist()
         seconds = dict(zip(seconds, slowest))
