@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ergo_vqa.synthetic_task import write_split
 from modeling_ergo import ErgoForConditionalGeneration
@@ -14,6 +15,8 @@ from training.sft import (
 from training.vision_warmup import (
     AttentionProbe, centre_cell, centre_token, overlapped_tokens, token_cells, warm_up_vision, window_classes,
 )
+from modeling_ergo.family_ergo import QWEN2_5_VL, QWEN3_5, QWEN3_VL
+from test_families import family, folder  # noqa: F401  (fixtures: one tiny folder per family)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +110,14 @@ def test_example_shares_and_missing_regions(dataset):
         ErgoSFTConfig(output_dir="unused", full_share=1.5)
 
 
-@pytest.mark.parametrize("example_mean_loss", [False, True])
-def test_sft_trainer_learns_from_the_examples(tiny_folder, processor, dataset, tmp_path, example_mean_loss):
-    model = ErgoForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32)
+@pytest.mark.parametrize("family, example_mean_loss",
+                         [(QWEN2_5_VL, False), (QWEN2_5_VL, True), (QWEN3_VL, True), (QWEN3_5, True)],
+                         ids=lambda value: getattr(value, "model_type", None), scope="module")
+def test_sft_trainer_learns_from_the_examples(folder, dataset, tmp_path, example_mean_loss):
+    """On every family's tiny folder (``test_families``), loaded as users load it: every kind of example trains the
+    vision tower and the language model (the 16-px families' examples sized by their own factor)."""
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     before = {name: weight.clone() for name, weight in model.named_parameters()}
     args = ErgoSFTConfig(output_dir=str(tmp_path), coarse_budget=64, full_share=0.25, max_steps=3,
                          per_device_train_batch_size=3, learning_rate=1e-3, logging_steps=1, save_strategy="no",
@@ -185,8 +193,9 @@ def test_attention_probe_reads_the_token_its_attention_picks():
     assert attention.exp().argmax() == 1 and logits.argmax() == 2 and torch.isclose(attention.exp().sum(), torch.tensor(1.0))
 
 
-def test_frozen_vision_tower_stays_as_it_was(tiny_folder, processor, dataset, tmp_path):
-    model = ErgoForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32)
+def test_frozen_vision_tower_stays_as_it_was(folder, dataset, tmp_path):
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     before = {name: weight.clone() for name, weight in model.named_parameters()}
     args = ErgoSFTConfig(output_dir=str(tmp_path), coarse_budget=64, full_share=0.0, max_steps=1,
                          per_device_train_batch_size=2, learning_rate=1e-3, save_strategy="no", report_to="none",

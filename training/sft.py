@@ -31,7 +31,7 @@ from datasets import Dataset
 from PIL import Image
 from trl import SFTTrainer
 
-from processing_ergo.geometry_ergo import PAPER_BUDGET, vision_tokens
+from processing_ergo.geometry_ergo import IMAGE_FACTOR, PAPER_BUDGET, vision_tokens
 from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET, ErgoContext, ErgoProcessor, ZoomDecision
 from processing_ergo.prompts_ergo import SYSTEM_PROMPT, stage_questions
@@ -43,9 +43,11 @@ STAGE1_REPLY = "<think> The question points to one object; zoom in on it. </thin
 STAGE2_REPLY = "<think> The enlarged image shows {}. </think> <answer>{}</answer>"
 
 
-def sft_rows(dataset: Dataset, shares: dict[str, float], coarse_budget: int = PAPER_BUDGET, crop_budget: int | None = None) -> Dataset:
+def sft_rows(dataset: Dataset, shares: dict[str, float], coarse_budget: int = PAPER_BUDGET,
+             crop_budget: int | None = None, factor: int = IMAGE_FACTOR) -> Dataset:
     """The examples, one row per (dataset row, kind) with the kind in column ``kind`` and the vision tokens it will
-    hold in ``length`` (what the trainer groups batches by). Kind ``k`` comes from the first
+    hold in ``length`` (what the trainer groups batches by; ``factor``: the family's pixels per token side, the
+    processor's ``factor``). Kind ``k`` comes from the first
     ``round(shares[k] * len(dataset))`` rows. Those rows must have the box their kind needs (``ergo``, ``crop``: a
     region; ``evidence``: a ``gt_bbox``)."""
     counts = {kind: round(share * len(dataset)) for kind, share in shares.items() if share > 0}
@@ -58,7 +60,7 @@ def sft_rows(dataset: Dataset, shares: dict[str, float], coarse_budget: int = PA
     rows = rows.add_column("kind", [kind for _, kind in pairs])
     regions = dataset[region_column] if region_column in dataset.column_names else [None] * len(dataset)
     rows = rows.add_column("zoom_region", [regions[index] for index, _ in pairs])
-    return rows.map(lambda row: {"length": _vision_tokens(row, coarse_budget, crop_budget or coarse_budget)},
+    return rows.map(lambda row: {"length": _vision_tokens(row, coarse_budget, crop_budget or coarse_budget, factor)},
                     desc="sizing examples")
 
 
@@ -73,16 +75,16 @@ def _check_boxes(dataset: Dataset, column: str, rows: int, kinds: str) -> None:
         raise ValueError(f"rows {missing[:10]} have no {column}: {kinds} examples need one (original pixels)")
 
 
-def _vision_tokens(row: dict, coarse_budget: int, crop_budget: int) -> int:
+def _vision_tokens(row: dict, coarse_budget: int, crop_budget: int, factor: int) -> int:
     """Roughly the vision tokens of an example, from the image header and the region (no decoding)."""
     with Image.open(row["image"]) if isinstance(row["image"], str) else nullcontext(row["image"]) as image:
         width, height = image.size
     if row["kind"] == "full":
-        return min(vision_tokens(width, height), FULL_RESOLUTION_BUDGET)
+        return min(vision_tokens(width, height, factor), FULL_RESOLUTION_BUDGET)
     if row["kind"] == "stage1":
         return coarse_budget
     x1, y1, x2, y2 = row["gt_bbox"] if row["kind"] == "evidence" else row["zoom_region"]
-    crop = min(max(4, (x2 - x1) * (y2 - y1) // 784), crop_budget)
+    crop = min(max(4, (x2 - x1) * (y2 - y1) // factor**2), crop_budget)
     return crop + (coarse_budget if row["kind"] == "ergo" else 0)
 
 
@@ -218,7 +220,7 @@ def build_sft_trainer(model, processor: ErgoProcessor, dataset: Dataset, args: E
     """TRL's SFTTrainer over ``dataset`` (training schema, with regions) expanded into the examples above."""
     args.apply_to(processor)  # the examples are built with the processor's budgets and stage-2 template
     collator = ErgoSFTCollator(processor, args.multiple_choice_postfix)
-    rows = sft_rows(dataset, args.shares, processor.coarse_budget, processor.crop_budget)
+    rows = sft_rows(dataset, args.shares, processor.coarse_budget, processor.crop_budget, processor.factor)
     args.apply_to_model(model)
     return ErgoSFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor)
 

@@ -1,11 +1,11 @@
 """A CPU smoke run of the whole training recipe, offline: ``python -m training.smoke [OUT_DIR] [--zero3]
 [--family qwen3_vl|qwen3_5]``; on two processes ``torchrun --nproc_per_node 2 -m training.smoke OUT_DIR``.
 
-It writes a random-weight tiny ERGO model of the family (Qwen2.5-VL by default) and a few synthetic samples (``ergo_vqa.synthetic_task``) as a JSONL dataset, then
-runs the shipped recipe through ``training.grpo.main`` with the model swapped for the tiny one, the tiny model
-as its own local reward model, and sizes a CPU can take (2 steps). A random policy never writes a region, so stage 1
-is scripted: the rollouts of a group ask for a small and a large region, their box rewards differ, and every step
-has non-zero advantages and a gradient. It prints each step's loss and grad norm and fails when no step had a
+It writes a random-weight tiny ERGO model of the family (Qwen2.5-VL by default) and a few synthetic samples
+(``ergo_vqa.synthetic_task``) as a JSONL dataset, then runs the shipped recipe through ``training.grpo.main`` with
+the model swapped for the tiny one, the tiny model as its own local reward model, and sizes a CPU can take (2 steps).
+A random policy never writes a region, so stage 1 is scripted: the rollouts of a group ask for a small and a large
+region, their box rewards differ, and every step has non-zero advantages and a gradient. It prints each step's loss and grad norm and fails when no step had a
 gradient. It proves the plumbing, backward included, not learning.
 """
 
