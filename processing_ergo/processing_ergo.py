@@ -124,7 +124,8 @@ class Stage2Sequence:
 
 
 class ErgoProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor (image-only) that also formats ERGO's prompts and builds both stages' inputs.
+    """Qwen2.5-VL's processor (image-only; for every family, by its image processor's geometry) that also formats
+    ERGO's prompts and builds both stages' inputs.
 
     Args:
         coarse_budget: vision tokens of the stage-1 (coarse) image; the paper uses 1280 and 640 (``PAPER_BUDGET``).
