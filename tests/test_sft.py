@@ -7,10 +7,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from ergo_vqa.synthetic_task import write_split
 from modeling_ergo import ErgoForConditionalGeneration
 from processing_ergo.geometry_ergo import parse_zoom_box
+from processing_ergo.images_ergo import load_image
 from training.data import load_training_data
 from training.config import ErgoSFTConfig
 from training.sft import (
-    STAGE1_REPLY, STAGE2_REPLY, ErgoSFTCollator, build_sft_trainer, coarse_box, example_mean_loss, sft_rows,
+    STAGE1_REPLY, STAGE2_REPLY, ErgoSFTCollator, build_sft_trainer, coarse_box, example_mean_loss, sft_rows, zoom_on,
 )
 from training.vision_warmup import (
     AttentionProbe, centre_cell, centre_token, overlapped_tokens, token_cells, warm_up_vision, window_classes,
@@ -79,6 +80,19 @@ def test_box_written_in_coarse_pixels_covers_the_region(dataset):
     assert box == [value // 4 for value in region]
     assert parse_zoom_box(STAGE1_REPLY.format(*box)) == tuple(box)
     assert coarse_box([10, 10, 1343, 1343], (1344, 1344), (336, 336)) == [2, 2, 336, 336]
+
+
+def test_the_zoom_reply_names_the_region_in_the_familys_convention(folder, dataset):
+    """Stage 1's supervised reply writes the region as the family's stage 1 is asked to (coarse pixels, or
+    thousandths of the image), so the crop inference cuts for it holds the region and little more."""
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True, coarse_budget=64)
+    row = dataset[1]
+    context, _ = processor.make_context([load_image(row["image"])], [row["question"]], fallback="resize")
+    _, decision = zoom_on(processor, context, row["region"])
+    region, wanted = decision.region, row["region"]
+    assert region[0] <= wanted[0] and region[1] <= wanted[1] and region[2] >= wanted[2] and region[3] >= wanted[3]
+    area = lambda box: (box[2] - box[0]) * (box[3] - box[1])
+    assert area(region) < 1.1 * area(wanted)
 
 
 def test_single_turn_examples_answer_with_the_letter(processor, dataset):

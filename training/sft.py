@@ -31,6 +31,7 @@ from datasets import Dataset
 from PIL import Image
 from trl import SFTTrainer
 
+from processing_ergo.family_ergo import RELATIVE_SCALE
 from processing_ergo.geometry_ergo import IMAGE_FACTOR, PAPER_BUDGET, vision_tokens
 from processing_ergo.images_ergo import load_image
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET, ErgoContext, ErgoProcessor, ZoomDecision
@@ -191,19 +192,23 @@ def zoom_on(processor: ErgoProcessor, context: ErgoContext, region: list[int]) -
     """(stage-1 reply naming ``region`` (original pixels), the crop decision inference makes for it) for the
     context's one sample; a region that gives no crop raises."""
     sample = context.samples[0]
-    reply = STAGE1_REPLY.format(*coarse_box(region, sample.image.size, sample.coarse_size))
+    reply = STAGE1_REPLY.format(*coarse_box(region, sample.image.size, sample.coarse_size, sample.grounding))
     decision = processor.plan_zooms(context, [reply])[0]
     if decision.fallback is not None:
         raise ValueError(f"region {region} gives no crop ({decision.fallback})")
     return reply, decision
 
 
-def coarse_box(region: list[int], original_size: tuple[int, int], coarse_size: tuple[int, int]) -> list[int]:
-    """``region`` (original pixels) in the coarse view's pixels, rounded outwards so the crop still covers it."""
-    scale_x, scale_y = coarse_size[0] / original_size[0], coarse_size[1] / original_size[1]
+def coarse_box(region: list[int], original_size: tuple[int, int], coarse_size: tuple[int, int],
+               grounding: str = "absolute") -> list[int]:
+    """``region`` (original pixels) as stage 1 writes it in the ``grounding`` convention (the processor's): in the
+    coarse view's pixels (``absolute``, Qwen2.5-VL) or in thousandths of the image (``relative``, the 16-px
+    families), rounded outwards so the crop still covers it."""
+    frame = coarse_size if grounding == "absolute" else (RELATIVE_SCALE, RELATIVE_SCALE)
+    scale_x, scale_y = frame[0] / original_size[0], frame[1] / original_size[1]
     x1, y1, x2, y2 = region
     return [max(0, math.floor(x1 * scale_x)), max(0, math.floor(y1 * scale_y)),
-            min(coarse_size[0], math.ceil(x2 * scale_x)), min(coarse_size[1], math.ceil(y2 * scale_y))]
+            min(frame[0], math.ceil(x2 * scale_x)), min(frame[1], math.ceil(y2 * scale_y))]
 
 
 def answer_and_shown(row: dict) -> tuple[str, str]:
