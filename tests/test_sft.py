@@ -167,8 +167,10 @@ def test_example_mean_loss_trainer_returns_the_mean_of_each_examples_loss(tiny_f
     assert torch.isclose(loss, expected, atol=1e-5)
 
 
-def test_vision_warm_up_trains_the_vision_tower_only(tiny_folder, processor, dataset):
-    model = ErgoForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32)
+def test_vision_warm_up_trains_the_vision_tower_only(folder, dataset):
+    """On each family's tower: Qwen2.5-VL's windowed one at 28 px, the 16-px families' full-attention ones at 32."""
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True, coarse_budget=64)
     before = {name: weight.clone() for name, weight in model.named_parameters()}
     history = warm_up_vision(model, processor, dataset, steps=3, batch_size=2)
     for accuracy in (history.reading, history.pointing):

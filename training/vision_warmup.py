@@ -88,7 +88,7 @@ def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int
     region_column = "region" if "region" in dataset.column_names else "gt_bbox"
     answers = sorted(set(dataset["answer"]))
     reading, pointing = _Task(), _Task()
-    reach = _reach(model.config.vision_config)
+    reach, factor = _reach(model.config.vision_config), processor.factor
     for row in dataset:
         image = load_image(row["image"], name="training image")
         context, (view,) = processor.make_context([image], [row["question"]], fallback="resize")
@@ -96,13 +96,13 @@ def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int
         crop, crop_box = decision.image, decision.region
         reading.images.append(crop)
         reading.answers.append(answers.index(row["answer"]))
-        reading.attention.append(centre_token(row["gt_bbox"], crop_box, crop.size))
+        reading.attention.append(centre_token(row["gt_bbox"], crop_box, crop.size, factor))
         reading.token_classes.append(window_classes(reading.attention[-1], crop.size, reach or max(crop.size),
-                                                    reading.answers[-1], none=len(answers)))
+                                                    reading.answers[-1], none=len(answers), factor=factor))
         pointing.images.append(view)
         pointing.answers.append(centre_cell(row["gt_bbox"], image.size, grid))
-        pointing.attention.append(overlapped_tokens(row["gt_bbox"], image.size, view.size))
-        pointing.token_classes.append(token_cells(view.size, grid))
+        pointing.attention.append(overlapped_tokens(row["gt_bbox"], image.size, view.size, factor))
+        pointing.token_classes.append(token_cells(view.size, grid, factor))
 
     vision = model.model.visual
     hidden = model.config.text_config.hidden_size
@@ -149,14 +149,15 @@ def _probe_loss(model, processor: ErgoProcessor, task: _Task, probe: AttentionPr
     return loss / len(picked), correct / len(picked)
 
 
-def centre_token(box: list[int], crop_box: list[int], crop_size: tuple[int, int]) -> torch.Tensor:
-    """One-hot over the crop's merged tokens (row-major): the token holding the centre of ``box`` (original pixels)
-    in a crop of ``crop_box`` resized to ``crop_size``."""
+def centre_token(box: list[int], crop_box: list[int], crop_size: tuple[int, int],
+                 factor: int = IMAGE_FACTOR) -> torch.Tensor:
+    """One-hot over the crop's merged tokens (row-major; ``factor`` px each, the processor's): the token holding the
+    centre of ``box`` (original pixels) in a crop of ``crop_box`` resized to ``crop_size``."""
     scale_x = crop_size[0] / (crop_box[2] - crop_box[0])
     scale_y = crop_size[1] / (crop_box[3] - crop_box[1])
-    columns, rows = crop_size[0] // IMAGE_FACTOR, crop_size[1] // IMAGE_FACTOR
-    column = min(columns - 1, max(0, int(((box[0] + box[2]) / 2 - crop_box[0]) * scale_x) // IMAGE_FACTOR))
-    row = min(rows - 1, max(0, int(((box[1] + box[3]) / 2 - crop_box[1]) * scale_y) // IMAGE_FACTOR))
+    columns, rows = crop_size[0] // factor, crop_size[1] // factor
+    column = min(columns - 1, max(0, int(((box[0] + box[2]) / 2 - crop_box[0]) * scale_x) // factor))
+    row = min(rows - 1, max(0, int(((box[1] + box[3]) / 2 - crop_box[1]) * scale_y) // factor))
     target = torch.zeros(rows * columns)
     target[row * columns + column] = 1.0
     return target
@@ -169,10 +170,11 @@ def centre_cell(box: list[int], size: tuple[int, int], grid: int) -> int:
     return row * grid + column
 
 
-def window_classes(centre: torch.Tensor, size: tuple[int, int], window: int, answer: int, none: int) -> torch.Tensor:
+def window_classes(centre: torch.Tensor, size: tuple[int, int], window: int, answer: int, none: int,
+                   factor: int = IMAGE_FACTOR) -> torch.Tensor:
     """Per merged token of an image (row-major): ``answer`` for the tokens in the same ``window`` x ``window`` tower
     attention window as the one-hot ``centre`` token, ``none`` for the rest."""
-    columns, rows = size[0] // IMAGE_FACTOR, size[1] // IMAGE_FACTOR
+    columns, rows = size[0] // factor, size[1] // factor
     row, column = divmod(int(centre.argmax()), columns)
     in_window = ((torch.arange(rows) // window == row // window)[:, None]
                  & (torch.arange(columns) // window == column // window)[None, :])
@@ -181,36 +183,39 @@ def window_classes(centre: torch.Tensor, size: tuple[int, int], window: int, ans
 
 def _reach(vision_config) -> int | None:
     """How far, in merged tokens per side, the vision tower can move information: None (the whole image) when a
-    block has full attention, else the side of its attention window (Qwen2.5-VL: ``window_size`` pixels)."""
-    if vision_config.fullatt_block_indexes:
+    block has full attention (every block of Qwen3-VL's and Qwen3.5's towers), else the side of its attention window
+    (Qwen2.5-VL: ``window_size`` pixels)."""
+    if getattr(vision_config, "fullatt_block_indexes", True):
         return None
     return max(1, vision_config.window_size // (vision_config.patch_size * vision_config.spatial_merge_size))
 
 
-def token_cells(view_size: tuple[int, int], grid: int) -> torch.Tensor:
+def token_cells(view_size: tuple[int, int], grid: int, factor: int = IMAGE_FACTOR) -> torch.Tensor:
     """Per merged token of a view (row-major), the cell of a ``grid`` x ``grid`` partition holding its centre."""
-    columns, rows = view_size[0] // IMAGE_FACTOR, view_size[1] // IMAGE_FACTOR
+    columns, rows = view_size[0] // factor, view_size[1] // factor
     column = ((torch.arange(columns) + 0.5) * grid / columns).long().clamp(max=grid - 1)
     row = ((torch.arange(rows) + 0.5) * grid / rows).long().clamp(max=grid - 1)
     return (row[:, None] * grid + column[None, :]).flatten()
 
 
-def overlapped_tokens(box: list[int], size: tuple[int, int], view_size: tuple[int, int]) -> torch.Tensor:
+def overlapped_tokens(box: list[int], size: tuple[int, int], view_size: tuple[int, int],
+                      factor: int = IMAGE_FACTOR) -> torch.Tensor:
     """Normalised multi-hot over the view's merged tokens (row-major): those ``box`` (original pixels) overlaps."""
     (width, height), (view_width, view_height) = size, view_size
     x1, x2 = box[0] * view_width / width, box[2] * view_width / width
     y1, y2 = box[1] * view_height / height, box[3] * view_height / height
-    columns, rows = view_width // IMAGE_FACTOR, view_height // IMAGE_FACTOR
+    columns, rows = view_width // factor, view_height // factor
     target = torch.zeros(rows, columns)
     for row in range(rows):
         for column in range(columns):
-            left, top = column * IMAGE_FACTOR, row * IMAGE_FACTOR
-            target[row, column] = float(x1 < left + IMAGE_FACTOR and x2 > left and y1 < top + IMAGE_FACTOR and y2 > top)
+            left, top = column * factor, row * factor
+            target[row, column] = float(x1 < left + factor and x2 > left and y1 < top + factor and y2 > top)
     return target.flatten() / target.sum()
 
 
 def _token_features(model, processor: ErgoProcessor, images: list[Image.Image]) -> tuple[torch.Tensor, ...]:
-    """The merger's output tokens of each image (28-aligned images keep their size, as in ``ErgoProcessor``)."""
+    """The merger's output tokens of each image (images aligned to the factor keep their size, as in
+    ``ErgoProcessor``)."""
     largest = max(image.width * image.height for image in images)
     pixels = processor.image_processor(images=images, return_tensors="pt", size=size_up_to(largest))
     grid = pixels["image_grid_thw"].to(model.device)
