@@ -3,6 +3,12 @@
     python benchmarks/two_stage_speed.py --shape cpu-proxy            # CPU, about 10 minutes
     python benchmarks/two_stage_speed.py --shape qwen2.5-vl-7b        # GPU: bf16, static cache, varlen vision
     python benchmarks/two_stage_speed.py --shape qwen2.5-vl-7b --caches dynamic,static --vision-attention sdpa,varlen
+    python benchmarks/two_stage_speed.py --shape qwen3-vl-8b          # GPU: the other families' real shapes
+    python benchmarks/two_stage_speed.py --shape qwen3.5-9b
+    python benchmarks/two_stage_speed.py --shape cpu-proxy-qwen3-vl   # CPU: each family's proxy (cpu-proxy-qwen3.5)
+
+The family is a dimension of the shape: each shape names its family (``modeling_ergo.family_ergo``), whose tokenizer,
+chat template, image processor (28 or 32 px per vision token), grounding convention and ERGO class the run uses.
 
 Modes, all on the same random-weight model:
   (a)  ergo_kv           ERGO, stage 2 continues stage 1's KV cache (the default)
@@ -39,7 +45,7 @@ import random
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,21 +56,61 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from ergo_vqa.inference import use_cache
 from ergo_vqa.testing_utils import ScriptedText
 from ergo_vqa.tiny import TINY, ModelShape, build_model, build_processor, build_tokenizer
+from modeling_ergo.family_ergo import QWEN2_5_VL, QWEN3_5, QWEN3_VL, Family
 from modeling_ergo.modeling_ergo import varlen_available
-from processing_ergo.geometry_ergo import PAPER_BUDGET, budget_to_pixels, smart_resize
+from processing_ergo.geometry_ergo import PAPER_BUDGET, box_scale, budget_to_pixels, smart_resize
 from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET
 
+
+@dataclass(frozen=True)
+class BenchmarkShape:
+    """A model to time: its family, its sizes, and what its config sets that ``ModelShape`` does not express (set on
+    the built config's ``text_config`` / ``vision_config`` before the weights are made)."""
+
+    family: Family
+    sizes: ModelShape
+    text_config: dict = field(default_factory=dict)
+    vision_config: dict = field(default_factory=dict)
+
+
+CPU_PROXY = ModelShape(hidden_size=256, intermediate_size=704, layers=4, heads=8, kv_heads=2,
+                       vision_depth=4, vision_hidden=128, vision_intermediate=256, vision_heads=4)
+"""4 layers of width 256 and a 4-block vision tower of width 128: the same sizes in every family's proxy."""
+QWEN3_5_LAYERS = ["linear_attention"] * 3 + ["full_attention"]
+"""Qwen3.5's layer pattern: three gated-DeltaNet layers, then one full-attention layer (``full_attention_interval``
+4 in its config.json), repeated."""
+
+# Real shapes: the public config.json of each checkpoint, as recalled here (this machine cannot reach the Hub, so none
+# was read from a download). Qwen/Qwen2.5-VL-7B-Instruct: text 3584 wide, 18944 MLP, 28 layers, 28 heads / 4 KV
+# heads, vocabulary 152064; vision 32 blocks of 1280 (MLP 3420, 16 heads), full attention in blocks 7, 15, 23, 31.
+# Qwen/Qwen3-VL-8B-Instruct: text 4096 wide, 12288 MLP, 36 layers, 32 heads / 8 KV heads of 128, vocabulary 151936;
+# vision 27 blocks of 1152 (MLP 4304, 16 heads), 2304 learned positions, DeepStack features from blocks 8, 16, 24.
+# Qwen/Qwen3.5-9B: text 4096 wide, 12288 MLP, 32 layers (QWEN3_5_LAYERS), full attention 16 heads / 4 KV heads of
+# 256, gated DeltaNet 16 key heads and 32 value heads of 128, vocabulary 248320; vision as Qwen3-VL's without
+# DeepStack. The Qwen3.5 numbers are also transformers 5.23's Qwen3_5Config defaults (9.4B parameters with the
+# merger's output at the text width). RoPE sections and theta, which change no cost, keep ergo_vqa.tiny's.
 SHAPES = {
-    "tiny": TINY,
-    "cpu-proxy": ModelShape(
-        hidden_size=256, intermediate_size=704, layers=4, heads=8, kv_heads=2,
-        vision_depth=4, vision_hidden=128, vision_intermediate=256, vision_heads=4,
-    ),
-    "qwen2.5-vl-7b": ModelShape(
+    "tiny": BenchmarkShape(QWEN2_5_VL, TINY),
+    "tiny-qwen3-vl": BenchmarkShape(QWEN3_VL, TINY),
+    "tiny-qwen3.5": BenchmarkShape(QWEN3_5, TINY),
+    "cpu-proxy": BenchmarkShape(QWEN2_5_VL, CPU_PROXY),
+    "cpu-proxy-qwen3-vl": BenchmarkShape(QWEN3_VL, CPU_PROXY),
+    "cpu-proxy-qwen3.5": BenchmarkShape(QWEN3_5, CPU_PROXY, text_config={"layer_types": QWEN3_5_LAYERS}),
+    "qwen2.5-vl-7b": BenchmarkShape(QWEN2_5_VL, ModelShape(
         hidden_size=3584, intermediate_size=18944, layers=28, heads=28, kv_heads=4,
         vision_depth=32, vision_hidden=1280, vision_intermediate=3420, vision_heads=16,
         full_attention_blocks=(7, 15, 23, 31), vocab_size=152064,
-    ),
+    )),
+    "qwen3-vl-8b": BenchmarkShape(QWEN3_VL, ModelShape(
+        hidden_size=4096, intermediate_size=12288, layers=36, heads=32, kv_heads=8,
+        vision_depth=27, vision_hidden=1152, vision_intermediate=4304, vision_heads=16, vocab_size=151936,
+    ), vision_config={"deepstack_visual_indexes": [8, 16, 24], "num_position_embeddings": 2304}),
+    "qwen3.5-9b": BenchmarkShape(QWEN3_5, ModelShape(
+        hidden_size=4096, intermediate_size=12288, layers=32, heads=16, kv_heads=4,
+        vision_depth=27, vision_hidden=1152, vision_intermediate=4304, vision_heads=16, vocab_size=248320,
+    ), text_config={"layer_types": QWEN3_5_LAYERS * 8, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+                    "linear_key_head_dim": 128, "linear_value_head_dim": 128},
+        vision_config={"num_position_embeddings": 2304}),
 }
 MODES = ("ergo_kv", "ergo_reprefill", "full_resolution", "full_same_length", "coarse_only")
 LABELS = {"ergo_kv": "(a)", "ergo_reprefill": "(b)", "full_resolution": "(c)", "full_same_length": "(c2)",
@@ -145,12 +191,18 @@ def synthetic_image(width: int, height: int, seed: int) -> Image.Image:
 
 def stage1_script(processor, image: Image.Image, coarse_budget: int, lengths: Lengths) -> list[int]:
     """Stage-1 token ids: filler reasoning, then a centred ``<zoom>`` box whose native-resolution crop is about
-    ``crop_tokens`` vision tokens."""
-    coarse_h, coarse_w = smart_resize(image.height, image.width, max_pixels=budget_to_pixels(coarse_budget))
-    share = min(1.0, (lengths.crop_tokens * 28 * 28 / (image.width * image.height)) ** 0.5)
+    ``crop_tokens`` vision tokens, written in the processor's grounding convention (coarse pixels or thousandths)."""
+    factor = processor.factor
+    coarse_h, coarse_w = smart_resize(image.height, image.width, factor,
+                                      max_pixels=budget_to_pixels(coarse_budget, factor))
+    share = min(1.0, (lengths.crop_tokens * factor * factor / (image.width * image.height)) ** 0.5)
     box_w, box_h = max(2, round(coarse_w * share)), max(2, round(coarse_h * share))
     x1, y1 = (coarse_w - box_w) // 2, (coarse_h - box_h) // 2
-    return forced_text(processor, f"<zoom>[{x1}, {y1}, {x1 + box_w}, {y1 + box_h}]</zoom>", lengths.stage1_tokens)
+    # Coarse pixels -> original pixels -> the convention's units (the identity for absolute boxes).
+    scale_x, scale_y = (size / coarse / written for size, coarse, written in zip(
+        image.size, (coarse_w, coarse_h), box_scale(image.size, (coarse_w, coarse_h), processor.grounding)))
+    box = [round(x1 * scale_x), round(y1 * scale_y), round((x1 + box_w) * scale_x), round((y1 + box_h) * scale_y)]
+    return forced_text(processor, f"<zoom>[{', '.join(map(str, box))}]</zoom>", lengths.stage1_tokens)
 
 
 def forced_text(processor, ending: str, length: int) -> list[int]:
@@ -336,9 +388,10 @@ def main(argv=None) -> dict:
     if any(s.vision_attention == "varlen" for s in settings) and not varlen_available(device, dtype):
         raise SystemExit("varlen vision attention needs CUDA, half precision and PyTorch >= 2.10")
     lengths = Lengths(args.stage1_tokens, args.answer_tokens, args.crop_tokens)
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    model = build_model(tokenizer, SHAPES[args.shape], device=device, dtype=dtype)
+    shape = SHAPES[args.shape]
+    tokenizer = build_tokenizer(family=shape.family)
+    processor = build_processor(tokenizer, family=shape.family)
+    model = build_benchmark_model(shape, tokenizer, device, dtype)
     model.config.skip_answered_stage2 = args.early_exit
     torch._dynamo.config.recompile_limit = 64  # one decode graph per cache shape: every size and batch here
     memory = PeakMemory(device)
@@ -365,7 +418,9 @@ def main(argv=None) -> dict:
         "machine": _machine(device),
         "torch": torch.__version__,
         "shape": args.shape,
-        "model_shape": asdict(SHAPES[args.shape]),
+        "family": shape.family.name,
+        "model_shape": asdict(shape.sizes),
+        "config_overrides": {"text_config": shape.text_config, "vision_config": shape.vision_config},
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(dtype).removeprefix("torch."),
         "settings": [s.name for s in settings],
@@ -378,7 +433,8 @@ def main(argv=None) -> dict:
         "repeats": args.repeats,
         "results": results,
     }
-    print(f"{args.shape} on {report['machine']}, {report['dtype']}; coarse budget {args.coarse_budget}; stage 1 "
+    print(f"{args.shape} ({shape.family.name}) on {report['machine']}, {report['dtype']}; coarse budget "
+          f"{args.coarse_budget}; stage 1 "
           f"{lengths.stage1_tokens} tokens, answers {lengths.answer_tokens} tokens ((c2): "
           f"{lengths.stage1_tokens + lengths.answer_tokens}), crop ~{lengths.crop_tokens} vision tokens; median of "
           f"{args.repeats}; decode floor (LM weights / measured copy bandwidth) {floor_ms:.2f} ms/token")
@@ -388,6 +444,22 @@ def main(argv=None) -> dict:
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")
     return report
+
+
+def build_benchmark_model(shape: BenchmarkShape, tokenizer, device: torch.device | str, dtype: torch.dtype):
+    """``ergo_vqa.tiny.build_model``'s random-weight model of ``shape``, its config completed with the shape's
+    overrides: built on the meta device first (no weights), then made once from the completed config."""
+    model = build_model(tokenizer, shape.sizes, device="meta" if shape.text_config or shape.vision_config else device,
+                        dtype=dtype, family=shape.family)
+    if not (shape.text_config or shape.vision_config):
+        return model
+    model.config.text_config.update(shape.text_config)
+    model.config.vision_config.update(shape.vision_config)
+    torch.manual_seed(0)
+    with torch.device(device):
+        built = type(model)._from_config(model.config, dtype=dtype).eval()
+    built.generation_config = model.generation_config
+    return built
 
 
 def _synchronize(device: torch.device) -> None:
