@@ -11,26 +11,32 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import noise_image
 from ergo_vqa.cli import main as cli
 from ergo_vqa.client import ErgoClient
 from ergo_vqa.endpoint import ChatEndpoint, openai_messages
 from ergo_vqa.eval_data import load_benchmark
+from ergo_vqa.inference import load
 from ergo_vqa.synthetic_task import SceneSpec, write_split
 from ergo_vqa.testing_utils import scripted_stage1
+from ergo_vqa.tiny import build_tokenizer
 from modeling_ergo.family_ergo import QWEN3_5
+from modeling_ergo.modeling_ergo import MODEL_CLASSES
+from processing_ergo.geometry_ergo import budget_to_pixels, smart_resize, vision_tokens
 from processing_ergo.images_ergo import load_image
 from processing_ergo.prompts_ergo import stage_questions
 from test_families import family, folder, model, processor  # noqa: F401  (fixtures: one tiny folder per family)
+from test_hub_folder import save_stock
 from test_serving import Server, free_port, local_ergo, stage2_prompt_length
 
 TOKENS = 8
 """Each stage's token limit: a random stage 1 then runs into it (fallback ``truncated``), or stops before."""
 QUESTION = "What is written on the sign?\n(A) left\n(B) right"
 SERVED_BUDGET = 144
-"""The coarse budget of the served checks: the 16-px families' stock image processors enlarge images under 64
-vision tokens, which a plain request sent to ``ergo serve`` meets (see the report on issue 27)."""
+"""The client check's budgets: ``ErgoClient``'s requests (with a system turn) reach the folder's image processor with
+its own bounds, and the 16-px families' stock minimum enlarges views under 64 tokens (docs/serving.md)."""
 
 
 QWEN3_5_PROMPTED_THINK_BLOCK = (
@@ -50,6 +56,21 @@ def test_ergo_infer_answers_as_generate(folder, model, processor, tmp_path, caps
     assert (printed["region"], printed["fallback"]) == (None, out.fallbacks[0]) and out.fallbacks[0] is not None
     assert printed["second_image_size"] == list(decision.image.size) == list(out.crop_sizes[0])
     assert printed["vision_tokens"] == out.vision_tokens[0]
+
+
+def test_ergo_infer_reads_a_stock_checkpoint_with_its_familys_class(family, tmp_path, capsys):
+    """A stock folder (no remote code) loads with the family's installed ERGO class, its weights as saved, and
+    ``ergo infer`` runs ERGO on it at the family's factor."""
+    source, stock = save_stock(tmp_path / "stock", build_tokenizer(family=family), family=family)
+    model, _ = load(str(source), device="cpu")
+    assert type(model) is MODEL_CLASSES[family.model_type]
+    assert all(torch.equal(tensor, stock.state_dict()[key]) for key, tensor in model.state_dict().items())
+    image = noise_image(900, 700, 8)
+    image.save(tmp_path / "photo.png")
+    assert cli(["infer", "--model", str(source), "--image", str(tmp_path / "photo.png"), "--question", QUESTION,
+                "--budget", "64", "--max-new-tokens", "2", "--device", "cpu", "--json"]) == 0
+    height, width = smart_resize(700, 900, family.factor, max_pixels=budget_to_pixels(64, family.factor))
+    assert json.loads(capsys.readouterr().out)["vision_tokens"]["stage1"] == vision_tokens(width, height, family.factor)
 
 
 def test_ergo_eval_records_are_generates_replies(folder, model, processor, tmp_path, capsys):
