@@ -1,7 +1,7 @@
 """The frozen reward model behind r_region: it answers a question from an image (the crop) alone.
 
 Two backends with one method, ``answer(images, questions) -> list[str | None]`` (None: that request failed):
-``LocalRewardModel`` (any Qwen2.5-VL folder or Hub id, loaded once, frozen, batched) and
+``LocalRewardModel`` (a Qwen2.5-VL, Qwen3-VL or Qwen3.5 folder or Hub id, loaded once, frozen, batched) and
 ``EndpointRewardModel`` (an OpenAI-compatible chat endpoint, e.g. ``vllm serve Qwen/Qwen2.5-VL-72B-Instruct``).
 A failed request is returned as None (the reason in ``last_error``): ``training.rewards.RegionReward`` leaves it
 unscored (its group gets no advantage) and stops training once too many of the latest requests failed.
@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 class LocalRewardModel:
-    """A Qwen2.5-VL model in this process: greedy, no gradients, ``batch_size`` crops per ``generate``."""
+    """A model of any supported family in this process (its stock class: the judge answers single turns): greedy, no
+    gradients, ``batch_size`` crops per ``generate``."""
 
     def __init__(self, name_or_path: str, device: str | torch.device | None = None, dtype: str = "auto",
                  max_new_tokens: int = 64, batch_size: int = 8):
