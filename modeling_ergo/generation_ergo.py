@@ -313,9 +313,12 @@ class ErgoGenerationMixin:
             [caller_input_ids, attention_mask, vision["mm_token_type_ids"]], attention_mask, [pad_id, 0, 0])
         limits = self._stage_token_limits([stage1_overrides, stage2_overrides], kwargs, stage_defaults,
                                           input_ids.shape[1])
-        for stage_kwargs, limit in zip((stage1_kwargs, stage2_kwargs), limits):
+        placeholders = vision_placeholder_ids(processor.tokenizer)
+        for stage_kwargs, stage_config, limit in zip((stage1_kwargs, stage2_kwargs), (stage1_config, stage2_config),
+                                                     limits):
             stage_kwargs.pop("max_length", None)
             stage_kwargs["max_new_tokens"] = limit
+            stage_kwargs["suppress_tokens"] = sorted(set(stage_config.suppress_tokens or []) | placeholders)
         reuse = self._reusable_cache_kind(stage1_config, stage2_config)
         refused = self._refused_continuation(reuse, len(input_ids))
         reuse = None if refused else reuse
@@ -713,6 +716,19 @@ def stop_token_ids(eos_token_id: int | list[int] | None, pad_token_id: int | Non
     return frozenset(ids - {None})
 
 
+VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+"""The tokens that stand for images and videos in a prompt: a reply must never hold one."""
+
+
+def vision_placeholder_ids(tokenizer) -> set[int]:
+    """The ids of ``VISION_PLACEHOLDERS`` the tokenizer knows, which both stages (in ``generate`` and in the GRPO
+    rollout) never sample: a stage-1 reply carried into stage 2's conversation with an image placeholder in it
+    would count as an image without pixels ("Image features and image tokens do not match"), and in training it
+    breaks the loss forward's image-token accounting."""
+    ids = tokenizer.convert_tokens_to_ids(list(VISION_PLACEHOLDERS))
+    return {token for token in ids if token is not None and token != tokenizer.unk_token_id}
+
+
 def ran_out_of_tokens(reply_length: int, written: int, limit: int) -> bool:
     """Whether a stage was cut off by its token limit (the zoom's ``"truncated"`` label, the rollout's truncation):
     no stop token among the ``written`` tokens (the reply before the first stop is all of them) and the whole
@@ -775,6 +791,7 @@ __all__ = [
     "EndRows",
     "ran_out_of_tokens",
     "stop_token_ids",
+    "vision_placeholder_ids",
     "tokens_until_stop",
     "pad_rows",
 ]

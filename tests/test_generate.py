@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 from transformers import (
     CompileConfig,
     GenerationConfig,
+    LogitsProcessor,
     LogitsProcessorList,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -20,7 +21,7 @@ from ergo_vqa.testing_utils import ScriptedText, scripted_stage1, zoom_text
 from ergo_vqa.tiny import build_model, config_kwargs
 from modeling_ergo import ErgoForConditionalGeneration
 from modeling_ergo.configuration_ergo import ERGO_DEFAULTS, ergo_setting
-from modeling_ergo.generation_ergo import DEFAULT_MAX_NEW_TOKENS
+from modeling_ergo.generation_ergo import DEFAULT_MAX_NEW_TOKENS, vision_placeholder_ids
 from processing_ergo.geometry_ergo import (
     budget_to_pixels,
     crop_size,
@@ -497,3 +498,26 @@ def test_a_collated_batch_with_a_row_that_is_not_an_ergo_request_is_refused_nami
     context = inputs.pop("ergo_context")
     with pytest.raises(ValueError, match=r"rows \[1\] of this batch are not ERGO requests .* while \[0\] are"):
         model.generate(**inputs, ergo_context=[context, None], max_new_tokens=2)
+
+
+class PreferTokens(LogitsProcessor):
+    """Raises the given tokens' scores far above the rest (a model that keeps wanting to write them)."""
+
+    def __init__(self, token_ids: list[int]):
+        self.token_ids = token_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.token_ids] += 1e4
+        return scores
+
+
+def test_a_model_drawn_to_vision_placeholders_never_writes_one_and_stage_2_runs(model, processor):
+    """A stage-1 reply holding ``<|image_pad|>`` would enter stage 2's conversation as an image without pixels
+    ("Image features and image tokens do not match"): both stages never sample a vision placeholder."""
+    placeholders = sorted(vision_placeholder_ids(processor.tokenizer))
+    inputs = processor.prepare([noise_image(900, 600, 46), noise_image(600, 900, 47)], ["What is it?", "Which?"])
+    out = model.generate(**inputs, max_new_tokens=4, return_dict_in_generate=True,
+                         logits_processor=LogitsProcessorList([PreferTokens(placeholders)]))
+    answers = out.sequences[:, inputs["input_ids"].shape[1]:]
+    assert len(placeholders) == 5 and not any(token in placeholders for token in answers.flatten().tolist())
+    assert all(size is not None for size in out.crop_sizes)

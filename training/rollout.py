@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from trl.data_utils import prepare_multimodal_messages
 
-from modeling_ergo.generation_ergo import ran_out_of_tokens, tokens_until_stop
+from modeling_ergo.generation_ergo import ran_out_of_tokens, tokens_until_stop, vision_placeholder_ids
 from processing_ergo import ErgoProcessor
 from processing_ergo.images_ergo import load_image
 
@@ -65,10 +65,9 @@ class ErgoGRPOTrainer(RolloutGRPOTrainer):
             # every loss forward takes the same per-image path.
             raise ValueError("ErgoGRPOTrainer needs an ErgoProcessor with fallback='resize' as processing_class")
         # Sampling a vision placeholder would break the image-token accounting of the loss forward.
-        vision_ids = processor.tokenizer.convert_tokens_to_ids(
-            ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"])
         generation_kwargs = dict(args_.generation_kwargs or {})
-        generation_kwargs["suppress_tokens"] = sorted(set(generation_kwargs.get("suppress_tokens", [])) | set(vision_ids))
+        generation_kwargs["suppress_tokens"] = sorted(
+            set(generation_kwargs.get("suppress_tokens") or []) | vision_placeholder_ids(processor.tokenizer))
         args_.generation_kwargs = generation_kwargs
         args_.apply_to(processor)  # the rollout builds its views with the processor's budgets and template
         super().__init__(*args, **kwargs)
