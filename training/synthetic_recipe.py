@@ -141,6 +141,8 @@ class Recipe:
     epochs: float = 1.0
     """Of each supervised phase (a fraction stops it early, with its learning-rate schedule fitted to the shorter
     run): ``--epochs`` trains a smaller model when the CPU is not free (docs/synthetic-proof.md)."""
+    eval_limit: int | None = None
+    """The first this many test questions of each variant (default: all); ``--eval-limit``."""
     ablation_arms: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("all rewards", ()),
         ("r_acc + r_format", ("--box_weight", "0", "--reward_model", "", "--no_region_reward", "true")),
@@ -160,7 +162,7 @@ def run(out: Path, recipe: Recipe = Recipe()) -> dict:
     start = time.perf_counter()
     result = evaluate_all([("SFT phases 1-2", reading, "full"), ("SFT phases 1-3", answering, "ergo"),
                            ("SFT + GRPO", grpo, "ergo"), ("SFT + GRPO", grpo, "ergo masked"),
-                           ("SFT + GRPO", grpo, "coarse")], out, recipe.budget)
+                           ("SFT + GRPO", grpo, "coarse")], out, recipe.budget, limit=recipe.eval_limit)
     _log_time(out, "eval", start)
     return result
 
@@ -274,19 +276,21 @@ def grpo_arguments(policy: Path, reward_model: Path, train_file: Path, out: Path
     ]
 
 
-def evaluate_all(runs: list[tuple[str, Path, str]], out: Path, budget: int, table: str = "results") -> dict:
+def evaluate_all(runs: list[tuple[str, Path, str]], out: Path, budget: int, table: str = "results",
+                 limit: int | None = None) -> dict:
     """The table ``OUT/<table>.md`` (and ``.json``): for each (model name, folder, mode) and each variant's test
-    split in ``OUT/data``, accuracy, vision tokens and latency, and for ERGO how often stage 1's region held the
+    split in ``OUT/data`` (its first ``limit`` questions), accuracy, vision tokens and latency, and for ERGO how often stage 1's region held the
     target and the mean share of the image it cut. Mode ``ergo masked`` is ERGO with the target masked out of the
     coarse view (``evaluate``'s ``mask_target``). "share of full" is of the variant's full-resolution pass. Records
-    go to ``OUT/eval/<model folder>``, so a model in two tables runs once."""
+    go to ``OUT/eval/<model folder under OUT, or its name>``, so a model in two tables runs once."""
     rows = []
     for dataset, variant in SYNTHETIC_DATASETS.items():
-        samples = load_benchmark(dataset, out / "data", split="test")
+        samples = load_benchmark(dataset, out / "data", split="test", limit=limit)
         targets = {sample.id: sample.gt_bbox for sample in samples}
         for name, folder, mode in runs:
             model, processor = load(str(folder), device="cpu")
-            records = out / "eval" / re.sub(r"[^a-z0-9]+", "-", str(folder.relative_to(out)).lower()).strip("-")
+            where = folder.relative_to(out) if folder.is_relative_to(out) else folder.name
+            records = out / "eval" / re.sub(r"[^a-z0-9]+", "-", str(where).lower()).strip("-")
             summary = evaluate(model, processor, samples, mode.split()[0], records, dataset, budget=budget,
                                batch_size=8, max_new_tokens=64, progress=False, mask_target=mode.endswith("masked"))
             hits = area = None
@@ -347,7 +351,7 @@ def ablation(out: Path, recipe: Recipe = Recipe()) -> dict:
                   lambda: grpo_main([*arguments, *flags, "--seed", str(seed)]))
             runs.append((f"{arm}, seed {seed}", folder / "ergo", "ergo"))
     start = time.perf_counter()
-    result = evaluate_all(runs, out, recipe.budget, table="ablation")
+    result = evaluate_all(runs, out, recipe.budget, table="ablation", limit=recipe.eval_limit)
     _log_time(out, "ablation eval", start)
     return result
 
@@ -359,8 +363,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablation", action="store_true",
                         help="GRPO's reward ablation instead (OUT/ablation.md), after the supervised steps")
     parser.add_argument("--epochs", type=float, default=1.0, help="of each supervised phase (default 1)")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="evaluate the first N test questions of each variant (default all)")
     args = parser.parse_args(argv)
-    recipe = Recipe(epochs=args.epochs)
+    recipe = Recipe(epochs=args.epochs, eval_limit=args.eval_limit)
     if args.ablation:
         print(ablation(args.out, recipe)["table"])
         return
