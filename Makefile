@@ -38,8 +38,8 @@ demo: setup
 test: setup vllm-env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# Rebuild the demo model from nothing (data of both task variants, warm-ups, SFT, GRPO, evaluation) and ship it: about
-# 45 minutes on 2 otherwise idle CPU cores (docs/synthetic-proof.md has the measured times).
+# Rebuild the demo model from nothing (data of both task variants, warm-ups, SFT, GRPO, evaluation) and ship it: 40
+# minutes on 2 idle CPU cores when it trained one variant; with both, not yet timed (docs/synthetic-proof.md).
 demo-model: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m training.synthetic_recipe runs/synthetic --ship
 

@@ -1,6 +1,7 @@
 """The synthetic demo model end to end on a CPU: data, supervised warm-up, GRPO with TCE, evaluation.
 
-    python -m training.synthetic_recipe runs/synthetic           # about 45 minutes on 2 CPU cores
+    python -m training.synthetic_recipe runs/synthetic           # 40 minutes for one variant on 2 idle CPU cores;
+                                                          # both variants: not yet timed (docs/synthetic-proof.md)
     python -m training.synthetic_recipe runs/synthetic --ship    # then copy the trained model to ergo_vqa/demo_model
                                                           # (without its remote code: ergo_vqa.demo adds it)
     python -m training.synthetic_recipe runs/synthetic --ablation  # then GRPO's reward ablation (``ablation``)
@@ -73,12 +74,11 @@ recipe (`python -m training.synthetic_recipe runs/synthetic --ship`): a vision w
 pointing at the target on the coarse view), three supervised phases on ERGO's two-turn format (the format; reading
 crops; reading the crop at stage 2), then GRPO with the TCE reward, on the synthetic task of
 `ergo_vqa.synthetic_task`, both variants: find the one saturated shape in a 1344x1344 image seen at 144 vision
-tokens, zoom on it, read its digit in the native-resolution crop; or find the tag named by its relation to a landmark
-("the tag to the right of the blue circle"), which the coarse view cannot show, and read it. It is a demonstration, not a general model: it answers ERGO's two-stage
-conversation. Its single-pass replies are malformed: on the coarse view, a stage-1 reply the scorer cannot read;
-on the full image, for most questions, a letter followed by dots or repeated words (the letter was right for 10 of
-the first 40 test questions, `ergo eval --mode full --limit 40`). The table below was measured on held-out
-questions when it was trained (the project README's "Synthetic proof" says how).
+tokens, zoom on it, read its digit in the native-resolution crop; or find the tag named by its relation to a
+landmark ("the tag to the right of the blue circle"), which the coarse view cannot show, and read it. It is a
+demonstration, not a general model: it answers ERGO's two-stage conversation (its single passes over the coarse
+view and the full image are in the table). The table below was measured on held-out questions when it was trained
+(docs/synthetic-proof.md in the project says how).
 
 Load it with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)`.
 
@@ -279,10 +279,11 @@ def grpo_arguments(policy: Path, reward_model: Path, train_file: Path, out: Path
 def evaluate_all(runs: list[tuple[str, Path, str]], out: Path, budget: int, table: str = "results",
                  limit: int | None = None) -> dict:
     """The table ``OUT/<table>.md`` (and ``.json``): for each (model name, folder, mode) and each variant's test
-    split in ``OUT/data`` (its first ``limit`` questions), accuracy, vision tokens and latency, and for ERGO how often stage 1's region held the
-    target and the mean share of the image it cut. Mode ``ergo masked`` is ERGO with the target masked out of the
-    coarse view (``evaluate``'s ``mask_target``). "share of full" is of the variant's full-resolution pass. Records
-    go to ``OUT/eval/<model folder under OUT, or its name>``, so a model in two tables runs once."""
+    split in ``OUT/data`` (its first ``limit`` questions), accuracy, vision tokens and latency, and for ERGO how
+    often stage 1's region held the target and the mean share of the image it cut (1 without a region). Mode
+    ``ergo masked`` is ERGO with the target masked out of the coarse view (``evaluate``'s ``mask_target``). "share
+    of full" is of the variant's full-resolution pass. Records go to ``OUT/eval/<model folder under OUT, or its
+    name>``, so a model in two tables runs once."""
     rows = []
     for dataset, variant in SYNTHETIC_DATASETS.items():
         samples = load_benchmark(dataset, out / "data", split="test", limit=limit)
@@ -335,10 +336,10 @@ def _contains(region: list[int] | None, box: list[int]) -> bool:
 def ablation(out: Path, recipe: Recipe = Recipe()) -> dict:
     """GRPO's reward ablation from one supervised start, the ``answering`` model (phases 1-3), with the recipe's
     GRPO settings and steps for every arm (``Recipe.ablation_arms``) and seed (``Recipe.ablation_seeds``); the
-    arm with all rewards and the recipe's seed is the recipe's own ``grpo`` step. That start is where the supervised
-    phases leave the contextual variant's localisation short of the original's (docs/synthetic-proof.md), so the
-    rewards differ within rollout groups and GRPO has something to learn. ``OUT/ablation.md`` holds the table: the
-    start and every arm, ERGO on both variants' test splits."""
+    arm with all rewards and the recipe's seed is the recipe's own ``grpo`` step. The start is the one the recipe's
+    GRPO has; it suits the ablation when it answers the original variant but not yet the contextual one, so that
+    rewards differ within rollout groups (what this start gave so far: docs/synthetic-proof.md).
+    ``OUT/ablation.md`` holds the table: the start and every arm, ERGO on both variants' test splits."""
     reading, answering = train_steps(out, recipe)
     runs = [("SFT phases 1-3 (start)", answering, "ergo")]
     for seed in recipe.ablation_seeds:  # every arm of one seed before the next seed's
