@@ -58,14 +58,24 @@ processor refuses, get ``resize`` instead);
 
 RESPONSE_TEMPLATE = {
     "defaults": {"role": "assistant"},
+    "start_anchor_pattern": r"<\|im_start\|>assistant\n(?:<think>\n\n</think>\n\n)?",
+    "fields": {"content": {"close_pattern": r"(?:<\|im_end\|>|<\|endoftext\|>)", "content": "text",
+                           "content_args": {"strip": False}}},
+}
+"""How ``ergo serve`` parses ERGO's replies: the whole reply is content, as written. ``<think>``, ``<zoom>`` and
+``<answer>`` are ERGO's answer format, and the stage-1 reply goes back into stage 2's conversation as written;
+``transformers serve`` would otherwise split ``<think>…</think>`` off as reasoning for Qwen models, and strip the
+reply. The reply starts after the assistant header, and after the empty thinking block that Qwen3.5's generation
+prompt ends with (transformers serve returns what the prompt writes after the anchor as part of the reply).
+``ergo serve`` registers it for its own process; the tokenizer does not carry it, because transformers' pipelines
+then keep special tokens in every reply (``return_full_text=False`` ended in ``<|im_end|>``)."""
+
+SAVED_RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
     "start_anchor": "<|im_start|>assistant\n",
     "fields": {"content": {"close_pattern": r"(?:<\|im_end\|>|<\|endoftext\|>)", "content": "text"}},
 }
-"""How ``ergo serve`` parses ERGO's replies: the whole reply is content. ``<think>``, ``<zoom>`` and ``<answer>`` are
-ERGO's answer format, and the stage-1 reply goes back into stage 2's conversation as written; ``transformers serve``
-would otherwise split ``<think>…</think>`` off as reasoning for Qwen models. ``ergo serve`` registers it for its own
-process; the tokenizer does not carry it, because transformers' pipelines then keep special tokens in every reply
-(``return_full_text=False`` ended in ``<|im_end|>``)."""
+"""The response template ERGO folders saved in their tokenizer before ``ergo serve`` registered it itself."""
 
 FULL_RESOLUTION_BUDGET = 16384
 """Vision tokens of the paper's full-resolution baseline (Qwen2.5-VL's stock max_pixels; Qwen3-VL's too)."""
@@ -160,7 +170,7 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         self.grounding = grounding or native_grounding(image_processor.patch_size, image_processor.merge_size)
         if self.grounding not in GROUNDING_CONVENTIONS:
             raise ValueError(f"grounding must be one of {GROUNDING_CONVENTIONS}, got {grounding!r}")
-        if getattr(tokenizer, "response_template", None) == RESPONSE_TEMPLATE:  # saved by earlier ERGO folders
+        if getattr(tokenizer, "response_template", None) in (RESPONSE_TEMPLATE, SAVED_RESPONSE_TEMPLATE):
             tokenizer.response_template = None
         # Skip Qwen2_5_VLProcessor.__init__: it insists on a video processor, which needs torchvision.
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)

@@ -39,12 +39,6 @@ SERVED_BUDGET = 144
 its own bounds, and the 16-px families' stock minimum enlarges views under 64 tokens (docs/serving.md)."""
 
 
-QWEN3_5_PROMPTED_THINK_BLOCK = (
-    "processing_ergo.RESPONSE_TEMPLATE's start_anchor '<|im_start|>assistant\\n' ends before the empty "
-    "'<think>\\n\\n</think>\\n\\n' that Qwen3.5's generation prompt adds, so ergo serve returns that prompt text "
-    "at the start of every reply")
-
-
 def test_ergo_infer_answers_as_generate(folder, model, processor, tmp_path, capsys):
     image = noise_image(900, 700, 5)
     image.save(tmp_path / "photo.png")
@@ -123,8 +117,6 @@ def test_ergo_serve_runs_both_stages_for_a_plain_request_as_generate(server, fam
                                                                       request):
     """One plain chat request: ``ergo serve`` runs ERGO's ``generate()`` on it at the folder's settings, the reply
     is stage 2's as here, and streamed, both stages' text in turn."""
-    if family is QWEN3_5:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=QWEN3_5_PROMPTED_THINK_BLOCK))
     image = noise_image(700, 500, 6)
     messages = openai_messages([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
                                [image])
@@ -154,9 +146,9 @@ def test_the_client_against_ergo_serve_answers_as_generate(server, family, folde
     fallback, vision tokens, the second image); stage 2, which the server tokenises from stage 1's text, answers as
     ``generate()`` does when stage 1 writes that text."""
     if family is QWEN3_5:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=QWEN3_5_PROMPTED_THINK_BLOCK + "; and Qwen3.5's "
-                                              "chat template renders stage 1's turn in stage 2's request without "
-                                              "that block, 9 prompt tokens fewer than generate()'s conversation"))
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "Qwen3.5's chat template renders stage 1's turn in stage 2's request without the empty thinking block "
+            "its generation prompt wrote, 9 prompt tokens fewer than generate()'s conversation")))
     image = noise_image(900, 700, 7)
     client = ErgoClient(server.url, str(folder), processor, max_tokens=TOKENS, max_retries=0)
     result = client.answer(image, QUESTION, coarse_budget=SERVED_BUDGET, crop_budget=SERVED_BUDGET)

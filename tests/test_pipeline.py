@@ -9,7 +9,7 @@ from transformers import pipeline
 from conftest import noise_image
 from ergo_vqa.testing_utils import scripted_stage1, zoom_text
 from ergo_vqa.tiny import build_processor
-from processing_ergo.processing_ergo import RESPONSE_TEMPLATE
+from processing_ergo.processing_ergo import RESPONSE_TEMPLATE, SAVED_RESPONSE_TEMPLATE
 
 QUESTION = "Which letter is on the sign?\n(A) E\n(B) F"
 SPECIALS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
@@ -57,11 +57,12 @@ def test_full_text_ends_with_the_answer_as_the_assistant_message(pipe, processor
     assert full[0]["generated_text"][-1] == {"role": "assistant", "content": ANSWER}
 
 
-def test_a_template_saved_by_earlier_folders_is_dropped(tokenizer):
+@pytest.mark.parametrize("template", [SAVED_RESPONSE_TEMPLATE, RESPONSE_TEMPLATE])
+def test_a_template_saved_by_earlier_folders_is_dropped(tokenizer, template):
     """Folders written before kept ERGO's response template in tokenizer_config.json; loading one must not bring
     the special tokens back into pipeline replies."""
     tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.response_template = RESPONSE_TEMPLATE
+    tokenizer.response_template = template
     assert build_processor(tokenizer).tokenizer.response_template is None
 
 
