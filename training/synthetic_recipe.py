@@ -10,12 +10,14 @@ One model learns both variants of the task (``ergo_vqa.synthetic_task.VARIANTS``
 
 Each step writes a folder under OUT and is skipped when that folder is complete, so an interrupted run resumes:
 
-1. ``data``: the synthetic splits of both variants (``ergo_vqa.synthetic_task``), in the training schema, and
-   ``data/mixed-train.jsonl``, both variants' training rows interleaved (what the supervised phases and GRPO read);
+1. ``data``: the synthetic splits of both variants (``ergo_vqa.synthetic_task``), in the training schema,
+   ``data/mixed-train.jsonl``, both variants' training rows interleaved (what the supervised phases and GRPO read),
+   and ``data/warmup-train.jsonl``, the vision warm-up's rows of both variants;
 2. ``init``: a ``DEMO``-shape Qwen2.5-VL built from config, random weights, offline tokenizer;
 3. ``vision``: the vision warm-up (``training.vision_warmup``: reading crops and pointing at the target on the
-   coarse view), on original-variant rows only (a contextual target's cell cannot be pointed at without the
-   question, which the tower never sees), written as an ERGO Hub folder;
+   coarse view) on both variants' rows, written as an ERGO Hub folder; a contextual row's target cannot be pointed
+   at without the question, which the tower never sees, so there it points at the landmark (the tag's cell is
+   one step from it);
 4. ``sft``, ``reading``, ``answering``: three supervised phases (``training.sft``, TRL's SFTTrainer, tower frozen),
    each from the previous one's model (``Recipe.formatting``, ``Recipe.reading``, ``Recipe.answering``): the
    format, then reading the crop, then reading it at stage 2 of the conversation;
@@ -115,7 +117,7 @@ class Recipe:
     vision_warmup_batch: int = 16
     """Images of each objective per warm-up step."""
     vision_warmup_rows: int = 1000
-    """The first this many training rows feed the vision warm-up (both objectives)."""
+    """The first this many training rows of each variant feed the vision warm-up (both objectives)."""
     freeze_vision_tower: bool = True
     """The warm-up's features are used as they are: the language model learns to find and copy them, and each step is
     cheaper (measurements: docs/synthetic-proof-history.md)."""
@@ -175,7 +177,7 @@ def train_steps(out: Path, recipe: Recipe) -> tuple[Path, Path]:
     train = data / "mixed-train.jsonl"
     _step(out, "data", train, lambda: write_data(data, recipe))
     _step(out, "init", init / "config.json", lambda: build_init(init, recipe.seed))
-    _step(out, "vision", vision / "config.json", lambda: vision_warm_up(init, data / "train.jsonl", vision, recipe))
+    _step(out, "vision", vision / "config.json", lambda: vision_warm_up(init, data / "warmup-train.jsonl", vision, recipe))
     _step(out, "sft", sft / "config.json", lambda: supervised_phase(vision, train, sft, recipe, recipe.formatting))
     _step(out, "reading", reading / "config.json",
           lambda: supervised_phase(sft, train, reading, recipe, recipe.reading))
@@ -187,22 +189,32 @@ def train_steps(out: Path, recipe: Recipe) -> tuple[Path, Path]:
 
 
 def write_data(data: Path, recipe: Recipe) -> Path:
-    """Both variants' splits under ``data`` and their training rows interleaved evenly into
-    ``data/mixed-train.jsonl`` (image paths relative to it), so that every "first share of the rows" of a supervised
-    phase holds both variants in proportion."""
+    """Both variants' splits under ``data``; their training rows interleaved evenly into ``data/mixed-train.jsonl``
+    (image paths relative to it), so that every "first share of the rows" of a supervised phase holds both variants
+    in proportion; and the first ``Recipe.vision_warmup_rows`` of each variant, interleaved the same way and with the
+    contextual rows' ``landmark``, into ``data/warmup-train.jsonl`` (the vision warm-up's rows)."""
     write_splits(data, dict(recipe.splits), seed=recipe.seed)
     write_splits(data, dict(recipe.context_splits), seed=recipe.seed, variant="context")
+    (data / "warmup-train.jsonl").write_text("".join(json.dumps(row) + "\n"
+                                                      for row in _interleaved(data, recipe.vision_warmup_rows)))
+    mixed = data / "mixed-train.jsonl"
+    mixed.write_text("".join(json.dumps({key: value for key, value in row.items() if key != "landmark"}) + "\n"
+                             for row in _interleaved(data)))
+    return mixed
+
+
+def _interleaved(data: Path, per_variant: int | None = None) -> list[dict]:
+    """The first ``per_variant`` training rows of each variant (all by default), interleaved evenly, with image
+    paths relative to ``data`` and a ``variant`` and ``landmark`` (None on the original variant) on every row."""
     placed = []
     for variant in SYNTHETIC_DATASETS.values():
         path = split_path(data, "train", variant)
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = [json.loads(line) for line in path.read_text().splitlines()][:per_variant]
         folder = path.parent.relative_to(data)
         for index, row in enumerate(rows):
-            row = {key: value for key, value in row.items() if key != "landmark"} | {"variant": variant}
-            placed.append(((index + 0.5) / len(rows), variant, row | {"image": str(folder / row["image"])}))
-    mixed = data / "mixed-train.jsonl"
-    mixed.write_text("".join(json.dumps(row) + "\n" for *_, row in sorted(placed, key=lambda item: item[:2])))
-    return mixed
+            row = row | {"variant": variant, "landmark": row.get("landmark"), "image": str(folder / row["image"])}
+            placed.append(((index + 0.5) / len(rows), variant, row))
+    return [row for *_, row in sorted(placed, key=lambda item: item[:2])]
 
 
 def _step(out: Path, name: str, done: Path, build: Callable[[], object]) -> None:
@@ -231,8 +243,8 @@ def vision_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe) -
     processor = ErgoProcessor.from_pretrained(init, coarse_budget=recipe.budget)
     model = ErgoForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
     dataset = load_training_data(str(train_file))
-    history = warm_up_vision(model, processor, dataset.select(range(min(len(dataset), recipe.vision_warmup_rows))),
-                             steps=recipe.vision_warmup_steps, batch_size=recipe.vision_warmup_batch, seed=recipe.seed)
+    history = warm_up_vision(model, processor, dataset, steps=recipe.vision_warmup_steps,
+                             batch_size=recipe.vision_warmup_batch, seed=recipe.seed)
     save_hub_folder(model, processor, folder, base_model="synthetic-init")
     (folder / "warmup.json").write_text(json.dumps(asdict(history)) + "\n")
     return folder

@@ -17,7 +17,8 @@ later learn quickly on a frozen tower (the readouts that failed: docs/synthetic-
   not (docs/synthetic-proof-history.md).
 * pointing, on the coarse view (``ErgoProcessor.make_context``, as inference builds it): the probe's answer is the
   cell of a ``grid`` x ``grid`` partition of the view holding the centre of ``gt_bbox`` (what stage 1's reply has to
-  name), and its attention goes to the tokens ``gt_bbox`` overlaps. Besides, every token's own value must name the
+  name), and its attention goes to the tokens ``gt_bbox`` overlaps; on a row with a ``landmark`` (the synthetic
+  task's contextual variant, whose target only the question picks out) the landmark's box stands for ``gt_bbox``. Besides, every token's own value must name the
   cell the token lies in: the tower has no absolute position embedding and has to work out where a token is from
   the scene, and this dense signal teaches it on every token of every image, not only on the target's few.
 
@@ -99,9 +100,10 @@ def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int
         reading.attention.append(centre_token(row["gt_bbox"], crop_box, crop.size, factor))
         reading.token_classes.append(window_classes(reading.attention[-1], crop.size, reach or max(crop.size),
                                                     reading.answers[-1], none=len(answers), factor=factor))
+        pointed = row.get("landmark") or row["gt_bbox"]
         pointing.images.append(view)
-        pointing.answers.append(centre_cell(row["gt_bbox"], image.size, grid))
-        pointing.attention.append(overlapped_tokens(row["gt_bbox"], image.size, view.size, factor))
+        pointing.answers.append(centre_cell(pointed, image.size, grid))
+        pointing.attention.append(overlapped_tokens(pointed, image.size, view.size, factor))
         pointing.token_classes.append(token_cells(view.size, grid, factor))
 
     vision = model.model.visual
