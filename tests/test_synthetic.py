@@ -195,19 +195,22 @@ def test_reading_probe_on_the_shipped_model(tmp_path):
     assert first_answer_token_accuracy(model, processor, rows, "coarse") <= 0.3
 
 
-def test_recipe_supervised_phase_trains_and_writes_a_hub_folder(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_recipe_supervised_phase_trains_and_writes_a_hub_folder(tmp_path, family):
     """Two steps (the first is warm-up, at learning rate 0) of a synthetic-recipe phase, here phase 3's ``stage2``
-    kind, through TRL's SFTTrainer from a DEMO-shape folder: the language model changes, the frozen tower does not,
-    and the result loads back."""
+    kind, through TRL's SFTTrainer from a DEMO-shape folder of the recipe's ``family``: the language model changes,
+    the frozen tower does not, and the result loads back as that family's ERGO class."""
 
     from training.synthetic_recipe import Recipe, SupervisedPhase, build_init, supervised_phase
 
-    init = build_init(tmp_path / "init", seed=0)
+    init = build_init(tmp_path / "init", seed=0, family=family)
     train = write_split(tmp_path / "data", "train", 8)
     phase = SupervisedPhase(shares=(("stage2", 1.0),), example_mean_loss=True, max_steps=2)
-    folder = supervised_phase(init, train, tmp_path / "phase", Recipe(), phase)
+    folder = supervised_phase(init, train, tmp_path / "phase", Recipe(family=family), phase)
     before = AutoModelForImageTextToText.from_pretrained(init, trust_remote_code=True).state_dict()
-    after = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).state_dict()
+    trained = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    assert trained.config.model_type == family
+    after = trained.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(".visual." not in name and not name.startswith("model.visual") for name in changed)
 
@@ -223,6 +226,22 @@ def test_recipe_data_interleaves_both_variants_for_training(tmp_path):
     assert rows["variant"] == ["context", "original", "context", "context", "original", "context"]
     assert all(Path(image).is_file() for image in rows["image"])
     assert [len(load_benchmark(name, tmp_path)) for name in ("synthetic", "synthetic-context")] == [1, 1]
+
+
+def test_recipe_vision_warmup_rows_hold_both_variants_and_the_landmarks(tmp_path):
+    """The vision warm-up reads the first ``vision_warmup_rows`` of each variant, interleaved; a contextual row
+    carries its landmark (what the warm-up points at), an original row none (it points at its target)."""
+    from training.synthetic_recipe import Recipe, write_data
+
+    recipe = Recipe(splits=(("train", 3),), context_splits=(("train", 4),), vision_warmup_rows=2)
+    write_data(tmp_path, recipe)
+    rows = load_training_data(str(tmp_path / "warmup-train.jsonl"))
+    assert rows["variant"] == ["context", "original", "context", "original"]
+    assert rows["id"] == ["train-00000", "train-00000", "train-00001", "train-00001"]
+    for row in rows:
+        sample = generate_sample(f"0/train/{int(row['id'].removeprefix('train-'))}", variant=row["variant"])
+        assert row["landmark"] == sample.landmark and row["gt_bbox"] == sample.gt_bbox
+        assert Path(row["image"]).is_file()
 
 
 def test_shipping_keeps_the_remote_code_as_links_and_the_folder_loads(tiny_folder, tmp_path):

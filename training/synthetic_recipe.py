@@ -48,12 +48,13 @@ from PIL import Image
 
 from ergo_vqa.eval_data import SYNTHETIC_DATASETS, load_benchmark
 from ergo_vqa.evaluation import evaluate
-from ergo_vqa.inference import load
+from ergo_vqa.inference import ergo_class, load
 from ergo_vqa.synthetic_task import split_path, write_splits
 from ergo_vqa.tiny import DEMO, DEMO_VOCAB_SIZE, build_model, build_processor, build_tokenizer
 from hub_card import save_hub_folder
 from hub_card.folder import REMOTE_CODE_MODULES
-from modeling_ergo import ErgoForConditionalGeneration
+from modeling_ergo import FAMILIES, family_of
+from modeling_ergo.family_ergo import QWEN2_5_VL
 from processing_ergo import ErgoProcessor
 
 from .data import load_training_data
@@ -153,6 +154,9 @@ class Recipe:
     """GRPO's reward ablation (``ablation``): the arms' flags over the recipe's GRPO arguments. All rewards is the
     paper's (and the recipe's); r_TCE = r_region + 0.5 r_box."""
     ablation_seeds: tuple[int, ...] = (0, 1)
+    family: str = QWEN2_5_VL.model_type
+    """The model family (``modeling_ergo.FAMILIES``), ``--family``: the demo model is Qwen2.5-VL; the same recipe
+    trains a ``DEMO``-shape Qwen3-VL or Qwen3.5 on the same data, in that family's geometry and grounding."""
 
 
 def run(out: Path, recipe: Recipe = Recipe()) -> dict:
@@ -176,7 +180,7 @@ def train_steps(out: Path, recipe: Recipe) -> tuple[Path, Path]:
     reading, answering = out / "reading", out / "answering"
     train = data / "mixed-train.jsonl"
     _step(out, "data", train, lambda: write_data(data, recipe))
-    _step(out, "init", init / "config.json", lambda: build_init(init, recipe.seed))
+    _step(out, "init", init / "config.json", lambda: build_init(init, recipe.seed, recipe.family))
     _step(out, "vision", vision / "config.json", lambda: vision_warm_up(init, data / "warmup-train.jsonl", vision, recipe))
     _step(out, "sft", sft / "config.json", lambda: supervised_phase(vision, train, sft, recipe, recipe.formatting))
     _step(out, "reading", reading / "config.json",
@@ -232,16 +236,17 @@ def _log_time(out: Path, name: str, start: float) -> None:
         log.write(json.dumps({"step": name, "seconds": round(time.perf_counter() - start, 1)}) + "\n")
 
 
-def build_init(folder: Path, seed: int) -> Path:
-    """A ``DEMO``-shape model with random weights and the offline tokenizer, as an ERGO Hub folder."""
-    tokenizer = build_tokenizer(DEMO_VOCAB_SIZE)
-    return save_hub_folder(build_model(tokenizer, DEMO, seed=seed), build_processor(tokenizer), folder)
+def build_init(folder: Path, seed: int, family: str = QWEN2_5_VL.model_type) -> Path:
+    """A ``DEMO``-shape model of ``family`` with random weights and the offline tokenizer, as an ERGO Hub folder."""
+    tokenizer = build_tokenizer(DEMO_VOCAB_SIZE, family_of(family))
+    return save_hub_folder(build_model(tokenizer, DEMO, seed=seed, family=family_of(family)),
+                           build_processor(tokenizer, family_of(family)), folder)
 
 
 def vision_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe) -> Path:
     """The vision tower of the model in ``init`` taught to read and to point (``training.vision_warmup``)."""
     processor = ErgoProcessor.from_pretrained(init, coarse_budget=recipe.budget)
-    model = ErgoForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    model = ergo_class(init).from_pretrained(init, dtype=torch.float32)
     dataset = load_training_data(str(train_file))
     history = warm_up_vision(model, processor, dataset, steps=recipe.vision_warmup_steps,
                              batch_size=recipe.vision_warmup_batch, seed=recipe.seed)
@@ -253,7 +258,7 @@ def vision_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe) -
 def supervised_phase(start: Path, train_file: Path, folder: Path, recipe: Recipe, phase: SupervisedPhase) -> Path:
     """One supervised phase (``training.sft``, TRL's SFTTrainer) from the model in ``start``."""
     processor = ErgoProcessor.from_pretrained(start, coarse_budget=recipe.budget)
-    model = ErgoForConditionalGeneration.from_pretrained(start, dtype=torch.float32)
+    model = ergo_class(start).from_pretrained(start, dtype=torch.float32)
     dataset = load_training_data(str(train_file))
     shares = dict(phase.shares)
     args = ErgoSFTConfig(
@@ -378,8 +383,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=float, default=1.0, help="of each supervised phase (default 1)")
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="evaluate the first N test questions of each variant (default all)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default=QWEN2_5_VL.model_type,
+                        help="the model family to train (default: Qwen2.5-VL, the demo model's)")
     args = parser.parse_args(argv)
-    recipe = Recipe(epochs=args.epochs, eval_limit=args.eval_limit)
+    if args.ship and args.family != QWEN2_5_VL.model_type:
+        parser.error("--ship replaces the demo model, which is Qwen2.5-VL; train other families without it")
+    recipe = Recipe(epochs=args.epochs, eval_limit=args.eval_limit, family=args.family)
     if args.ablation:
         print(ablation(args.out, recipe)["table"])
         return
