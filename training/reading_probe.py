@@ -20,7 +20,7 @@ import argparse
 import torch
 from datasets import Dataset
 
-from modeling_ergo import ErgoForConditionalGeneration
+from ergo_vqa.inference import ergo_class
 from processing_ergo import ErgoProcessor
 from processing_ergo.images_ergo import load_image
 from processing_ergo.prompts_ergo import stage_questions
@@ -82,14 +82,14 @@ def _coarse_letter_accuracy(model, processor: ErgoProcessor, dataset: Dataset, b
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="an ERGO Hub folder")
+    parser.add_argument("model", help="an ERGO Hub folder (any family)")
     parser.add_argument("data", help="rows in the training schema, with regions (e.g. a synthetic split)")
     parser.add_argument("--rows", type=int, default=100, help="the first this many rows")
     parser.add_argument("--kinds", default="ergo,stage2,crop,full,coarse",
                         help=f"comma-separated, of {', '.join(PROBED_KINDS)}")
     args = parser.parse_args(argv)
     processor = ErgoProcessor.from_pretrained(args.model)
-    model = ErgoForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = ergo_class(args.model).from_pretrained(args.model, dtype=torch.float32).eval()
     dataset = load_training_data(args.data)
     dataset = dataset.select(range(min(args.rows, len(dataset))))
     for kind in args.kinds.split(","):
