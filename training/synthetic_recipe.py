@@ -49,7 +49,7 @@ from PIL import Image
 from ergo_vqa.eval_data import SYNTHETIC_DATASETS, load_benchmark
 from ergo_vqa.evaluation import evaluate
 from ergo_vqa.inference import ergo_class, load
-from ergo_vqa.synthetic_task import split_path, write_splits
+from ergo_vqa.synthetic_task import VARIANTS, split_path, write_splits
 from ergo_vqa.tiny import DEMO, DEMO_VOCAB_SIZE, build_model, build_processor, build_tokenizer
 from hub_card import save_hub_folder
 from hub_card.folder import REMOTE_CODE_MODULES
@@ -112,6 +112,9 @@ class Recipe:
     context_splits: tuple[tuple[str, int], ...] = (("train", 2000), ("validation", 100), ("test", 200))
     """The contextual variant's: twice the original's training rows, its stage 1 being the harder to learn (a
     landmark, then a step to a neighbouring cell); 3000 rows in all, as the single-variant recipe had."""
+    variants: tuple[str, ...] = VARIANTS
+    """The task variants trained and evaluated (``--variants``). ``("original",)`` is the first round's recipe: the
+    original variant alone, with the 3000 training rows both variants have together."""
     budget: int = 144
     """Coarse and crop budget, vision tokens: the 1344x1344 image shrinks 4x in the coarse view."""
     vision_warmup_steps: int = 300
@@ -168,7 +171,8 @@ def run(out: Path, recipe: Recipe = Recipe()) -> dict:
     start = time.perf_counter()
     result = evaluate_all([("SFT phases 1-2", reading, "full"), ("SFT phases 1-3", answering, "ergo"),
                            ("SFT + GRPO", grpo, "ergo"), ("SFT + GRPO", grpo, "ergo masked"),
-                           ("SFT + GRPO", grpo, "coarse")], out, recipe.budget, limit=recipe.eval_limit)
+                           ("SFT + GRPO", grpo, "coarse")], out, recipe.budget, limit=recipe.eval_limit,
+                          variants=recipe.variants)
     _log_time(out, "eval", start)
     return result
 
@@ -193,25 +197,30 @@ def train_steps(out: Path, recipe: Recipe) -> tuple[Path, Path]:
 
 
 def write_data(data: Path, recipe: Recipe) -> Path:
-    """Both variants' splits under ``data``; their training rows interleaved evenly into ``data/mixed-train.jsonl``
-    (image paths relative to it), so that every "first share of the rows" of a supervised phase holds both variants
-    in proportion; and the first ``Recipe.vision_warmup_rows`` of each variant, interleaved the same way and with the
-    contextual rows' ``landmark``, into ``data/warmup-train.jsonl`` (the vision warm-up's rows)."""
-    write_splits(data, dict(recipe.splits), seed=recipe.seed)
-    write_splits(data, dict(recipe.context_splits), seed=recipe.seed, variant="context")
-    (data / "warmup-train.jsonl").write_text("".join(json.dumps(row) + "\n"
-                                                      for row in _interleaved(data, recipe.vision_warmup_rows)))
+    """The splits of ``Recipe.variants`` under ``data``; their training rows interleaved evenly into
+    ``data/mixed-train.jsonl`` (image paths relative to it), so that every "first share of the rows" of a supervised
+    phase holds the variants in proportion; and the first ``Recipe.vision_warmup_rows`` of each variant, interleaved
+    the same way and with the contextual rows' ``landmark``, into ``data/warmup-train.jsonl`` (the vision warm-up's
+    rows)."""
+    splits = {"original": dict(recipe.splits), "context": dict(recipe.context_splits)}
+    if recipe.variants == ("original",):
+        splits["original"]["train"] += splits["context"]["train"]
+    for variant in recipe.variants:
+        write_splits(data, splits[variant], seed=recipe.seed, variant=variant)
+    (data / "warmup-train.jsonl").write_text("".join(
+        json.dumps(row) + "\n" for row in _interleaved(data, recipe.variants, recipe.vision_warmup_rows)))
     mixed = data / "mixed-train.jsonl"
     mixed.write_text("".join(json.dumps({key: value for key, value in row.items() if key != "landmark"}) + "\n"
-                             for row in _interleaved(data)))
+                             for row in _interleaved(data, recipe.variants)))
     return mixed
 
 
-def _interleaved(data: Path, per_variant: int | None = None) -> list[dict]:
-    """The first ``per_variant`` training rows of each variant (all by default), interleaved evenly, with image
-    paths relative to ``data`` and a ``variant`` and ``landmark`` (None on the original variant) on every row."""
+def _interleaved(data: Path, variants: tuple[str, ...], per_variant: int | None = None) -> list[dict]:
+    """The first ``per_variant`` training rows of each of ``variants`` (all by default), interleaved evenly, with
+    image paths relative to ``data`` and a ``variant`` and ``landmark`` (None on the original variant) on every
+    row."""
     placed = []
-    for variant in SYNTHETIC_DATASETS.values():
+    for variant in variants:
         path = split_path(data, "train", variant)
         rows = [json.loads(line) for line in path.read_text().splitlines()][:per_variant]
         folder = path.parent.relative_to(data)
@@ -294,8 +303,8 @@ def grpo_arguments(policy: Path, reward_model: Path, train_file: Path, out: Path
 
 
 def evaluate_all(runs: list[tuple[str, Path, str]], out: Path, budget: int, table: str = "results",
-                 limit: int | None = None) -> dict:
-    """The table ``OUT/<table>.md`` (and ``.json``): for each (model name, folder, mode) and each variant's test
+                 limit: int | None = None, variants: tuple[str, ...] = VARIANTS) -> dict:
+    """The table ``OUT/<table>.md`` (and ``.json``): for each (model name, folder, mode) and each of ``variants``' test
     split in ``OUT/data`` (its first ``limit`` questions), accuracy, vision tokens and latency, and for ERGO how
     often stage 1's region held the target and the mean share of the image it cut (1 without a region). Mode
     ``ergo masked`` is ERGO with the target masked out of the coarse view (``evaluate``'s ``mask_target``). "share
@@ -303,6 +312,8 @@ def evaluate_all(runs: list[tuple[str, Path, str]], out: Path, budget: int, tabl
     name>``, so a model in two tables runs once."""
     rows = []
     for dataset, variant in SYNTHETIC_DATASETS.items():
+        if variant not in variants:
+            continue
         samples = load_benchmark(dataset, out / "data", split="test", limit=limit)
         targets = {sample.id: sample.gt_bbox for sample in samples}
         for name, folder, mode in runs:
@@ -331,7 +342,7 @@ def evaluate_all(runs: list[tuple[str, Path, str]], out: Path, budget: int, tabl
                      f"{area} | {row['mean_vision_tokens']:.0f} | {share} | {row['mean_seconds']:.2f} |")
     text = "\n".join(lines) + "\n\n" + " and ".join(
         f"{next(r['samples'] for r in rows if r['variant'] == variant)} {variant}" for variant in
-        SYNTHETIC_DATASETS.values()) + " test samples, 10 options each (chance 10%).\n"
+        variants) + " test samples, 10 options each (chance 10%).\n"
     (out / f"{table}.md").write_text(text)
     (out / f"{table}.json").write_text(json.dumps(rows, indent=2) + "\n")
     return {"table": text, "rows": rows}
@@ -369,7 +380,8 @@ def ablation(out: Path, recipe: Recipe = Recipe()) -> dict:
                   lambda: grpo_main([*arguments, *flags, "--seed", str(seed)]))
             runs.append((f"{arm}, seed {seed}", folder / "ergo", "ergo"))
     start = time.perf_counter()
-    result = evaluate_all(runs, out, recipe.budget, table="ablation", limit=recipe.eval_limit)
+    result = evaluate_all(runs, out, recipe.budget, table="ablation", limit=recipe.eval_limit,
+                          variants=recipe.variants)
     _log_time(out, "ablation eval", start)
     return result
 
@@ -385,10 +397,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="evaluate the first N test questions of each variant (default all)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default=QWEN2_5_VL.model_type,
                         help="the model family to train (default: Qwen2.5-VL, the demo model's)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="the task variants to train and evaluate (default both; original alone: round 1's recipe)")
     args = parser.parse_args(argv)
     if args.ship and args.family != QWEN2_5_VL.model_type:
         parser.error("--ship replaces the demo model, which is Qwen2.5-VL; train other families without it")
-    recipe = Recipe(epochs=args.epochs, eval_limit=args.eval_limit, family=args.family)
+    variants = tuple(variant for variant in VARIANTS if variant in args.variants)
+    recipe = Recipe(epochs=args.epochs, eval_limit=args.eval_limit, family=args.family, variants=variants)
     if args.ablation:
         print(ablation(args.out, recipe)["table"])
         return
