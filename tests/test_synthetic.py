@@ -221,11 +221,23 @@ def test_recipe_data_interleaves_both_variants_for_training(tmp_path):
     it."""
     from training.synthetic_recipe import Recipe, write_data
 
-    recipe = Recipe(splits=(("train", 2), ("test", 1)), context_splits=(("train", 4), ("test", 1)))
+    recipe = Recipe(splits=(("train", 2), ("test", 1)), context_splits=(("train", 4), ("test", 1)),
+                    variants=("original", "context"))
     rows = load_training_data(str(write_data(tmp_path, recipe)))
     assert rows["variant"] == ["context", "original", "context", "context", "original", "context"]
     assert all(Path(image).is_file() for image in rows["image"])
     assert [len(load_benchmark(name, tmp_path)) for name in ("synthetic", "synthetic-context")] == [1, 1]
+
+
+def test_recipe_by_default_trains_the_original_variant_alone_on_all_the_rows(tmp_path):
+    """The default recipe is the shipped model's: the original variant only, given the training rows both variants
+    share when trained together; no contextual split is written or evaluated."""
+    from training.synthetic_recipe import Recipe, write_data
+
+    rows = load_training_data(str(write_data(tmp_path, Recipe(splits=(("train", 2), ("test", 1)),
+                                                              context_splits=(("train", 3), ("test", 1))))))
+    assert rows["variant"] == ["original"] * 5 and not (tmp_path / "context").exists()
+    assert rows["id"] == [f"train-{index:05d}" for index in range(5)]
 
 
 def test_recipe_vision_warmup_rows_hold_both_variants_and_the_landmarks(tmp_path):
@@ -233,7 +245,8 @@ def test_recipe_vision_warmup_rows_hold_both_variants_and_the_landmarks(tmp_path
     carries its landmark (what the warm-up points at), an original row none (it points at its target)."""
     from training.synthetic_recipe import Recipe, write_data
 
-    recipe = Recipe(splits=(("train", 3),), context_splits=(("train", 4),), vision_warmup_rows=2)
+    recipe = Recipe(splits=(("train", 3),), context_splits=(("train", 4),), vision_warmup_rows=2,
+                    variants=("original", "context"))
     write_data(tmp_path, recipe)
     rows = load_training_data(str(tmp_path / "warmup-train.jsonl"))
     assert rows["variant"] == ["context", "original", "context", "original"]

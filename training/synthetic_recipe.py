@@ -1,21 +1,25 @@
 """The synthetic demo model end to end on a CPU: data, supervised warm-up, GRPO with TCE, evaluation.
 
-    python -m training.synthetic_recipe runs/synthetic           # 40 minutes for one variant on 2 idle CPU cores;
-                                                          # both variants: not yet timed (docs/synthetic-proof.md)
+    python -m training.synthetic_recipe runs/synthetic           # 40 minutes on 2 idle CPU cores
     python -m training.synthetic_recipe runs/synthetic --ship    # then copy the trained model to ergo_vqa/demo_model
                                                           # (without its remote code: ergo_vqa.demo adds it)
-    python -m training.synthetic_recipe runs/synthetic --ablation  # then GRPO's reward ablation (``ablation``)
+    python -m training.synthetic_recipe runs/both --variants original context  # round 2: one model, both variants
+    python -m training.synthetic_recipe runs/both --variants original context --ablation  # GRPO's reward ablation
+    python -m training.synthetic_recipe runs/qwen3-vl --family qwen3_vl        # the same recipe on a Qwen3-VL
 
-One model learns both variants of the task (``ergo_vqa.synthetic_task.VARIANTS``), asked in the same format.
+By default the original variant of the task (``ergo_vqa.synthetic_task.VARIANTS``), the shipped model's recipe;
+with ``--variants original context`` one model learns both variants, asked in the same format (not learned yet:
+docs/synthetic-proof.md).
 
 Each step writes a folder under OUT and is skipped when that folder is complete, so an interrupted run resumes:
 
-1. ``data``: the synthetic splits of both variants (``ergo_vqa.synthetic_task``), in the training schema,
-   ``data/mixed-train.jsonl``, both variants' training rows interleaved (what the supervised phases and GRPO read),
-   and ``data/warmup-train.jsonl``, the vision warm-up's rows of both variants;
-2. ``init``: a ``DEMO``-shape Qwen2.5-VL built from config, random weights, offline tokenizer;
+1. ``data``: the synthetic splits of the variants (``ergo_vqa.synthetic_task``), in the training schema,
+   ``data/mixed-train.jsonl``, their training rows interleaved (what the supervised phases and GRPO read), and
+   ``data/warmup-train.jsonl``, the vision warm-up's rows;
+2. ``init``: a ``DEMO``-shape model of ``--family`` (Qwen2.5-VL) built from config, random weights, offline
+   tokenizer;
 3. ``vision``: the vision warm-up (``training.vision_warmup``: reading crops and pointing at the target on the
-   coarse view) on both variants' rows, written as an ERGO Hub folder; a contextual row's target cannot be pointed
+   coarse view), written as an ERGO Hub folder; a contextual row's target cannot be pointed
    at without the question, which the tower never sees, so there it points at the landmark (the tag's cell is
    one step from it);
 4. ``sft``, ``reading``, ``answering``: three supervised phases (``training.sft``, TRL's SFTTrainer, tower frozen),
@@ -76,9 +80,8 @@ A 1.6M-parameter Qwen2.5-VL-architecture model trained from scratch, on 2 CPU co
 recipe (`python -m training.synthetic_recipe runs/synthetic --ship`): a vision warm-up (reading digits in crops,
 pointing at the target on the coarse view), three supervised phases on ERGO's two-turn format (the format; reading
 crops; reading the crop at stage 2), then GRPO with the TCE reward, on the synthetic task of
-`ergo_vqa.synthetic_task`, both variants: find the one saturated shape in a 1344x1344 image seen at 144 vision
-tokens, zoom on it, read its digit in the native-resolution crop; or find the tag named by its relation to a
-landmark ("the tag to the right of the blue circle"), which the coarse view cannot show, and read it. It is a
+`ergo_vqa.synthetic_task` (its original variant): find the one saturated shape in a 1344x1344 image seen at 144
+vision tokens, zoom on it, read its digit in the native-resolution crop. It is a
 demonstration, not a general model: it answers ERGO's two-stage conversation (its single passes over the coarse
 view and the full image are in the table). The table below was measured on held-out questions when it was trained
 (docs/synthetic-proof.md in the project says how).
@@ -112,9 +115,11 @@ class Recipe:
     context_splits: tuple[tuple[str, int], ...] = (("train", 2000), ("validation", 100), ("test", 200))
     """The contextual variant's: twice the original's training rows, its stage 1 being the harder to learn (a
     landmark, then a step to a neighbouring cell); 3000 rows in all, as the single-variant recipe had."""
-    variants: tuple[str, ...] = VARIANTS
-    """The task variants trained and evaluated (``--variants``). ``("original",)`` is the first round's recipe: the
-    original variant alone, with the 3000 training rows both variants have together."""
+    variants: tuple[str, ...] = ("original",)
+    """The task variants trained and evaluated (``--variants``). The default is the shipped model's recipe (the first
+    round's): the original variant alone, with the 3000 training rows both variants have together. Both variants
+    (``--variants original context``) is round 2's recipe, which has not yet learned either variant
+    (docs/synthetic-proof.md); ``make ablation`` runs on it."""
     budget: int = 144
     """Coarse and crop budget, vision tokens: the 1344x1344 image shrinks 4x in the coarse view."""
     vision_warmup_steps: int = 300
