@@ -235,12 +235,13 @@ def _eval_download(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ergo", description="ERGO two-stage high-resolution VQA on Qwen2.5-VL, Qwen3-VL and Qwen3.5")
+    parser = argparse.ArgumentParser(
+        prog="ergo", description="ERGO two-stage high-resolution VQA on Qwen2.5-VL, Qwen3-VL and Qwen3.5")
     commands = parser.add_subparsers(dest="command", required=True)
 
     infer = commands.add_parser("infer", help="answer one question about one image")
-    infer.add_argument("--model", help="ERGO folder or stock Qwen2.5-VL, Qwen3-VL or Qwen3.5 one, or Hub id (with --endpoint: where the processor "
-                                       "settings come from; default --served-model)")
+    infer.add_argument("--model", help="ERGO folder or stock Qwen2.5-VL, Qwen3-VL or Qwen3.5 one, or Hub id (with "
+                                       "--endpoint: where the processor settings come from; default --served-model)")
     infer.add_argument("--image", required=True, help="image file")
     infer.add_argument("--question", required=True, help="question; answer options may follow on their own lines")
     infer.add_argument("--budget", type=_budget, default=None, help="vision tokens for the coarse view and the crop")
@@ -264,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     evaluation = commands.add_parser("eval", help="accuracy, vision tokens and latency on a benchmark")
-    evaluation.add_argument("--model", help="ERGO folder or stock Qwen2.5-VL, Qwen3-VL or Qwen3.5 one, or Hub id (with --endpoint: where the "
-                                            "processor settings come from; default --served-model)")
+    evaluation.add_argument("--model", help="ERGO folder or stock Qwen2.5-VL, Qwen3-VL or Qwen3.5 one, or Hub id "
+                                            "(with --endpoint: where the processor settings come from; default "
+                                            "--served-model)")
     evaluation.add_argument("--dataset", required=True, choices=[*BENCHMARKS, *SYNTHETIC_DATASETS])
     evaluation.add_argument("--data-root", required=True,
                             help="folder holding the downloaded benchmark (synthetic: the folder of split files)")

@@ -32,6 +32,7 @@ from ergo_vqa.evaluation import evaluate
 from ergo_vqa.eval_data import load_benchmark
 from ergo_vqa.inference import load
 from ergo_vqa.synthetic_task import generate_sample, write_split
+from modeling_ergo.generation_ergo import vision_placeholder_ids
 from processing_ergo.prompts_ergo import SYSTEM_PROMPT, stage1_prompt, stage2_prompt, stage_questions
 
 pytest.importorskip("fastapi", reason="needs the serve extra (make test installs it)")
@@ -253,7 +254,8 @@ def test_client_sends_the_local_views_and_prompts_and_gets_the_local_answers(pro
     """Stage 1 carries the local coarse view and prompts, stage 2 the same conversation plus the local crop; the
     server tokenises both exactly as this process does (``usage.prompt_tokens`` equals the local length, so the
     server kept the images' sizes); greedy answers equal the local ``generate()``'s where the stage-1 reply
-    re-tokenises to the tokens the model wrote (the server receives stage 1's text, not its token ids)."""
+    re-tokenises to the tokens the model wrote (the server receives stage 1's text, not its token ids). Both stages
+    send generate()'s rule against vision placeholders as ``logit_bias``."""
     model, processor = local
     client = ErgoClient(proxy.url, proxy.served_model, processor, max_tokens=64, concurrency=4, max_retries=0)
     results = client.answer_many(questions)
@@ -274,6 +276,8 @@ def test_client_sends_the_local_views_and_prompts_and_gets_the_local_answers(pro
                                                     out.fallbacks[0])
         assert result.vision_tokens == out.vision_tokens[0]
         [second] = [body for body in bodies if body["messages"][:2] == first["messages"] and len(body["messages"]) == 4]
+        placeholders = {str(token): -100.0 for token in vision_placeholder_ids(processor.tokenizer)}
+        assert len(placeholders) == 5 and first["logit_bias"] == second["logit_bias"] == placeholders
         assert second["messages"][2] == {"role": "assistant", "content": result.stage1_text}
         assert texts(second)[-1] == ("user", stage2_prompt(full_question, processor.stage2_template))
         crop = decoded_images(second)[1]
