@@ -270,3 +270,14 @@ def test_shipping_keeps_the_remote_code_as_links_and_the_folder_loads(tiny_folde
     assert (target / "model.safetensors").read_bytes() == (tiny_folder / "model.safetensors").read_bytes()
     model = AutoModelForImageTextToText.from_pretrained(target, trust_remote_code=True)
     assert type(model).__name__ == "ErgoForConditionalGeneration"
+
+
+def test_recipe_command_line_defaults_are_the_recipe_defaults(monkeypatch, tmp_path):
+    """``python -m training.synthetic_recipe OUT`` (what ``make demo-model`` runs) trains ``Recipe()``, the shipped
+    model's recipe: the original variant alone, Qwen2.5-VL (its ``--variants`` default once named both variants)."""
+    import training.synthetic_recipe as recipe_module
+
+    trained = []
+    monkeypatch.setattr(recipe_module, "run", lambda out, recipe: trained.append(recipe) or {"table": ""})
+    recipe_module.main([str(tmp_path)])
+    assert trained == [recipe_module.Recipe()] and trained[0].variants == ("original",)

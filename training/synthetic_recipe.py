@@ -252,9 +252,10 @@ def _log_time(out: Path, name: str, start: float) -> None:
 
 def build_init(folder: Path, seed: int, family: str = QWEN2_5_VL.model_type) -> Path:
     """A ``DEMO``-shape model of ``family`` with random weights and the offline tokenizer, as an ERGO Hub folder."""
-    tokenizer = build_tokenizer(DEMO_VOCAB_SIZE, family_of(family))
-    return save_hub_folder(build_model(tokenizer, DEMO, seed=seed, family=family_of(family)),
-                           build_processor(tokenizer, family_of(family)), folder)
+    model_family = family_of(family)
+    tokenizer = build_tokenizer(DEMO_VOCAB_SIZE, model_family)
+    return save_hub_folder(build_model(tokenizer, DEMO, seed=seed, family=model_family),
+                           build_processor(tokenizer, model_family), folder)
 
 
 def vision_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe) -> Path:
@@ -400,12 +401,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=float, default=1.0, help="of each supervised phase (default 1)")
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="evaluate the first N test questions of each variant (default all)")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default=QWEN2_5_VL.model_type,
+    defaults = Recipe()
+    parser.add_argument("--family", choices=sorted(FAMILIES), default=defaults.family,
                         help="the model family to train (default: Qwen2.5-VL, the demo model's)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                        help="the task variants to train and evaluate (default both; original alone: round 1's recipe)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(defaults.variants),
+                        help="the task variants to train and evaluate (default: the original alone, the shipped "
+                             "model's recipe; both: round 2's)")
     args = parser.parse_args(argv)
-    if args.ship and args.family != QWEN2_5_VL.model_type:
+    if args.ship and args.family != defaults.family:
         parser.error("--ship replaces the demo model, which is Qwen2.5-VL; train other families without it")
     variants = tuple(variant for variant in VARIANTS if variant in args.variants)
     recipe = Recipe(epochs=args.epochs, eval_limit=args.eval_limit, family=args.family, variants=variants)
