@@ -216,39 +216,45 @@ def test_recipe_supervised_phase_trains_and_writes_a_hub_folder(tmp_path, family
 
 
 def test_recipe_data_interleaves_both_variants_for_training(tmp_path):
-    """The recipe's training file holds both variants' rows in proportion all along (a supervised phase takes the
-    first share of the rows) with image paths that resolve; each variant's test split is where ``ergo eval`` reads
-    it."""
+    """With both variants, the last phase's and GRPO's file holds the first ``mixed_original_rows`` original rows and
+    every contextual row, in proportion all along (a supervised phase takes the first share of the rows), with image
+    paths that resolve; the first phases read every original row; each variant's test split is where ``ergo eval``
+    reads it."""
     from training.synthetic_recipe import Recipe, write_data
 
-    recipe = Recipe(splits=(("train", 2), ("test", 1)), context_splits=(("train", 4), ("test", 1)),
-                    variants=("original", "context"))
-    rows = load_training_data(str(write_data(tmp_path, recipe)))
+    recipe = Recipe(splits=(("train", 3), ("test", 1)), context_splits=(("train", 4), ("test", 1)),
+                    variants=("original", "context"), mixed_original_rows=2)
+    original = load_training_data(str(write_data(tmp_path, recipe)))
+    assert original["variant"] == ["original"] * 3
+    rows = load_training_data(str(tmp_path / "mixed-train.jsonl"))
     assert rows["variant"] == ["context", "original", "context", "context", "original", "context"]
-    assert all(Path(image).is_file() for image in rows["image"])
+    assert rows["id"][1::3] == ["train-00000", "train-00001"]
+    assert all(Path(image).is_file() for image in [*rows["image"], *original["image"]])
     assert [len(load_benchmark(name, tmp_path)) for name in ("synthetic", "synthetic-context")] == [1, 1]
 
 
-def test_recipe_by_default_trains_the_original_variant_alone_on_all_the_rows(tmp_path):
-    """The default recipe is the shipped model's: the original variant only, given the training rows both variants
-    share when trained together; no contextual split is written or evaluated."""
+def test_recipe_by_default_trains_the_original_variant_alone(tmp_path):
+    """The default recipe is the shipped model's: the original variant only; no contextual split or row file is
+    written or evaluated."""
     from training.synthetic_recipe import Recipe, write_data
 
-    rows = load_training_data(str(write_data(tmp_path, Recipe(splits=(("train", 2), ("test", 1)),
-                                                              context_splits=(("train", 3), ("test", 1))))))
-    assert rows["variant"] == ["original"] * 5 and not (tmp_path / "context").exists()
-    assert rows["id"] == [f"train-{index:05d}" for index in range(5)]
+    rows = load_training_data(str(write_data(tmp_path, Recipe(splits=(("train", 5), ("test", 1))))))
+    assert rows["variant"] == ["original"] * 5 and rows["id"] == [f"train-{index:05d}" for index in range(5)]
+    assert not (tmp_path / "context").exists() and not (tmp_path / "mixed-train.jsonl").exists()
 
 
-def test_recipe_vision_warmup_rows_hold_both_variants_and_the_landmarks(tmp_path):
-    """The vision warm-up reads the first ``vision_warmup_rows`` of each variant, interleaved; a contextual row
-    carries its landmark (what the warm-up points at), an original row none (it points at its target)."""
+def test_recipe_vision_warmup_rows_hold_the_original_variant_then_both_with_the_landmarks(tmp_path):
+    """The first vision warm-up reads the first ``vision_warmup_rows`` original rows; the second, with both variants,
+    those of each variant, interleaved: a contextual row carries its landmark (what the warm-up points at), an
+    original row none (it points at its target)."""
     from training.synthetic_recipe import Recipe, write_data
 
     recipe = Recipe(splits=(("train", 3),), context_splits=(("train", 4),), vision_warmup_rows=2,
                     variants=("original", "context"))
     write_data(tmp_path, recipe)
-    rows = load_training_data(str(tmp_path / "warmup-train.jsonl"))
+    first = load_training_data(str(tmp_path / "warmup-train.jsonl"))
+    assert first["variant"] == ["original"] * 2 and first["id"] == ["train-00000", "train-00001"]
+    rows = load_training_data(str(tmp_path / "warmup-both-train.jsonl"))
     assert rows["variant"] == ["context", "original", "context", "original"]
     assert rows["id"] == ["train-00000", "train-00000", "train-00001", "train-00001"]
     for row in rows:
@@ -281,3 +287,51 @@ def test_recipe_command_line_defaults_are_the_recipe_defaults(monkeypatch, tmp_p
     monkeypatch.setattr(recipe_module, "run", lambda out, recipe: trained.append(recipe) or {"table": ""})
     recipe_module.main([str(tmp_path)])
     assert trained == [recipe_module.Recipe()] and trained[0].variants == ("original",)
+
+
+@pytest.mark.parametrize("variants", [("original",), ("original", "context")])
+def test_recipe_steps_learn_the_original_variant_first_then_both(monkeypatch, tmp_path, variants):
+    """The step order: the first phases read the original rows; with both variants, the second warm-up starts from
+    phase 3's model and the phase on both variants reads the mixed rows, and GRPO starts from that phase's model,
+    rewarded by it, on the mixed rows (trained on both variants from the start, the language model never read:
+    docs/synthetic-proof.md). Each step is recorded instead of run; each writes the file that marks it done."""
+    import training.synthetic_recipe as recipe_module
+
+    calls = []
+
+    def record(name, folder_argument):
+        def step(*args):
+            calls.append((name, *args))
+            folder = Path(args[folder_argument])
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ("original-train.jsonl" if name == "data" else "config.json")).write_text("")
+        return step
+
+    monkeypatch.setattr(recipe_module, "write_data", record("data", 0))
+    monkeypatch.setattr(recipe_module, "build_init", record("init", 0))
+    monkeypatch.setattr(recipe_module, "vision_warm_up", record("warm-up", 2))
+    monkeypatch.setattr(recipe_module, "supervised_phase", record("phase", 2))
+    monkeypatch.setattr(recipe_module, "grpo_main",
+                        lambda argv: calls.append(("grpo", *argv)) or record("grpo", 0)(tmp_path / "grpo" / "ergo"))
+    recipe = recipe_module.Recipe(variants=variants)
+    trained = recipe_module.train_steps(tmp_path, recipe)
+    data = tmp_path / "data"
+    steps = [(name, *(str(Path(arg).relative_to(tmp_path)) for arg in args[:3])) for name, *args in calls
+             if name in ("warm-up", "phase")]
+    expected = [("warm-up", "init", "data/warmup-train.jsonl", "vision"),
+                ("phase", "vision", "data/original-train.jsonl", "sft"),
+                ("phase", "sft", "data/original-train.jsonl", "reading"),
+                ("phase", "reading", "data/original-train.jsonl", "answering")]
+    if len(variants) == 2:
+        expected += [("warm-up", "answering", "data/warmup-both-train.jsonl", "vision-both"),
+                     ("phase", "vision-both", "data/mixed-train.jsonl", "both")]
+    assert steps == expected
+    grpo = next(args for name, *args in calls if name == "grpo")
+    policy, reward, rows = (grpo[grpo.index(flag) + 1] for flag in ("--model_name_or_path", "--reward_model", "--dataset"))
+    if len(variants) == 2:
+        assert (policy, reward, rows) == (str(tmp_path / "both"), str(tmp_path / "both"), str(data / "mixed-train.jsonl"))
+        assert trained.both == tmp_path / "both"
+    else:
+        assert (policy, reward, rows) == (str(tmp_path / "answering"), str(tmp_path / "reading"),
+                                          str(data / "original-train.jsonl"))
+        assert trained.both is None

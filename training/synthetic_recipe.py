@@ -1,6 +1,6 @@
 """The synthetic demo model end to end on a CPU: data, supervised warm-up, GRPO with TCE, evaluation.
 
-    python -m training.synthetic_recipe runs/synthetic           # 40 minutes on 2 idle CPU cores
+    python -m training.synthetic_recipe runs/synthetic           # 40-52 minutes on 2 CPU cores
     python -m training.synthetic_recipe runs/synthetic --ship    # then copy the trained model to ergo_vqa/demo_model
                                                           # (without its remote code: ergo_vqa.demo adds it)
     python -m training.synthetic_recipe runs/both --variants original context  # round 2: one model, both variants
@@ -8,28 +8,35 @@
     python -m training.synthetic_recipe runs/qwen3-vl --family qwen3_vl        # the same recipe on a Qwen3-VL
 
 By default the original variant of the task (``ergo_vqa.synthetic_task.VARIANTS``), the shipped model's recipe;
-with ``--variants original context`` one model learns both variants, asked in the same format (not learned yet:
-docs/synthetic-proof.md).
+with ``--variants original context`` one model learns both variants, asked in the same format: it learns the
+original variant first, as the default recipe does, then both (docs/synthetic-proof.md: trained on both variants from
+the start, the language model never learned to read).
 
 Each step writes a folder under OUT and is skipped when that folder is complete, so an interrupted run resumes:
 
-1. ``data``: the synthetic splits of the variants (``ergo_vqa.synthetic_task``), in the training schema,
-   ``data/mixed-train.jsonl``, their training rows interleaved (what the supervised phases and GRPO read), and
-   ``data/warmup-train.jsonl``, the vision warm-up's rows;
+1. ``data``: the synthetic splits of the variants (``ergo_vqa.synthetic_task``), in the training schema, and the
+   rows each step reads, with image paths relative to ``data``: ``data/original-train.jsonl`` (the original
+   variant's training rows: the first phases'), ``data/warmup-train.jsonl`` (the vision warm-up's, its first
+   ``Recipe.vision_warmup_rows``) and, with both variants, ``data/mixed-train.jsonl`` (original and contextual
+   rows interleaved: the last phase's and GRPO's) and ``data/warmup-both-train.jsonl`` (the second warm-up's);
 2. ``init``: a ``DEMO``-shape model of ``--family`` (Qwen2.5-VL) built from config, random weights, offline
    tokenizer;
 3. ``vision``: the vision warm-up (``training.vision_warmup``: reading crops and pointing at the target on the
-   coarse view), written as an ERGO Hub folder; a contextual row's target cannot be pointed
-   at without the question, which the tower never sees, so there it points at the landmark (the tag's cell is
-   one step from it);
-4. ``sft``, ``reading``, ``answering``: three supervised phases (``training.sft``, TRL's SFTTrainer, tower frozen),
-   each from the previous one's model (``Recipe.formatting``, ``Recipe.reading``, ``Recipe.answering``): the
-   format, then reading the crop, then reading it at stage 2 of the conversation;
-5. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the ``answering`` model, with the ``reading``
-   model (it reads crops shown alone) as r_region's frozen reward model; its ERGO folder is ``grpo/ergo``;
-6. ``eval``: ``ergo_vqa.evaluation`` on each variant's test split, the same samples for every mode: the
-   full-resolution single pass for the reading model (the one trained on full images last), ERGO for the
-   ``answering`` model, and for the GRPO model ERGO, ERGO with the target masked out of the coarse view
+   coarse view), written as an ERGO Hub folder;
+4. ``sft``, ``reading``, ``answering``: three supervised phases (``training.sft``, TRL's SFTTrainer, tower frozen) on
+   the original variant, each from the previous one's model (``Recipe.formatting``, ``Recipe.reading``,
+   ``Recipe.answering``): the format, then reading the crop, then reading it at stage 2 of the conversation;
+5. with both variants, ``vision-both`` and ``both``: the vision warm-up again, from ``answering``'s model, on both
+   variants' rows (a contextual target's cell cannot be pointed at without the question, which the tower never
+   sees, so there it points at the landmark; the tag's cell is one step from it), then a fourth supervised phase on
+   both variants (``Recipe.both_variants``), which relearns reading on the changed tower and learns the contextual
+   stage 1;
+6. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the last supervised model, with a frozen reward
+   model for r_region that reads crops shown alone (``reading``'s; with both variants ``both``'s, the one that reads
+   contextual crops); its ERGO folder is ``grpo/ergo``;
+7. ``eval``: ``ergo_vqa.evaluation`` on each variant's test split, the same samples for every mode: the
+   full-resolution single pass for the reading model (the one trained on full images last), ERGO for each later
+   supervised model, and for the GRPO model ERGO, ERGO with the target masked out of the coarse view
    (``mask_target``) and the coarse-only single pass; ``results.md`` and ``results.json`` hold the table.
 
 Each step's wall time is appended to ``OUT/timings.jsonl``.
@@ -110,23 +117,32 @@ class SupervisedPhase:
 class Recipe:
     """The sizes behind the published table (docs/synthetic-proof.md)."""
 
-    splits: tuple[tuple[str, int], ...] = (("train", 1000), ("validation", 100), ("test", 200))
-    """The original variant's splits; its training rows are the vision warm-up's."""
+    splits: tuple[tuple[str, int], ...] = (("train", 3000), ("validation", 100), ("test", 200))
+    """The original variant's splits: its training rows are the first phases' (every one) and the vision warm-up's
+    (the first ``vision_warmup_rows``)."""
     context_splits: tuple[tuple[str, int], ...] = (("train", 2000), ("validation", 100), ("test", 200))
-    """The contextual variant's: twice the original's training rows, its stage 1 being the harder to learn (a
-    landmark, then a step to a neighbouring cell); 3000 rows in all, as the single-variant recipe had."""
+    """The contextual variant's, with both variants: its training rows are the last phase's and GRPO's, beside the
+    first ``mixed_original_rows`` original rows."""
     variants: tuple[str, ...] = ("original",)
     """The task variants trained and evaluated (``--variants``). The default is the shipped model's recipe (the first
-    round's): the original variant alone, with the 3000 training rows both variants have together. Both variants
-    (``--variants original context``) is round 2's recipe, which has not yet learned either variant
-    (docs/synthetic-proof.md); ``make ablation`` runs on it."""
+    round's): the original variant alone. Both variants (``--variants original context``) is round 2's recipe: the
+    same steps, then the second warm-up and the phase on both variants (module docstring); ``make ablation`` runs
+    on it."""
+    mixed_original_rows: int = 1000
+    """With both variants, the first this many original rows join every contextual row in ``mixed-train.jsonl``:
+    the original variant is learned by then, and the contextual stage 1 (a landmark, then a step to a neighbouring
+    cell) has the more to learn."""
     budget: int = 144
     """Coarse and crop budget, vision tokens: the 1344x1344 image shrinks 4x in the coarse view."""
     vision_warmup_steps: int = 300
     vision_warmup_batch: int = 16
     """Images of each objective per warm-up step."""
     vision_warmup_rows: int = 1000
-    """The first this many training rows of each variant feed the vision warm-up (both objectives)."""
+    """The first this many training rows of each variant feed the vision warm-ups (both objectives)."""
+    both_warmup_steps: int = 150
+    both_warmup_learning_rate: float = 5e-4
+    """The second warm-up (both variants), from a tower that already reads the original variant: half the first's
+    steps and learning rate."""
     freeze_vision_tower: bool = True
     """The warm-up's features are used as they are: the language model learns to find and copy them, and each step is
     cheaper (measurements: docs/synthetic-proof-history.md)."""
@@ -143,6 +159,11 @@ class Recipe:
         shares=(("stage2", 1.0), ("ergo", 0.34), ("stage1", 0.34)), example_mean_loss=True)
     """Stage 2 reading the crop inside the conversation: reading a crop shown alone does not carry over to stage 2,
     and stage 2's turn alone (``stage2`` examples) does (docs/synthetic-proof-history.md)."""
+    both_variants: SupervisedPhase = SupervisedPhase(
+        shares=(("stage2", 1.0), ("stage1", 1.0), ("ergo", 0.34), ("crop", 0.34)), example_mean_loss=True)
+    """With both variants, the phase after the second warm-up: stage 2's turn alone and stage 1 from every row (the
+    changed tower has to be read again; the contextual stage 1 is new), two-stage examples, and crops alone from a
+    third, so that this model can be r_region's reward model on both variants."""
     grpo_steps: int = 40
     grpo_learning_rate: float = 1e-4
     box_threshold: float = 0.1
@@ -171,63 +192,99 @@ def run(out: Path, recipe: Recipe = Recipe()) -> dict:
     """Every step (module docstring); returns the evaluation's table and rows."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
-    reading, answering = train_steps(out, recipe)
-    data, grpo = out / "data", out / "grpo" / "ergo"
+    trained = train_steps(out, recipe)
+    grpo = out / "grpo" / "ergo"
+    later = [("SFT phases 1-4 (both variants)", trained.both, "ergo")] if trained.both else []
     start = time.perf_counter()
-    result = evaluate_all([("SFT phases 1-2", reading, "full"), ("SFT phases 1-3", answering, "ergo"),
-                           ("SFT + GRPO", grpo, "ergo"), ("SFT + GRPO", grpo, "ergo masked"),
+    result = evaluate_all([("SFT phases 1-2", trained.reading, "full"), ("SFT phases 1-3", trained.answering, "ergo"),
+                           *later, ("SFT + GRPO", grpo, "ergo"), ("SFT + GRPO", grpo, "ergo masked"),
                            ("SFT + GRPO", grpo, "coarse")], out, recipe.budget, limit=recipe.eval_limit,
                           variants=recipe.variants)
     _log_time(out, "eval", start)
     return result
 
 
-def train_steps(out: Path, recipe: Recipe) -> tuple[Path, Path]:
-    """The steps from the data to GRPO's (each skipped when its folder is complete); returns the reading and
-    answering models' folders."""
+@dataclass(frozen=True)
+class Trained:
+    """The supervised models ``train_steps`` leaves, and what GRPO starts from, reads and is rewarded by."""
+
+    reading: Path
+    answering: Path
+    both: Path | None
+    """The phase on both variants' model (None: the original variant alone)."""
+    grpo_rows: Path
+
+    @property
+    def grpo_start(self) -> Path:
+        return self.both or self.answering
+
+    @property
+    def reward_model(self) -> Path:
+        """r_region's frozen reward model: the last supervised model that reads crops shown alone."""
+        return self.both or self.reading
+
+
+def train_steps(out: Path, recipe: Recipe) -> Trained:
+    """The steps from the data to GRPO's (each skipped when its folder is complete)."""
     data, init, vision, sft, grpo = out / "data", out / "init", out / "vision", out / "sft", out / "grpo" / "ergo"
     reading, answering = out / "reading", out / "answering"
-    train = data / "mixed-train.jsonl"
-    _step(out, "data", train, lambda: write_data(data, recipe))
+    original = data / "original-train.jsonl"
+    _step(out, "data", original, lambda: write_data(data, recipe))
     _step(out, "init", init / "config.json", lambda: build_init(init, recipe.seed, recipe.family))
-    _step(out, "vision", vision / "config.json", lambda: vision_warm_up(init, data / "warmup-train.jsonl", vision, recipe))
-    _step(out, "sft", sft / "config.json", lambda: supervised_phase(vision, train, sft, recipe, recipe.formatting))
+    _step(out, "vision", vision / "config.json",
+          lambda: vision_warm_up(init, data / "warmup-train.jsonl", vision, recipe, recipe.vision_warmup_steps))
+    _step(out, "sft", sft / "config.json", lambda: supervised_phase(vision, original, sft, recipe, recipe.formatting))
     _step(out, "reading", reading / "config.json",
-          lambda: supervised_phase(sft, train, reading, recipe, recipe.reading))
+          lambda: supervised_phase(sft, original, reading, recipe, recipe.reading))
     _step(out, "answering", answering / "config.json",
-          lambda: supervised_phase(reading, train, answering, recipe, recipe.answering))
+          lambda: supervised_phase(reading, original, answering, recipe, recipe.answering))
+    trained = Trained(reading, answering, None, original)
+    if "context" in recipe.variants:
+        vision_both, both, mixed = out / "vision-both", out / "both", data / "mixed-train.jsonl"
+        _step(out, "vision-both", vision_both / "config.json",
+              lambda: vision_warm_up(answering, data / "warmup-both-train.jsonl", vision_both, recipe,
+                                     recipe.both_warmup_steps, recipe.both_warmup_learning_rate))
+        _step(out, "both", both / "config.json",
+              lambda: supervised_phase(vision_both, mixed, both, recipe, recipe.both_variants))
+        trained = Trained(reading, answering, both, mixed)
     _step(out, "grpo", grpo / "config.json",
-          lambda: grpo_main(grpo_arguments(answering, reading, train, out / "grpo", recipe)))
-    return reading, answering
+          lambda: grpo_main(grpo_arguments(trained.grpo_start, trained.reward_model, trained.grpo_rows, out / "grpo",
+                                           recipe)))
+    return trained
 
 
 def write_data(data: Path, recipe: Recipe) -> Path:
-    """The splits of ``Recipe.variants`` under ``data``; their training rows interleaved evenly into
-    ``data/mixed-train.jsonl`` (image paths relative to it), so that every "first share of the rows" of a supervised
-    phase holds the variants in proportion; and the first ``Recipe.vision_warmup_rows`` of each variant, interleaved
-    the same way and with the contextual rows' ``landmark``, into ``data/warmup-train.jsonl`` (the vision warm-up's
-    rows)."""
+    """The splits of ``Recipe.variants`` under ``data`` and the rows each step reads (module docstring), interleaved
+    evenly where they hold both variants, so that every "first share of the rows" of a supervised phase holds them in
+    proportion; the warm-up rows keep the contextual rows' ``landmark``. Returns ``original-train.jsonl``, written
+    last (the step is complete once it exists)."""
     splits = {"original": dict(recipe.splits), "context": dict(recipe.context_splits)}
-    if recipe.variants == ("original",):
-        splits["original"]["train"] += splits["context"]["train"]
     for variant in recipe.variants:
         write_splits(data, splits[variant], seed=recipe.seed, variant=variant)
-    (data / "warmup-train.jsonl").write_text("".join(
-        json.dumps(row) + "\n" for row in _interleaved(data, recipe.variants, recipe.vision_warmup_rows)))
-    mixed = data / "mixed-train.jsonl"
-    mixed.write_text("".join(json.dumps({key: value for key, value in row.items() if key != "landmark"}) + "\n"
-                             for row in _interleaved(data, recipe.variants)))
-    return mixed
+    _write_rows(data / "warmup-train.jsonl", _interleaved(data, {"original": recipe.vision_warmup_rows}))
+    if "context" in recipe.variants:
+        _write_rows(data / "warmup-both-train.jsonl",
+                    _interleaved(data, {variant: recipe.vision_warmup_rows for variant in recipe.variants}))
+        _write_rows(data / "mixed-train.jsonl",
+                    _interleaved(data, {"original": recipe.mixed_original_rows, "context": None}), landmark=False)
+    return _write_rows(data / "original-train.jsonl", _interleaved(data, {"original": None}), landmark=False)
 
 
-def _interleaved(data: Path, variants: tuple[str, ...], per_variant: int | None = None) -> list[dict]:
-    """The first ``per_variant`` training rows of each of ``variants`` (all by default), interleaved evenly, with
+def _write_rows(path: Path, rows: list[dict], landmark: bool = True) -> Path:
+    """``rows`` as JSONL; without their ``landmark`` unless ``landmark`` (only the vision warm-up reads it)."""
+    path.write_text("".join(json.dumps({key: value for key, value in row.items() if landmark or key != "landmark"})
+                            + "\n" for row in rows))
+    return path
+
+
+def _interleaved(data: Path, rows_per_variant: dict[str, int | None]) -> list[dict]:
+    """The first ``rows_per_variant[variant]`` training rows of each variant (None: all), interleaved evenly, with
     image paths relative to ``data`` and a ``variant`` and ``landmark`` (None on the original variant) on every
     row."""
     placed = []
-    for variant in variants:
+    for variant, count in rows_per_variant.items():
         path = split_path(data, "train", variant)
-        rows = [json.loads(line) for line in path.read_text().splitlines()][:per_variant]
+        rows = [json.loads(line) for line in path.read_text().splitlines()][:count]
         folder = path.parent.relative_to(data)
         for index, row in enumerate(rows):
             row = row | {"variant": variant, "landmark": row.get("landmark"), "image": str(folder / row["image"])}
@@ -258,13 +315,14 @@ def build_init(folder: Path, seed: int, family: str = QWEN2_5_VL.model_type) -> 
                            build_processor(tokenizer, model_family), folder)
 
 
-def vision_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe) -> Path:
+def vision_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe, steps: int,
+                   learning_rate: float = 1e-3) -> Path:
     """The vision tower of the model in ``init`` taught to read and to point (``training.vision_warmup``)."""
     processor = ErgoProcessor.from_pretrained(init, coarse_budget=recipe.budget)
     model = ergo_class(init).from_pretrained(init, dtype=torch.float32)
     dataset = load_training_data(str(train_file))
-    history = warm_up_vision(model, processor, dataset, steps=recipe.vision_warmup_steps,
-                             batch_size=recipe.vision_warmup_batch, seed=recipe.seed)
+    history = warm_up_vision(model, processor, dataset, steps=steps, batch_size=recipe.vision_warmup_batch,
+                             learning_rate=learning_rate, seed=recipe.seed)
     save_hub_folder(model, processor, folder, base_model="synthetic-init")
     (folder / "warmup.json").write_text(json.dumps(asdict(history)) + "\n")
     return folder
@@ -368,20 +426,20 @@ def _contains(region: list[int] | None, box: list[int]) -> bool:
 
 
 def ablation(out: Path, recipe: Recipe = Recipe()) -> dict:
-    """GRPO's reward ablation from one supervised start, the ``answering`` model (phases 1-3), with the recipe's
-    GRPO settings and steps for every arm (``Recipe.ablation_arms``) and seed (``Recipe.ablation_seeds``); the
-    arm with all rewards and the recipe's seed is the recipe's own ``grpo`` step. The start is the one the recipe's
-    GRPO has; it suits the ablation when it answers the original variant but not yet the contextual one, so that
-    rewards differ within rollout groups (what this start gave so far: docs/synthetic-proof.md).
-    ``OUT/ablation.md`` holds the table: the start and every arm, ERGO on both variants' test splits."""
-    reading, answering = train_steps(out, recipe)
-    runs = [("SFT phases 1-3 (start)", answering, "ergo")]
+    """GRPO's reward ablation from one supervised start, the one the recipe's GRPO has (``Trained.grpo_start``),
+    with the recipe's GRPO settings and steps for every arm (``Recipe.ablation_arms``) and seed
+    (``Recipe.ablation_seeds``); the arm with all rewards and the recipe's seed is the recipe's own ``grpo`` step.
+    The start suits the ablation when rewards still differ within rollout groups, as on a variant it does not answer
+    yet (what the starts gave so far: docs/synthetic-proof.md). ``OUT/ablation.md`` holds the table: the start and
+    every arm, ERGO on the recipe's variants' test splits."""
+    trained = train_steps(out, recipe)
+    runs = [("supervised start", trained.grpo_start, "ergo")]
     for seed in recipe.ablation_seeds:  # every arm of one seed before the next seed's
         for arm, flags in recipe.ablation_arms:
             folder = out / "ablation" / f"{re.sub(r'[^a-z0-9]+', '-', arm.lower()).strip('-')}-seed{seed}"
             if not flags and seed == recipe.seed:
                 folder = out / "grpo"
-            arguments = grpo_arguments(answering, reading, out / "data" / "mixed-train.jsonl", folder, recipe)
+            arguments = grpo_arguments(trained.grpo_start, trained.reward_model, trained.grpo_rows, folder, recipe)
             _step(out, f"ablation {arm} seed {seed}", folder / "ergo" / "config.json",
                   lambda: grpo_main([*arguments, *flags, "--seed", str(seed)]))
             runs.append((f"{arm}, seed {seed}", folder / "ergo", "ergo"))
