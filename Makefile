@@ -39,7 +39,7 @@ test: setup vllm-env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # Rebuild the demo model from nothing (data, warm-ups, SFT, GRPO, evaluation) and ship it: the original task variant,
-# the shipped model's recipe, 40 minutes on 2 idle CPU cores (docs/synthetic-proof.md).
+# the shipped model's recipe, 40 minutes on 2 idle CPU cores on 2026-11-30, 52 on 2026-12-03 (docs/synthetic-proof.md).
 demo-model: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m training.synthetic_recipe runs/synthetic --ship
 
