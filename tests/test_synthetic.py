@@ -335,3 +335,15 @@ def test_recipe_steps_learn_the_original_variant_first_then_both(monkeypatch, tm
         assert (policy, reward, rows) == (str(tmp_path / "answering"), str(tmp_path / "reading"),
                                           str(data / "original-train.jsonl"))
         assert trained.both is None
+
+
+def test_recipe_refuses_the_contextual_variant_alone(capsys):
+    """The recipe learns the original variant first, so ``--variants context`` alone stops with a clear message
+    (it used to reach a missing original split)."""
+    from training.synthetic_recipe import Recipe, main
+
+    with pytest.raises(ValueError, match="learns the original variant first"):
+        Recipe(variants=("context",))
+    with pytest.raises(SystemExit):
+        main(["runs/unused", "--variants", "context"])
+    assert "learns the original variant first" in capsys.readouterr().err

@@ -187,6 +187,11 @@ class Recipe:
     """The model family (``modeling_ergo.FAMILIES``), ``--family``: the demo model is Qwen2.5-VL; the same recipe
     trains a ``DEMO``-shape Qwen3-VL or Qwen3.5 on the same data, in that family's geometry and grounding."""
 
+    def __post_init__(self):
+        if "original" not in self.variants:
+            raise ValueError(f"variants {self.variants}: the recipe learns the original variant first (phases 1-3), "
+                             "so it needs it; train both with ('original', 'context')")
+
 
 def run(out: Path, recipe: Recipe = Recipe()) -> dict:
     """Every step (module docstring); returns the evaluation's table and rows."""
@@ -469,7 +474,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.ship and args.family != defaults.family:
         parser.error("--ship replaces the demo model, which is Qwen2.5-VL; train other families without it")
     variants = tuple(variant for variant in VARIANTS if variant in args.variants)
-    recipe = Recipe(epochs=args.epochs, eval_limit=args.eval_limit, family=args.family, variants=variants)
+    try:
+        recipe = Recipe(epochs=args.epochs, eval_limit=args.eval_limit, family=args.family, variants=variants)
+    except ValueError as error:
+        parser.error(str(error))
     if args.ablation:
         print(ablation(args.out, recipe)["table"])
         return
