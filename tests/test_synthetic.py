@@ -289,12 +289,10 @@ def test_recipe_command_line_defaults_are_the_recipe_defaults(monkeypatch, tmp_p
     assert trained == [recipe_module.Recipe()] and trained[0].variants == ("original",)
 
 
-@pytest.mark.parametrize("variants", [("original",), ("original", "context")])
-def test_recipe_steps_learn_the_original_variant_first_then_both(monkeypatch, tmp_path, variants):
-    """The step order: the first phases read the original rows; with both variants, the second warm-up starts from
-    phase 3's model and the phase on both variants reads the mixed rows, and GRPO starts from that phase's model,
-    rewarded by it, on the mixed rows (trained on both variants from the start, the language model never read:
-    docs/synthetic-proof.md). Each step is recorded instead of run; each writes the file that marks it done."""
+@pytest.fixture
+def recorded_steps(monkeypatch, tmp_path):
+    """The recipe's training steps after the data, recorded instead of run: ``(step, *arguments)`` in order; each
+    writes the file that marks it done. The data step runs for real, on whatever splits the test's recipe asks."""
     import training.synthetic_recipe as recipe_module
 
     calls = []
@@ -304,20 +302,43 @@ def test_recipe_steps_learn_the_original_variant_first_then_both(monkeypatch, tm
             calls.append((name, *args))
             folder = Path(args[folder_argument])
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / ("original-train.jsonl" if name == "data" else "config.json")).write_text("")
+            (folder / "config.json").write_text("")
         return step
 
-    monkeypatch.setattr(recipe_module, "write_data", record("data", 0))
     monkeypatch.setattr(recipe_module, "build_init", record("init", 0))
     monkeypatch.setattr(recipe_module, "vision_warm_up", record("warm-up", 2))
     monkeypatch.setattr(recipe_module, "supervised_phase", record("phase", 2))
     monkeypatch.setattr(recipe_module, "grpo_main",
-                        lambda argv: calls.append(("grpo", *argv)) or record("grpo", 0)(tmp_path / "grpo" / "ergo"))
-    recipe = recipe_module.Recipe(variants=variants)
-    trained = recipe_module.train_steps(tmp_path, recipe)
+                        lambda argv: calls.append(("grpo", *argv))
+                        or record("grpo", 0)(Path(argv[argv.index("--output_dir") + 1]) / "ergo"))
+    return calls
+
+
+def tiny_recipe(variants: tuple[str, ...]):
+    from training.synthetic_recipe import Recipe
+
+    return Recipe(splits=(("train", 3),), context_splits=(("train", 3),), vision_warmup_rows=2, mixed_original_rows=2,
+                  variants=variants)
+
+
+def trained_steps(calls: list[tuple], out: Path) -> list[tuple[str, ...]]:
+    """The warm-ups and phases among ``calls``: (step, start, rows, folder), paths relative to ``out``."""
+    return [(name, *(str(Path(arg).relative_to(out)) for arg in args[:3])) for name, *args in calls
+            if name in ("warm-up", "phase")]
+
+
+@pytest.mark.parametrize("variants", [("original",), ("original", "context")])
+def test_recipe_steps_learn_the_original_variant_first_then_both(recorded_steps, tmp_path, variants):
+    """The step order: the first phases read the original rows; with both variants, the second warm-up starts from
+    phase 3's model and the phase on both variants reads the mixed rows, and GRPO starts from that phase's model,
+    rewarded by it, on the mixed rows (trained on both variants from the start, the language model never read:
+    docs/synthetic-proof.md)."""
+    import training.synthetic_recipe as recipe_module
+
+    calls = recorded_steps
+    trained = recipe_module.train_steps(tmp_path, tiny_recipe(variants))
     data = tmp_path / "data"
-    steps = [(name, *(str(Path(arg).relative_to(tmp_path)) for arg in args[:3])) for name, *args in calls
-             if name in ("warm-up", "phase")]
+    steps = trained_steps(calls, tmp_path)
     expected = [("warm-up", "init", "data/warmup-train.jsonl", "vision"),
                 ("phase", "vision", "data/original-train.jsonl", "sft"),
                 ("phase", "sft", "data/original-train.jsonl", "reading"),
@@ -327,14 +348,36 @@ def test_recipe_steps_learn_the_original_variant_first_then_both(monkeypatch, tm
                      ("phase", "vision-both", "data/mixed-train.jsonl", "both")]
     assert steps == expected
     grpo = next(args for name, *args in calls if name == "grpo")
-    policy, reward, rows = (grpo[grpo.index(flag) + 1] for flag in ("--model_name_or_path", "--reward_model", "--dataset"))
+    policy, reward, rows, written = (grpo[grpo.index(flag) + 1] for flag in
+                                     ("--model_name_or_path", "--reward_model", "--dataset", "--output_dir"))
     if len(variants) == 2:
-        assert (policy, reward, rows) == (str(tmp_path / "both"), str(tmp_path / "both"), str(data / "mixed-train.jsonl"))
+        assert (policy, reward, rows, written) == (str(tmp_path / "both"), str(tmp_path / "both"),
+                                                   str(data / "mixed-train.jsonl"), str(tmp_path / "grpo-both"))
         assert trained.both == tmp_path / "both"
     else:
-        assert (policy, reward, rows) == (str(tmp_path / "answering"), str(tmp_path / "reading"),
-                                          str(data / "original-train.jsonl"))
+        assert (policy, reward, rows, written) == (str(tmp_path / "answering"), str(tmp_path / "reading"),
+                                                   str(data / "original-train.jsonl"), str(tmp_path / "grpo"))
         assert trained.both is None
+
+
+def test_recipe_folder_of_the_original_variant_gets_the_contextual_rows_and_keeps_its_phases(recorded_steps, tmp_path):
+    """Both variants in a folder where the original variant's recipe already ran: the data step runs again (its
+    marker is the mixed rows; it was the original rows, so the second warm-up would have found no rows), phases 1-3
+    are reused, and the steps on both variants follow, GRPO's included (its folder is another: the original
+    variant's GRPO model once stood in for it)."""
+    import training.synthetic_recipe as recipe_module
+
+    recipe_module.train_steps(tmp_path, tiny_recipe(("original",)))
+    recorded_steps.clear()
+    recipe_module.train_steps(tmp_path, tiny_recipe(("original", "context")))
+    assert trained_steps(recorded_steps, tmp_path) == [
+        ("warm-up", "answering", "data/warmup-both-train.jsonl", "vision-both"),
+        ("phase", "vision-both", "data/mixed-train.jsonl", "both")]
+    assert [name for name, *_ in recorded_steps][-1] == "grpo" and (tmp_path / "grpo" / "ergo").is_dir()
+    timed = [json.loads(line)["step"] for line in (tmp_path / "timings.jsonl").read_text().splitlines()]
+    assert timed.count("data") == 2
+    assert load_training_data(str(tmp_path / "data" / "mixed-train.jsonl"))["variant"] == [
+        "context", "original", "context", "original", "context"]
 
 
 def test_recipe_refuses_the_contextual_variant_alone(capsys):

@@ -33,7 +33,8 @@ Each step writes a folder under OUT and is skipped when that folder is complete,
    stage 1;
 6. ``grpo``: ``training.grpo.main`` (the project's GRPO recipe) from the last supervised model, with a frozen reward
    model for r_region that reads crops shown alone (``reading``'s; with both variants ``both``'s, the one that reads
-   contextual crops); its ERGO folder is ``grpo/ergo``;
+   contextual crops); its ERGO folder is ``grpo/ergo`` (with both variants ``grpo-both/ergo``: a folder holds
+   both);
 7. ``eval``: ``ergo_vqa.evaluation`` on each variant's test split, the same samples for every mode: the
    full-resolution single pass for the reading model (the one trained on full images last), ERGO for each later
    supervised model, and for the GRPO model ERGO, ERGO with the target masked out of the coarse view
@@ -194,11 +195,11 @@ class Recipe:
 
 
 def run(out: Path, recipe: Recipe = Recipe()) -> dict:
-    """Every step (module docstring); returns the evaluation's table and rows."""
+    """Every step (module docstring); returns the evaluation's table and rows, and the GRPO model's folder."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     trained = train_steps(out, recipe)
-    grpo = out / "grpo" / "ergo"
+    grpo = trained.grpo / "ergo"
     later = [("SFT phases 1-4 (both variants)", trained.both, "ergo")] if trained.both else []
     start = time.perf_counter()
     result = evaluate_all([("SFT phases 1-2", trained.reading, "full"), ("SFT phases 1-3", trained.answering, "ergo"),
@@ -206,18 +207,29 @@ def run(out: Path, recipe: Recipe = Recipe()) -> dict:
                            ("SFT + GRPO", grpo, "coarse")], out, recipe.budget, limit=recipe.eval_limit,
                           variants=recipe.variants)
     _log_time(out, "eval", start)
-    return result
+    return result | {"model": grpo}
 
 
 @dataclass(frozen=True)
 class Trained:
-    """The supervised models ``train_steps`` leaves, and what GRPO starts from, reads and is rewarded by."""
+    """The supervised models ``train_steps`` leaves under ``out``, and what GRPO starts from, reads, is rewarded by
+    and writes."""
 
-    reading: Path
-    answering: Path
-    both: Path | None
-    """The phase on both variants' model (None: the original variant alone)."""
-    grpo_rows: Path
+    out: Path
+    both_variants: bool
+
+    @property
+    def reading(self) -> Path:
+        return self.out / "reading"
+
+    @property
+    def answering(self) -> Path:
+        return self.out / "answering"
+
+    @property
+    def both(self) -> Path | None:
+        """The phase on both variants' model (None: the original variant alone)."""
+        return self.out / "both" if self.both_variants else None
 
     @property
     def grpo_start(self) -> Path:
@@ -228,32 +240,40 @@ class Trained:
         """r_region's frozen reward model: the last supervised model that reads crops shown alone."""
         return self.both or self.reading
 
+    @property
+    def grpo_rows(self) -> Path:
+        return self.out / "data" / ("mixed-train.jsonl" if self.both_variants else "original-train.jsonl")
+
+    @property
+    def grpo(self) -> Path:
+        """GRPO's output folder (its ERGO folder is ``ergo`` inside), one per start: a folder where the original
+        variant's recipe ran keeps its GRPO model when both variants' run there."""
+        return self.out / ("grpo-both" if self.both_variants else "grpo")
+
 
 def train_steps(out: Path, recipe: Recipe) -> Trained:
     """The steps from the data to GRPO's (each skipped when its folder is complete)."""
-    data, init, vision, sft, grpo = out / "data", out / "init", out / "vision", out / "sft", out / "grpo" / "ergo"
-    reading, answering = out / "reading", out / "answering"
+    trained = Trained(out, "context" in recipe.variants)
+    data, init, vision, sft = out / "data", out / "init", out / "vision", out / "sft"
     original = data / "original-train.jsonl"
-    _step(out, "data", original, lambda: write_data(data, recipe))
+    _step(out, "data", data_marker(data, recipe), lambda: write_data(data, recipe))
     _step(out, "init", init / "config.json", lambda: build_init(init, recipe.seed, recipe.family))
     _step(out, "vision", vision / "config.json",
           lambda: vision_warm_up(init, data / "warmup-train.jsonl", vision, recipe, recipe.vision_warmup_steps))
     _step(out, "sft", sft / "config.json", lambda: supervised_phase(vision, original, sft, recipe, recipe.formatting))
-    _step(out, "reading", reading / "config.json",
-          lambda: supervised_phase(sft, original, reading, recipe, recipe.reading))
-    _step(out, "answering", answering / "config.json",
-          lambda: supervised_phase(reading, original, answering, recipe, recipe.answering))
-    trained = Trained(reading, answering, None, original)
-    if "context" in recipe.variants:
-        vision_both, both, mixed = out / "vision-both", out / "both", data / "mixed-train.jsonl"
+    _step(out, "reading", trained.reading / "config.json",
+          lambda: supervised_phase(sft, original, trained.reading, recipe, recipe.reading))
+    _step(out, "answering", trained.answering / "config.json",
+          lambda: supervised_phase(trained.reading, original, trained.answering, recipe, recipe.answering))
+    if trained.both:
+        vision_both = out / "vision-both"
         _step(out, "vision-both", vision_both / "config.json",
-              lambda: vision_warm_up(answering, data / "warmup-both-train.jsonl", vision_both, recipe,
+              lambda: vision_warm_up(trained.answering, data / "warmup-both-train.jsonl", vision_both, recipe,
                                      recipe.both_warmup_steps, recipe.both_warmup_learning_rate))
-        _step(out, "both", both / "config.json",
-              lambda: supervised_phase(vision_both, mixed, both, recipe, recipe.both_variants))
-        trained = Trained(reading, answering, both, mixed)
-    _step(out, "grpo", grpo / "config.json",
-          lambda: grpo_main(grpo_arguments(trained.grpo_start, trained.reward_model, trained.grpo_rows, out / "grpo",
+        _step(out, "both", trained.both / "config.json",
+              lambda: supervised_phase(vision_both, trained.grpo_rows, trained.both, recipe, recipe.both_variants))
+    _step(out, trained.grpo.name, trained.grpo / "ergo" / "config.json",
+          lambda: grpo_main(grpo_arguments(trained.grpo_start, trained.reward_model, trained.grpo_rows, trained.grpo,
                                            recipe)))
     return trained
 
@@ -261,18 +281,26 @@ def train_steps(out: Path, recipe: Recipe) -> Trained:
 def write_data(data: Path, recipe: Recipe) -> Path:
     """The splits of ``Recipe.variants`` under ``data`` and the rows each step reads (module docstring), interleaved
     evenly where they hold both variants, so that every "first share of the rows" of a supervised phase holds them in
-    proportion; the warm-up rows keep the contextual rows' ``landmark``. Returns ``original-train.jsonl``, written
-    last (the step is complete once it exists)."""
+    proportion; the warm-up rows keep the contextual rows' ``landmark``. Returns ``original-train.jsonl``; the file
+    written last is ``data_marker``'s."""
     splits = {"original": dict(recipe.splits), "context": dict(recipe.context_splits)}
     for variant in recipe.variants:
         write_splits(data, splits[variant], seed=recipe.seed, variant=variant)
     _write_rows(data / "warmup-train.jsonl", _interleaved(data, {"original": recipe.vision_warmup_rows}))
+    original = _write_rows(data / "original-train.jsonl", _interleaved(data, {"original": None}), landmark=False)
     if "context" in recipe.variants:
         _write_rows(data / "warmup-both-train.jsonl",
                     _interleaved(data, {variant: recipe.vision_warmup_rows for variant in recipe.variants}))
         _write_rows(data / "mixed-train.jsonl",
                     _interleaved(data, {"original": recipe.mixed_original_rows, "context": None}), landmark=False)
-    return _write_rows(data / "original-train.jsonl", _interleaved(data, {"original": None}), landmark=False)
+    return original
+
+
+def data_marker(data: Path, recipe: Recipe) -> Path:
+    """The file ``write_data`` writes last for ``recipe``'s variants: the data step is complete once it exists. It
+    depends on the variants, so that a folder whose data holds the original variant alone gets the contextual rows
+    before the steps on both variants read them."""
+    return data / ("mixed-train.jsonl" if "context" in recipe.variants else "original-train.jsonl")
 
 
 def _write_rows(path: Path, rows: list[dict], landmark: bool = True) -> Path:
@@ -443,7 +471,7 @@ def ablation(out: Path, recipe: Recipe = Recipe()) -> dict:
         for arm, flags in recipe.ablation_arms:
             folder = out / "ablation" / f"{re.sub(r'[^a-z0-9]+', '-', arm.lower()).strip('-')}-seed{seed}"
             if not flags and seed == recipe.seed:
-                folder = out / "grpo"
+                folder = trained.grpo
             arguments = grpo_arguments(trained.grpo_start, trained.reward_model, trained.grpo_rows, folder, recipe)
             _step(out, f"ablation {arm} seed {seed}", folder / "ergo" / "config.json",
                   lambda: grpo_main([*arguments, *flags, "--seed", str(seed)]))
@@ -484,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.out, recipe)
     print(result["table"])
     if args.ship:
-        ship(args.out / "grpo" / "ergo", SHIPPED_MODEL, SHIPPED_CARD.format(table=result["table"]))
+        ship(result["model"], SHIPPED_MODEL, SHIPPED_CARD.format(table=result["table"]))
         print(f"shipped to {SHIPPED_MODEL}")
 
 
