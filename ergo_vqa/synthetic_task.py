@@ -29,8 +29,11 @@ label. Same options and answer format as the original variant, so one model answ
 from __future__ import annotations
 
 import json
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -182,23 +185,37 @@ def write_split(root: str | Path, split: str, count: int, seed: int = 0, spec: S
     """``<root>/<split>.jsonl`` and ``<root>/<split>/<index>.png``; rows in the training schema plus ``region``,
     ``id`` and ``category`` (the target colour; the contextual variant: the landmark's), and for the contextual
     variant ``variant`` and ``landmark`` (its box). Sample ``i`` of a split is
-    ``generate_sample(f"{seed}/{split}/{i}", spec, variant)``."""
+    ``generate_sample(f"{seed}/{split}/{i}", spec, variant)``, so the split is the same however many processes draw
+    it: large splits are drawn on every core (drawing and PNG encoding take minutes for the recipe's splits)."""
     root = Path(root)
     (root / split).mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index in range(count):
-        sample = generate_sample(f"{seed}/{split}/{index}", spec, variant)
-        image_path = f"{split}/{index:05d}.png"
-        sample.image.save(root / image_path, compress_level=3)
-        rows.append({
-            "id": f"{split}-{index:05d}", "image": image_path, "question": sample.question, "options": sample.options,
-            "answer": sample.answer, "gt_bbox": sample.gt_bbox, "region": sample.region, "category": sample.color,
-        })
-        if variant == "context":  # the original variant's rows stay as they were
-            rows[-1] |= {"variant": variant, "landmark": sample.landmark}
+    draw = partial(_write_sample, root, split, seed, spec, variant)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if count < PARALLEL_SPLIT_SIZE or cores == 1:
+        rows = [draw(index) for index in range(count)]
+    else:
+        with ProcessPoolExecutor(cores) as pool:
+            rows = list(pool.map(draw, range(count), chunksize=16))
     path = root / f"{split}.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+PARALLEL_SPLIT_SIZE = 64
+"""Splits this large are drawn by a process per core; smaller ones in this process (starting processes would cost
+more)."""
+
+
+def _write_sample(root: Path, split: str, seed: int, spec: SceneSpec, variant: str, index: int) -> dict:
+    """Sample ``index`` of a split: its image written under ``root``, its row returned."""
+    sample = generate_sample(f"{seed}/{split}/{index}", spec, variant)
+    image_path = f"{split}/{index:05d}.png"
+    sample.image.save(root / image_path, compress_level=3)
+    row = {"id": f"{split}-{index:05d}", "image": image_path, "question": sample.question, "options": sample.options,
+           "answer": sample.answer, "gt_bbox": sample.gt_bbox, "region": sample.region, "category": sample.color}
+    if variant == "context":  # the original variant's rows stay as they were
+        row |= {"variant": variant, "landmark": sample.landmark}
+    return row
 
 
 def split_path(root: str | Path, split: str, variant: str = "original") -> Path:

@@ -78,6 +78,22 @@ def test_split_files_feed_training_and_evaluation_alike(tmp_path):
         load_benchmark("synthetic", tmp_path, split="validation")
 
 
+@pytest.mark.parametrize("variant", ["original", "context"])
+def test_a_large_split_drawn_on_every_core_is_the_one_drawn_in_order(tmp_path, monkeypatch, variant):
+    """From ``PARALLEL_SPLIT_SIZE`` samples on, a split is drawn by a process per core: its rows, in order, and its
+    images are the ones drawn one by one in this process."""
+    import ergo_vqa.synthetic_task as synthetic_task
+
+    count = synthetic_task.PARALLEL_SPLIT_SIZE
+    parallel = write_split(tmp_path / "cores", "train", count, seed=3, variant=variant)
+    monkeypatch.setattr(synthetic_task, "PARALLEL_SPLIT_SIZE", count + 1)
+    in_order = write_split(tmp_path / "in-order", "train", count, seed=3, variant=variant)
+    assert parallel.read_text() == in_order.read_text()
+    assert [json.loads(line)["id"] for line in parallel.read_text().splitlines()][-1] == f"train-{count - 1:05d}"
+    for image in (tmp_path / "in-order" / "train").iterdir():
+        assert (tmp_path / "cores" / "train" / image.name).read_bytes() == image.read_bytes()
+
+
 def _cell(box: list[int], spec: SceneSpec) -> tuple[int, int]:
     """(row, column) of the grid cell holding the box's centre."""
     return (box[1] + box[3]) // 2 // spec.cell, (box[0] + box[2]) // 2 // spec.cell
