@@ -172,17 +172,22 @@ def test_demo_asks_a_contextual_question(tmp_path):
 
 
 QUESTIONS = 40
+SHIPPED_MODEL_FLOORS = {"original": (0.85, 0.8), "context": (0.7, 0.7)}
+"""(target inside the region, right answers) the shipped model must reach per variant on ``QUESTIONS`` unseen
+questions: below what it measured (docs/synthetic-proof.md), far above chance (10%)."""
 
 
-def test_shipped_demo_model_answers_through_both_stages(tmp_path):
+@pytest.mark.parametrize("variant", ["original", "context"])
+def test_shipped_demo_model_answers_through_both_stages(tmp_path, variant):
     """The shipped model as a Hub user runs it (``AutoModelForImageTextToText`` / ``AutoProcessor`` with
-    ``trust_remote_code``, both stages inside ``generate``), on questions from seeds it was never trained on: stage 1
-    must zoom on a region holding the target, found on the coarse view where the digit is a smudge, and stage 2 must
-    read the digit in that crop and answer with its letter. Chance is 10%."""
+    ``trust_remote_code``, both stages inside ``generate``), on questions of each variant from seeds it was never
+    trained on: stage 1 must zoom on a region holding the target (the contextual tag is one light dot among a dozen
+    in the coarse view: only the landmark and the relation locate it), and stage 2 must read the digit in that crop
+    and answer with its letter. Chance is 10%."""
     folder = hub_folder(tmp_path)
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    samples = [generate_sample(f"check/{index}") for index in range(QUESTIONS)]
+    samples = [generate_sample(f"check/{index}", variant=variant) for index in range(QUESTIONS)]
     found = right = 0
     for start in range(0, QUESTIONS, 8):
         batch = samples[start:start + 8]
@@ -196,17 +201,20 @@ def test_shipped_demo_model_answers_through_both_stages(tmp_path):
             x1, y1, x2, y2 = sample.gt_bbox
             found += region is not None and region[0] <= x1 and region[1] <= y1 and region[2] >= x2 and region[3] >= y2
             right += letters_match(reply, sample.answer)
-    assert found / QUESTIONS >= 0.9, f"the region held the target for {found}/{QUESTIONS}"
-    assert right / QUESTIONS >= 0.8, f"{right}/{QUESTIONS} answered right (chance: 10%)"
+    found_floor, right_floor = SHIPPED_MODEL_FLOORS[variant]
+    assert found / QUESTIONS >= found_floor, f"the region held the target for {found}/{QUESTIONS}"
+    assert right / QUESTIONS >= right_floor, f"{right}/{QUESTIONS} answered right (chance: 10%)"
 
 
-def test_reading_probe_on_the_shipped_model(tmp_path):
-    """``training.reading_probe`` on held-out rows: the shipped model reads the crop at stage 2 of the conversation,
-    while the coarse view, where the digit is a 3 px smudge, does not carry it (the control; chance is 10%)."""
+@pytest.mark.parametrize("variant", ["original", "context"])
+def test_reading_probe_on_the_shipped_model(tmp_path, variant):
+    """``training.reading_probe`` on held-out rows of each variant: the shipped model reads the crop at stage 2 of
+    the conversation, while the coarse view, where the digit is a 3 px smudge, does not carry it (the control;
+    chance is 10%)."""
     folder = hub_folder(tmp_path / "model")
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    rows = load_training_data(str(write_split(tmp_path / "data", "check", 20, seed=7)))
+    rows = load_training_data(str(write_split(tmp_path / "data", "check", 20, seed=7, variant=variant)))
     assert first_answer_token_accuracy(model, processor, rows, "ergo") >= 0.8
     assert first_answer_token_accuracy(model, processor, rows, "coarse") <= 0.3
 
@@ -249,12 +257,13 @@ def test_recipe_data_interleaves_both_variants_for_training(tmp_path):
     assert [len(load_benchmark(name, tmp_path)) for name in ("synthetic", "synthetic-context")] == [1, 1]
 
 
-def test_recipe_by_default_trains_the_original_variant_alone(tmp_path):
-    """The default recipe is the shipped model's: the original variant only; no contextual split or row file is
-    written or evaluated."""
+def test_recipe_of_the_original_variant_alone_writes_no_contextual_rows(tmp_path):
+    """The first round's recipe (``--variants original``): no contextual split or row file is written or
+    evaluated."""
     from training.synthetic_recipe import Recipe, write_data
 
-    rows = load_training_data(str(write_data(tmp_path, Recipe(splits=(("train", 5), ("test", 1))))))
+    rows = load_training_data(str(write_data(tmp_path, Recipe(splits=(("train", 5), ("test", 1)),
+                                                              variants=("original",)))))
     assert rows["variant"] == ["original"] * 5 and rows["id"] == [f"train-{index:05d}" for index in range(5)]
     assert not (tmp_path / "context").exists() and not (tmp_path / "mixed-train.jsonl").exists()
 
@@ -296,13 +305,14 @@ def test_shipping_keeps_the_remote_code_as_links_and_the_folder_loads(tiny_folde
 
 def test_recipe_command_line_defaults_are_the_recipe_defaults(monkeypatch, tmp_path):
     """``python -m training.synthetic_recipe OUT`` (what ``make demo-model`` runs) trains ``Recipe()``, the shipped
-    model's recipe: the original variant alone, Qwen2.5-VL (its ``--variants`` default once named both variants)."""
+    model's recipe: both variants, Qwen2.5-VL (the two defaults once differed, so ``make demo-model`` trained another
+    recipe than the shipped model's)."""
     import training.synthetic_recipe as recipe_module
 
     trained = []
     monkeypatch.setattr(recipe_module, "run", lambda out, recipe: trained.append(recipe) or {"table": ""})
     recipe_module.main([str(tmp_path)])
-    assert trained == [recipe_module.Recipe()] and trained[0].variants == ("original",)
+    assert trained == [recipe_module.Recipe()] and trained[0].variants == ("original", "context")
 
 
 @pytest.fixture

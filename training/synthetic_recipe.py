@@ -1,16 +1,16 @@
 """The synthetic demo model end to end on a CPU: data, supervised warm-up, GRPO with TCE, evaluation.
 
-    python -m training.synthetic_recipe runs/synthetic           # 40-52 minutes on 2 CPU cores
+    python -m training.synthetic_recipe runs/synthetic           # both variants: about 85 minutes on 2 CPU cores
     python -m training.synthetic_recipe runs/synthetic --ship    # then copy the trained model to ergo_vqa/demo_model
                                                           # (without its remote code: ergo_vqa.demo adds it)
-    python -m training.synthetic_recipe runs/both --variants original context  # round 2: one model, both variants
-    python -m training.synthetic_recipe runs/both --variants original context --ablation  # GRPO's reward ablation
-    python -m training.synthetic_recipe runs/qwen3-vl --family qwen3_vl        # the same recipe on a Qwen3-VL
+    python -m training.synthetic_recipe runs/synthetic --ablation  # then GRPO's reward ablation from the same start
+    python -m training.synthetic_recipe runs/original --variants original  # the first round's model: 40-52 minutes
+    python -m training.synthetic_recipe runs/qwen3-vl --family qwen3_vl --variants original  # on a Qwen3-VL
 
-By default the original variant of the task (``ergo_vqa.synthetic_task.VARIANTS``), the shipped model's recipe;
-with ``--variants original context`` one model learns both variants, asked in the same format: it learns the
-original variant first, as the default recipe does, then both (docs/synthetic-proof.md: trained on both variants from
-the start, the language model never learned to read).
+By default one model learns both variants of the task (``ergo_vqa.synthetic_task.VARIANTS``), asked in the same
+format, the shipped model's recipe: it learns the original variant first, then both (docs/synthetic-proof.md:
+trained on both variants from the start, the language model never learned to read). ``--variants original`` stops
+after the original variant, the first round's recipe.
 
 Each step writes a folder under OUT and is skipped when that folder is complete, so an interrupted run resumes:
 
@@ -85,14 +85,17 @@ tags: [ergo, qwen2_5_vl, synthetic]
 # ERGO demo model (synthetic task)
 
 A 1.6M-parameter Qwen2.5-VL-architecture model trained from scratch, on 2 CPU cores, by the ERGO project's own
-recipe (`python -m training.synthetic_recipe runs/synthetic --ship`): a vision warm-up (reading digits in crops,
-pointing at the target on the coarse view), three supervised phases on ERGO's two-turn format (the format; reading
-crops; reading the crop at stage 2), then GRPO with the TCE reward, on the synthetic task of
-`ergo_vqa.synthetic_task` (its original variant): find the one saturated shape in a 1344x1344 image seen at 144
-vision tokens, zoom on it, read its digit in the native-resolution crop. It is a
-demonstration, not a general model: it answers ERGO's two-stage conversation (its single passes over the coarse
-view and the full image are in the table). The table below was measured on held-out questions when it was trained
-(docs/synthetic-proof.md in the project says how).
+recipe (`python -m training.synthetic_recipe runs/synthetic --ship`) on the synthetic task of
+`ergo_vqa.synthetic_task`, both of its variants, asked in one format. In a 1344x1344 image seen at 144 vision tokens,
+the question asks for the digit written on a target: in the original variant the one saturated shape, plain to see
+in the coarse view; in the contextual variant a tag that the coarse view cannot tell from a dozen others, named by
+its relation to a visible landmark ("the tag to the right of the blue circle"). The model zooms on the target's cell
+and reads the digit in the native-resolution crop. The recipe: on the original variant, a vision warm-up (reading
+digits in crops, pointing at the target on the coarse view) and three supervised phases on ERGO's two-turn format
+(the format; reading crops; reading the crop at stage 2); then on both variants a second warm-up and a fourth
+supervised phase; then GRPO with the TCE reward. It is a demonstration, not a general model: it answers ERGO's
+two-stage conversation (its single passes over the coarse view and the full image are in the table). The table
+below was measured on held-out questions when it was trained (docs/synthetic-proof.md in the project says how).
 
 Load it with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)`.
 
@@ -124,11 +127,10 @@ class Recipe:
     context_splits: tuple[tuple[str, int], ...] = (("train", 2000), ("validation", 100), ("test", 200))
     """The contextual variant's, with both variants: its training rows are the last phase's and GRPO's, beside the
     first ``mixed_original_rows`` original rows."""
-    variants: tuple[str, ...] = ("original",)
-    """The task variants trained and evaluated (``--variants``). The default is the shipped model's recipe (the first
-    round's): the original variant alone. Both variants (``--variants original context``) is round 2's recipe: the
-    same steps, then the second warm-up and the phase on both variants (module docstring); ``make ablation`` runs
-    on it."""
+    variants: tuple[str, ...] = ("original", "context")
+    """The task variants trained and evaluated (``--variants``). The default is the shipped model's recipe: both,
+    which runs the original variant's steps, then the second warm-up and the phase on both variants (module
+    docstring); ``make ablation`` runs on it. The original variant alone is the first round's recipe."""
     mixed_original_rows: int = 1000
     """With both variants, the first this many original rows join every contextual row in ``mixed-train.jsonl``:
     the original variant is learned by then, and the contextual stage 1 (a landmark, then a step to a neighbouring
@@ -334,7 +336,7 @@ def _step(out: Path, name: str, done: Path, build: Callable[[], object]) -> None
 
 
 def _log_time(out: Path, name: str, start: float) -> None:
-    """Appends the step's wall time to ``out/timings.jsonl``: ``make demo-model`` has to fit in 45 minutes on 2 CPU
+    """Appends the step's wall time to ``out/timings.jsonl``: ``make demo-model`` is meant to fit in 45 minutes on 2 CPU
     cores."""
     with (out / "timings.jsonl").open("a") as log:
         log.write(json.dumps({"step": name, "seconds": round(time.perf_counter() - start, 1)}) + "\n")
@@ -496,8 +498,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", choices=sorted(FAMILIES), default=defaults.family,
                         help="the model family to train (default: Qwen2.5-VL, the demo model's)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(defaults.variants),
-                        help="the task variants to train and evaluate (default: the original alone, the shipped "
-                             "model's recipe; both: round 2's)")
+                        help="the task variants to train and evaluate (default: both, the shipped model's recipe; "
+                             "the original alone: the first round's)")
     args = parser.parse_args(argv)
     if args.ship and args.family != defaults.family:
         parser.error("--ship replaces the demo model, which is Qwen2.5-VL; train other families without it")
