@@ -400,10 +400,23 @@ def test_recipe_folder_of_the_original_variant_gets_the_contextual_rows_and_keep
         ("warm-up", "answering", "data/warmup-both-train.jsonl", "vision-both"),
         ("phase", "vision-both", "data/mixed-train.jsonl", "both")]
     assert [name for name, *_ in recorded_steps][-1] == "grpo" and (tmp_path / "grpo" / "ergo").is_dir()
+    trained = recipe_module.Trained(tmp_path, both_variants=True)
+    assert (trained.grpo, trained.ablation) == (tmp_path / "grpo-both", tmp_path / "ablation-both")
     timed = [json.loads(line)["step"] for line in (tmp_path / "timings.jsonl").read_text().splitlines()]
     assert timed.count("data") == 2
     assert load_training_data(str(tmp_path / "data" / "mixed-train.jsonl"))["variant"] == [
         "context", "original", "context", "original", "context"]
+
+
+@pytest.mark.parametrize("flags", [["--variants", "original"], ["--family", "qwen3_vl"]])
+def test_recipe_ships_only_the_demo_models_recipe(capsys, flags):
+    """``--ship`` replaces the demo model and writes its card (a Qwen2.5-VL on both variants): another variant set or
+    family stops before anything runs."""
+    from training.synthetic_recipe import main
+
+    with pytest.raises(SystemExit):
+        main(["runs/unused", "--ship", *flags])
+    assert "--ship replaces the demo model" in capsys.readouterr().err
 
 
 def test_recipe_refuses_the_contextual_variant_alone(capsys):

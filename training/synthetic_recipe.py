@@ -252,6 +252,11 @@ class Trained:
         variant's recipe ran keeps its GRPO model when both variants' run there."""
         return self.out / ("grpo-both" if self.both_variants else "grpo")
 
+    @property
+    def ablation(self) -> Path:
+        """The reward ablation's arms (``ablation``), one folder per start, as ``grpo``."""
+        return self.out / ("ablation-both" if self.both_variants else "ablation")
+
 
 def train_steps(out: Path, recipe: Recipe) -> Trained:
     """The steps from the data to GRPO's (each skipped when its folder is complete)."""
@@ -471,7 +476,7 @@ def ablation(out: Path, recipe: Recipe = Recipe()) -> dict:
     runs = [("supervised start", trained.grpo_start, "ergo")]
     for seed in recipe.ablation_seeds:  # every arm of one seed before the next seed's
         for arm, flags in recipe.ablation_arms:
-            folder = out / "ablation" / f"{re.sub(r'[^a-z0-9]+', '-', arm.lower()).strip('-')}-seed{seed}"
+            folder = trained.ablation / f"{re.sub(r'[^a-z0-9]+', '-', arm.lower()).strip('-')}-seed{seed}"
             if not flags and seed == recipe.seed:
                 folder = trained.grpo
             arguments = grpo_arguments(trained.grpo_start, trained.reward_model, trained.grpo_rows, folder, recipe)
@@ -501,9 +506,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="the task variants to train and evaluate (default: both, the shipped model's recipe; "
                              "the original alone: the first round's)")
     args = parser.parse_args(argv)
-    if args.ship and args.family != defaults.family:
-        parser.error("--ship replaces the demo model, which is Qwen2.5-VL; train other families without it")
     variants = tuple(variant for variant in VARIANTS if variant in args.variants)
+    if args.ship and (args.family != defaults.family or variants != defaults.variants):
+        parser.error("--ship replaces the demo model, a Qwen2.5-VL trained on both variants, whose card says so; "
+                     "train other families and variants without it")
     try:
         recipe = Recipe(epochs=args.epochs, eval_limit=args.eval_limit, family=args.family, variants=variants)
     except ValueError as error:
