@@ -263,7 +263,7 @@ def train_steps(out: Path, recipe: Recipe) -> Trained:
     trained = Trained(out, "context" in recipe.variants)
     data, init, vision, sft = out / "data", out / "init", out / "vision", out / "sft"
     original = data / "original-train.jsonl"
-    _step(out, "data", data_marker(data, recipe), lambda: write_data(data, recipe))
+    _step(out, "data", trained.grpo_rows, lambda: write_data(data, recipe))
     _step(out, "init", init / "config.json", lambda: build_init(init, recipe.seed, recipe.family))
     _step(out, "vision", vision / "config.json",
           lambda: vision_warm_up(init, data / "warmup-train.jsonl", vision, recipe, recipe.vision_warmup_steps))
@@ -288,8 +288,9 @@ def train_steps(out: Path, recipe: Recipe) -> Trained:
 def write_data(data: Path, recipe: Recipe) -> Path:
     """The splits of ``Recipe.variants`` under ``data`` and the rows each step reads (module docstring), interleaved
     evenly where they hold both variants, so that every "first share of the rows" of a supervised phase holds them in
-    proportion; the warm-up rows keep the contextual rows' ``landmark``. Returns ``original-train.jsonl``; the file
-    written last is ``data_marker``'s."""
+    proportion; the warm-up rows keep the contextual rows' ``landmark``. Returns ``original-train.jsonl``. GRPO's rows
+    (``Trained.grpo_rows``) are written last: the step is complete once they exist, so a folder whose data holds the
+    original variant alone gets the contextual rows before the steps on both variants read them."""
     splits = {"original": dict(recipe.splits), "context": dict(recipe.context_splits)}
     for variant in recipe.variants:
         write_splits(data, splits[variant], seed=recipe.seed, variant=variant)
@@ -301,13 +302,6 @@ def write_data(data: Path, recipe: Recipe) -> Path:
         _write_rows(data / "mixed-train.jsonl",
                     _interleaved(data, {"original": recipe.mixed_original_rows, "context": None}), landmark=False)
     return original
-
-
-def data_marker(data: Path, recipe: Recipe) -> Path:
-    """The file ``write_data`` writes last for ``recipe``'s variants: the data step is complete once it exists. It
-    depends on the variants, so that a folder whose data holds the original variant alone gets the contextual rows
-    before the steps on both variants read them."""
-    return data / ("mixed-train.jsonl" if "context" in recipe.variants else "original-train.jsonl")
 
 
 def _write_rows(path: Path, rows: list[dict], landmark: bool = True) -> Path:
