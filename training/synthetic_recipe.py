@@ -113,8 +113,10 @@ class SupervisedPhase:
     """(example kind, share of the training rows giving one), as ``ErgoSFTConfig``'s ``<kind>_share``."""
     example_mean_loss: bool = False
     learning_rate: float = 1e-3
+    epochs: float = 1.0
+    """Of the phase's examples, times ``Recipe.epochs``; the cosine schedule is fitted to the run's length."""
     max_steps: int = -1
-    """Batches of 8; -1: ``Recipe.epochs`` of the phase's examples."""
+    """Batches of 8; -1: the epochs above."""
 
 
 @dataclass(frozen=True)
@@ -137,12 +139,12 @@ class Recipe:
     cell) has the more to learn."""
     budget: int = 144
     """Coarse and crop budget, vision tokens: the 1344x1344 image shrinks 4x in the coarse view."""
-    vision_warmup_steps: int = 300
+    vision_warmup_steps: int = 200
     vision_warmup_batch: int = 16
     """Images of each objective per warm-up step."""
     vision_warmup_rows: int = 1000
     """The first this many training rows of each variant feed the vision warm-ups (both objectives)."""
-    both_warmup_steps: int = 150
+    both_warmup_steps: int = 100
     both_warmup_learning_rate: float = 5e-4
     """The second warm-up (both variants), from a tower that already reads the original variant: half the first's
     steps and learning rate."""
@@ -150,20 +152,22 @@ class Recipe:
     """The warm-up's features are used as they are: the language model learns to find and copy them, and each step is
     cheaper (measurements: docs/synthetic-proof-history.md)."""
     formatting: SupervisedPhase = SupervisedPhase(
-        shares=(("stage1", 1.0), ("ergo", 0.5), ("crop", 1.0), ("full", 0.02)))
+        shares=(("stage1", 1.0), ("ergo", 0.5), ("crop", 1.0), ("full", 0.02)), epochs=0.5)
     """A stage-1-only example from every training row (the cheap kind that teaches where to zoom), the two-stage
     conversation from half, the crop alone from every row, a few full images; loss averaged over all tokens, as TRL
     does. The crop examples are what lets phase 2 learn to read (docs/synthetic-proof-history.md)."""
-    reading: SupervisedPhase = SupervisedPhase(shares=(("stage1", 0.34), ("crop", 1.0)), example_mean_loss=True)
+    reading: SupervisedPhase = SupervisedPhase(shares=(("stage1", 0.34), ("crop", 1.0)), example_mean_loss=True,
+                                               epochs=0.5)
     """Loss averaged per example, so one-letter crop replies weigh as much as 50-token stage-1 replies; a crop from
     every row, stage-1 examples from a third to keep stage 1 (the runs behind these choices:
     docs/synthetic-proof-history.md). This phase's model is r_region's frozen reward model."""
     answering: SupervisedPhase = SupervisedPhase(
-        shares=(("stage2", 1.0), ("ergo", 0.34), ("stage1", 0.34)), example_mean_loss=True)
+        shares=(("stage2", 1.0), ("ergo", 0.34), ("stage1", 0.34)), example_mean_loss=True, epochs=0.34)
     """Stage 2 reading the crop inside the conversation: reading a crop shown alone does not carry over to stage 2,
     and stage 2's turn alone (``stage2`` examples) does (docs/synthetic-proof-history.md)."""
     both_variants: SupervisedPhase = SupervisedPhase(
-        shares=(("stage2", 1.0), ("stage1", 1.0), ("ergo", 0.34), ("crop", 0.34)), example_mean_loss=True)
+        shares=(("stage2", 1.0), ("stage1", 1.0), ("ergo", 0.34), ("crop", 0.34)), example_mean_loss=True,
+        epochs=0.4)
     """With both variants, the phase after the second warm-up: stage 2's turn alone and stage 1 from every row (the
     changed tower has to be read again; the contextual stage 1 is new), two-stage examples, and crops alone from a
     third, so that this model can be r_region's reward model on both variants."""
@@ -178,6 +182,12 @@ class Recipe:
     run): ``--epochs`` trains a smaller model when the CPU is not free (docs/synthetic-proof.md)."""
     eval_limit: int | None = None
     """The first this many test questions of each variant (default: all); ``--eval-limit``."""
+    full_eval_limit: int | None = 100
+    """The full-resolution control (2304 vision tokens, about 0.8 s a question, six times ERGO's) on the first this
+    many of them (None: as many as the others), so that ``make demo-model`` fits in 45 minutes."""
+    eval_every_phase: bool = False
+    """ERGO with the supervised models after phase 2 as well (``--eval-every-phase``; about 5 minutes more): the
+    published table's rows for phases 3 and 4 (docs/synthetic-proof.md)."""
     ablation_arms: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("all rewards", ()),
         ("r_acc + r_format", ("--box_weight", "0", "--reward_model", "", "--no_region_reward", "true")),
@@ -202,12 +212,14 @@ def run(out: Path, recipe: Recipe = Recipe()) -> dict:
     torch.manual_seed(recipe.seed)
     trained = train_steps(out, recipe)
     grpo = trained.grpo / "ergo"
-    later = [("SFT phases 1-4 (both variants)", trained.both, "ergo")] if trained.both else []
+    phases = []
+    if recipe.eval_every_phase:
+        phases = [("SFT phases 1-3", trained.answering, "ergo")]
+        phases += [("SFT phases 1-4 (both variants)", trained.both, "ergo")] if trained.both else []
     start = time.perf_counter()
-    result = evaluate_all([("SFT phases 1-2", trained.reading, "full"), ("SFT phases 1-3", trained.answering, "ergo"),
-                           *later, ("SFT + GRPO", grpo, "ergo"), ("SFT + GRPO", grpo, "ergo masked"),
-                           ("SFT + GRPO", grpo, "coarse")], out, recipe.budget, limit=recipe.eval_limit,
-                          variants=recipe.variants)
+    result = evaluate_all([("SFT phases 1-2", trained.reading, "full"), *phases, ("SFT + GRPO", grpo, "ergo"),
+                           ("SFT + GRPO", grpo, "ergo masked"), ("SFT + GRPO", grpo, "coarse")], out, recipe.budget,
+                          limit=recipe.eval_limit, full_limit=recipe.full_eval_limit, variants=recipe.variants)
     _log_time(out, "eval", start)
     return result | {"model": grpo}
 
@@ -372,7 +384,7 @@ def supervised_phase(start: Path, train_file: Path, folder: Path, recipe: Recipe
         output_dir=str(folder.parent / f"{folder.name}-run"), coarse_budget=recipe.budget,
         **{f"{kind}_share": shares.get(kind, 0.0) for kind in EXAMPLE_KINDS},
         freeze_vision_tower=recipe.freeze_vision_tower, example_mean_loss=phase.example_mean_loss,
-        num_train_epochs=recipe.epochs, max_steps=phase.max_steps,
+        num_train_epochs=recipe.epochs * phase.epochs, max_steps=phase.max_steps,
         learning_rate=phase.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=0.05, per_device_train_batch_size=8, weight_decay=0.0, logging_steps=10, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
@@ -401,9 +413,10 @@ def grpo_arguments(policy: Path, reward_model: Path, train_file: Path, out: Path
 
 
 def evaluate_all(runs: list[tuple[str, Path, str]], out: Path, budget: int, table: str = "results",
-                 limit: int | None = None, variants: tuple[str, ...] = VARIANTS) -> dict:
+                 limit: int | None = None, full_limit: int | None = None,
+                 variants: tuple[str, ...] = VARIANTS) -> dict:
     """The table ``OUT/<table>.md`` (and ``.json``): for each (model name, folder, mode) and each of ``variants``' test
-    split in ``OUT/data`` (its first ``limit`` questions), accuracy, vision tokens and latency, and for ERGO how
+    split in ``OUT/data`` (its first ``limit`` questions; mode ``full`` its first ``full_limit`` of those), accuracy, vision tokens and latency, and for ERGO how
     often stage 1's region held the target and the mean share of the image it cut (1 without a region). Mode
     ``ergo masked`` is ERGO with the target masked out of the coarse view (``evaluate``'s ``mask_target``). "share
     of full" is of the variant's full-resolution pass. Records go to ``OUT/eval/<model folder under OUT, or its
@@ -418,7 +431,8 @@ def evaluate_all(runs: list[tuple[str, Path, str]], out: Path, budget: int, tabl
             model, processor = load(str(folder), device="cpu")
             where = folder.relative_to(out) if folder.is_relative_to(out) else folder.name
             records = out / "eval" / re.sub(r"[^a-z0-9]+", "-", str(where).lower()).strip("-")
-            summary = evaluate(model, processor, samples, mode.split()[0], records, dataset, budget=budget,
+            asked = samples[:full_limit] if mode == "full" else samples
+            summary = evaluate(model, processor, asked, mode.split()[0], records, dataset, budget=budget,
                                batch_size=8, max_new_tokens=64, progress=False, mask_target=mode.endswith("masked"))
             hits = area = None
             if mode.startswith("ergo"):
@@ -429,18 +443,17 @@ def evaluate_all(runs: list[tuple[str, Path, str]], out: Path, budget: int, tabl
                            zip(targets, samples)) / len(samples)
             rows.append({**summary, "variant": variant, "model": name, "mode": mode,  # the table's names
                          "target_in_region": hits, "region_area_share": area})
-    lines = ["| variant | model | mode | accuracy | target inside the region | mean crop area share | "
-             "vision tokens / sample | share of full | s / sample |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | model | mode | questions | accuracy | target inside the region | mean crop area share | "
+             "vision tokens / sample | share of full | s / sample |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         full = next((r for r in rows if r["variant"] == row["variant"] and r["mode"] == "full"), None)
         share = f"{100 * row['mean_vision_tokens'] / full['mean_vision_tokens']:.0f}%" if full else "-"
         hits, area = ("-" if row[key] is None else f"{100 * row[key]:.1f}%"
                       for key in ("target_in_region", "region_area_share"))
-        lines.append(f"| {row['variant']} | {row['model']} | {row['mode']} | {100 * row['accuracy']:.1f}% | {hits} | "
+        lines.append(f"| {row['variant']} | {row['model']} | {row['mode']} | {row['samples']} | "
+                     f"{100 * row['accuracy']:.1f}% | {hits} | "
                      f"{area} | {row['mean_vision_tokens']:.0f} | {share} | {row['mean_seconds']:.2f} |")
-    text = "\n".join(lines) + "\n\n" + " and ".join(
-        f"{next(r['samples'] for r in rows if r['variant'] == variant)} {variant}" for variant in
-        variants) + " test samples, 10 options each (chance 10%).\n"
+    text = "\n".join(lines) + "\n\nQuestions: the first of each variant's test split; 10 options each (chance 10%).\n"
     (out / f"{table}.md").write_text(text)
     (out / f"{table}.json").write_text(json.dumps(rows, indent=2) + "\n")
     return {"table": text, "rows": rows}
@@ -493,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=float, default=1.0, help="of each supervised phase (default 1)")
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="evaluate the first N test questions of each variant (default all)")
+    parser.add_argument("--eval-every-phase", action="store_true",
+                        help="evaluate ERGO with the supervised models after phase 2 too (about 5 minutes more)")
     defaults = Recipe()
     parser.add_argument("--family", choices=sorted(FAMILIES), default=defaults.family,
                         help="the model family to train (default: Qwen2.5-VL, the demo model's)")
@@ -505,7 +520,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--ship replaces the demo model, a Qwen2.5-VL trained on both variants, whose card says so; "
                      "train other families and variants without it")
     try:
-        recipe = Recipe(epochs=args.epochs, eval_limit=args.eval_limit, family=args.family, variants=variants)
+        recipe = Recipe(epochs=args.epochs, eval_limit=args.eval_limit, eval_every_phase=args.eval_every_phase,
+                        family=args.family, variants=variants)
     except ValueError as error:
         parser.error(str(error))
     if args.ablation:
