@@ -429,3 +429,39 @@ def test_recipe_refuses_the_contextual_variant_alone(capsys):
     with pytest.raises(SystemExit):
         main(["runs/unused", "--variants", "context"])
     assert "learns the original variant first" in capsys.readouterr().err
+
+
+def test_recipe_table_asks_the_full_resolution_control_fewer_questions(tmp_path):
+    """``evaluate_all`` with ``full_limit``: the full-resolution pass (six times ERGO's time a question) runs on the
+    first questions only, every other mode on all, and the table says how many each row asked."""
+    from training.synthetic_recipe import evaluate_all
+
+    folder = hub_folder(tmp_path)
+    write_splits(tmp_path / "data", {"test": 3}, seed=5)
+    result = evaluate_all([("shipped", folder, "full"), ("shipped", folder, "ergo")], tmp_path, 144, full_limit=1,
+                          variants=("original",))
+    assert [(row["mode"], row["samples"]) for row in result["rows"]] == [("full", 1), ("ergo", 3)]
+    rows = result["table"].splitlines()[2:4]
+    assert rows[0].startswith("| original | shipped | full | 1 |") and rows[1].startswith("| original | shipped | ergo | 3 |")
+    assert (tmp_path / "results.md").read_text() == result["table"]
+
+
+@pytest.mark.parametrize("every_phase", [False, True])
+def test_recipe_evaluates_the_supervised_phases_only_when_asked(recorded_steps, monkeypatch, tmp_path, every_phase):
+    """By default the recipe evaluates the full-resolution control (the reading model) and the GRPO model (ERGO,
+    masked, coarse): what the card needs, within ``make demo-model``'s 45 minutes; ``eval_every_phase`` adds ERGO
+    with the models of phases 3 and 4."""
+    import dataclasses
+
+    import training.synthetic_recipe as recipe_module
+
+    asked = []
+    monkeypatch.setattr(recipe_module, "evaluate_all", lambda runs, *args, **kwargs: asked.append(
+        ([(name, str(folder.relative_to(tmp_path)), mode) for name, folder, mode in runs], kwargs)) or {"table": ""})
+    recipe = dataclasses.replace(tiny_recipe(("original", "context")), eval_every_phase=every_phase)
+    recipe_module.run(tmp_path, recipe)
+    phases = [("SFT phases 1-3", "answering", "ergo"), ("SFT phases 1-4 (both variants)", "both", "ergo")]
+    assert asked[0][0] == [("SFT phases 1-2", "reading", "full"), *(phases if every_phase else []),
+                           ("SFT + GRPO", "grpo-both/ergo", "ergo"), ("SFT + GRPO", "grpo-both/ergo", "ergo masked"),
+                           ("SFT + GRPO", "grpo-both/ergo", "coarse")]
+    assert asked[0][1]["full_limit"] == recipe.full_eval_limit == 100
