@@ -113,11 +113,8 @@ class SupervisedPhase:
     """(example kind, share of the training rows giving one), as ``ErgoSFTConfig``'s ``<kind>_share``."""
     example_mean_loss: bool = False
     learning_rate: float = 1e-3
-    epochs: float = 1.0
-    """Of the phase's examples, times ``Recipe.epochs``; the cosine schedule is fitted to the run's length. Every
-    phase keeps its epoch: shorter phases 1, 3 and 4 left a model that does not read (docs/synthetic-proof.md)."""
     max_steps: int = -1
-    """Batches of 8; -1: the epochs above."""
+    """Batches of 8; -1: ``Recipe.epochs`` of the phase's examples."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +175,8 @@ class Recipe:
     seed: int = 0
     epochs: float = 1.0
     """Of each supervised phase (a fraction stops it early, with its learning-rate schedule fitted to the shorter
-    run): ``--epochs`` trains a smaller model when the CPU is not free (docs/synthetic-proof.md)."""
+    run): ``--epochs`` trains a smaller model when the CPU is not free (docs/synthetic-proof.md). Below 1 the model
+    may not learn to read at all: with phases 1, 3 and 4 shortened it did not (docs/synthetic-proof.md, fifth run)."""
     eval_limit: int | None = None
     """The first this many test questions of each variant (default: all); ``--eval-limit``."""
     full_eval_limit: int | None = 50
@@ -384,7 +382,7 @@ def supervised_phase(start: Path, train_file: Path, folder: Path, recipe: Recipe
         output_dir=str(folder.parent / f"{folder.name}-run"), coarse_budget=recipe.budget,
         **{f"{kind}_share": shares.get(kind, 0.0) for kind in EXAMPLE_KINDS},
         freeze_vision_tower=recipe.freeze_vision_tower, example_mean_loss=phase.example_mean_loss,
-        num_train_epochs=recipe.epochs * phase.epochs, max_steps=phase.max_steps,
+        num_train_epochs=recipe.epochs, max_steps=phase.max_steps,
         learning_rate=phase.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=0.05, per_device_train_batch_size=8, weight_decay=0.0, logging_steps=10, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
