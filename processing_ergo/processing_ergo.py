@@ -227,9 +227,15 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         originals, stems, full_questions = zip(*parallel_map(load_and_parse, range(len(images))))
         context, coarse_images = self.make_context(list(originals), list(full_questions), coarse_budget, crop_budget,
                                                    fallback, stage2_template)
-        inputs = self._encode([self._render(self.stage1_messages(stem)) for stem in stems], coarse_images)
+        inputs = self.stage1_inputs(list(stems), coarse_images)
         inputs["ergo_context"] = context
         return inputs
+
+    def stage1_inputs(self, question_stems: list[str], coarse_views: list[Image.Image]) -> BatchFeature:
+        """Stage 1's tensors for question stems over their coarse views (``make_context``'s), left-padded: what
+        ``prepare`` returns besides the context, for a caller that keeps the views (SFT builds several examples
+        on one)."""
+        return self._encode([self._render(self.stage1_messages(stem)) for stem in question_stems], coarse_views)
 
     def make_context(
         self,

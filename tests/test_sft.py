@@ -1,5 +1,7 @@
 """The supervised warm-up: examples built as inference builds them, replies-only labels, a real SFTTrainer run."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -7,7 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from ergo_vqa.synthetic_task import write_split
 from modeling_ergo import ErgoForConditionalGeneration
 from processing_ergo.geometry_ergo import parse_zoom_box
-from processing_ergo.images_ergo import load_image
+from processing_ergo.images_ergo import ErgoImageError, load_image
 from training.data import load_training_data
 from training.config import ErgoSFTConfig
 from training.sft import (
@@ -72,6 +74,25 @@ def test_stage1_example_is_the_stage1_input_with_the_zoom_reply_labelled(process
     assert ids[:labels.index(next(label for label in labels if label != -100))] == stage1["input_ids"][0].tolist()
     assert torch.equal(pixels, stage1["pixel_values"]) and grid.tolist() == [[1, 16, 16]]  # the coarse view only
     assert len(ids) == len(labels) == len(types)
+
+
+def test_row_views_are_built_once_and_give_the_same_examples(processor, tmp_path):
+    """With a views cache, each (image, region) is decoded and resized once: the batch is the one built from the
+    image file, and a second collator sharing the cache builds it again with the file gone."""
+    rows = load_training_data(str(write_split(tmp_path, "train", 2)))
+    batch_rows = [{**row, "kind": kind, "zoom_region": row["region"]}
+                  for row in rows for kind in ("stage1", "ergo", "stage2", "crop")]
+    views = {}
+    built = ErgoSFTCollator(processor, views=views)(batch_rows)
+    assert len(views) == 2  # one entry per (image, region), shared by the four kinds
+    plain = ErgoSFTCollator(processor)(batch_rows)
+    for row in rows:
+        Path(row["image"]).unlink()
+    with pytest.raises(ErgoImageError, match="training image"):
+        ErgoSFTCollator(processor)(batch_rows)
+    again = ErgoSFTCollator(processor, views=views)(batch_rows)
+    for batch in (plain, again):
+        assert batch.keys() == built.keys() and all(torch.equal(batch[key], built[key]) for key in built)
 
 
 def test_box_written_in_coarse_pixels_covers_the_region(dataset):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
@@ -34,7 +35,8 @@ from trl import SFTTrainer
 from processing_ergo.family_ergo import RELATIVE_SCALE
 from processing_ergo.geometry_ergo import IMAGE_FACTOR, PAPER_BUDGET, vision_tokens
 from processing_ergo.images_ergo import load_image
-from processing_ergo.processing_ergo import FULL_RESOLUTION_BUDGET, ErgoContext, ErgoProcessor, ZoomDecision
+from processing_ergo.processing_ergo import (FULL_RESOLUTION_BUDGET, ErgoContext, ErgoProcessor, ZoomDecision,
+                                             parallel_map)
 from processing_ergo.prompts_ergo import SYSTEM_PROMPT, stage_questions
 
 from .config import ErgoSFTConfig
@@ -90,14 +92,19 @@ def _vision_tokens(row: dict, coarse_budget: int, crop_budget: int, factor: int)
 
 
 class ErgoSFTCollator:
-    """Builds each example's token ids, pixel values and labels (replies only), then pads the batch on the right."""
+    """Builds each example's token ids, pixel values and labels (replies only), then pads the batch on the right.
 
-    def __init__(self, processor: ErgoProcessor, postfix: str = MULTIPLE_CHOICE_POSTFIX):
-        self.processor, self.postfix = processor, postfix
+    A batch's examples are built side by side on a thread pool (PIL's decoding and resampling release the GIL). With
+    ``views``, a dict kept by the caller, each (image path, region)'s ``RowViews`` are built once and reused by every
+    example and phase that needs them; it holds a coarse view and a crop per row, so it suits a dataset that fits in
+    memory that way (the synthetic recipe's)."""
+
+    def __init__(self, processor: ErgoProcessor, postfix: str = MULTIPLE_CHOICE_POSTFIX, views: dict | None = None):
+        self.processor, self.postfix, self.views = processor, postfix, views
         self.end_of_turn = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        examples = [self.example(row) for row in rows]
+        examples = parallel_map(self.example, rows)
         width = max(len(ids) for ids, _, _ in examples)
         pad = self.processor.tokenizer.pad_token_id
         batch = {
@@ -112,35 +119,30 @@ class ErgoSFTCollator:
 
     def example(self, row: dict) -> tuple[list[int], list[int], tuple[list[int], torch.Tensor, torch.Tensor]]:
         """(input ids, labels, (mm token types, pixel values, grid)) of one row."""
-        image = load_image(row["image"], name="training image")
         letter, shown = answer_and_shown(row)
         options = row["options"] or []
+        stem, full = stage_questions(row["question"], options, self.postfix if options else "")
+        if row["kind"] == "full":
+            image = load_image(row["image"], name="training image")
+            return self._with_reply(self.processor.single_pass([image], [full]), letter)
+        region = row["gt_bbox" if row["kind"] == "evidence" else "zoom_region"]
+        views = row_views(self.processor, row["image"], region, self.views)
         if row["kind"] == "stage1":
-            stage1 = self._stage1(image, row["question"], options)
-            reply, _ = zoom_on(self.processor, stage1["ergo_context"], row["zoom_region"])
-            return self._with_reply(stage1, reply)
+            return self._with_reply(self.processor.stage1_inputs([stem], [views.coarse_view]), self._reply1(views, region))
         if row["kind"] == "ergo":
-            return self._two_stage(image, row["question"], options, row["zoom_region"], letter, shown)
-        _, full = stage_questions(row["question"], options, self.postfix if options else "")
+            return self._two_stage(views, stem, full, region, letter, shown)
         if row["kind"] == "stage2":
-            return self._stage2_alone(image, full, row["zoom_region"], letter, shown)
-        if row["kind"] in ("crop", "evidence"):
-            prompt = self._crop_prompt(image, full, row["zoom_region" if row["kind"] == "crop" else "gt_bbox"])
-        else:
-            prompt = self.processor.single_pass([image], [full])
-        return self._with_reply(prompt, letter)
+            return self._stage2_alone(views, full, letter, shown)
+        crop_budget = self.processor.crop_budget or self.processor.coarse_budget  # "crop" and "evidence"
+        return self._with_reply(self.processor.single_pass([views.decision.image], [full], budget=crop_budget), letter)
 
-    def _stage1(self, image, question, options):
-        """ERGO's stage-1 input for one row, as ``generate`` gets it."""
-        postfix = self.postfix if options else ""
-        return self.processor.prepare([image], [question], options=[options], postfixes=[postfix], fallback="resize")
-
-    def _two_stage(self, image, question, options, region, letter, shown):
+    def _two_stage(self, views: "RowViews", stem, full, region, letter, shown):
+        """The conversation ``generate`` builds: stage 1's input, the reply naming ``region``, the turn bringing the
+        crop, stage 2's reply."""
         processor = self.processor
-        stage1 = self._stage1(image, question, options)
-        context: ErgoContext = stage1["ergo_context"]
-        reply1, decision = zoom_on(processor, context, region)
-        turn = processor.stage2_turn_tokens(decision, context.samples[0].stage2_question, context.stage2_template)
+        stage1 = processor.stage1_inputs([stem], [views.coarse_view])
+        turn = processor.stage2_turn_tokens(views.decision, full, processor.stage2_template)
+        reply1 = self._reply1(views, region)
         sequence = processor.stage2_sequence_tokens(stage1["input_ids"][0].tolist(), self._tokens(reply1), turn)
         reply2_ids = self._tokens(STAGE2_REPLY.format(shown, letter)) + [self.end_of_turn]
         ids = sequence.input_ids + reply2_ids
@@ -154,28 +156,18 @@ class ErgoSFTCollator:
         grid = torch.cat([stage1["image_grid_thw"], sequence.image_grid_thw])
         return ids, labels, (types, pixels, grid)
 
-    def _stage2_alone(self, image, full, region, letter, shown):
+    def _stage2_alone(self, views: "RowViews", full, letter, shown):
         """Stage 2's turn without stage 1's: ERGO's system prompt, then the crop and the stage-2 prompt as in
         ``_two_stage``, answered the same way. The crop sits as far from the reply as in the conversation."""
-        context, decision = self._zoom(image, full, region)
         system = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}]
-        messages = system + self.processor.stage2_turn_messages(full, context.stage2_template)
+        messages = system + self.processor.stage2_turn_messages(full, self.processor.stage2_template)
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt = self.processor(text=[text], images=[decision.image], return_tensors="pt",
-                                images_kwargs={"size": decision.processor_size})
+        prompt = self.processor(text=[text], images=[views.decision.image], return_tensors="pt",
+                                images_kwargs={"size": views.decision.processor_size})
         return self._with_reply(prompt, STAGE2_REPLY.format(shown, letter))
 
-    def _crop_prompt(self, image, full, region):
-        """The crop an ``ergo`` example zooming on ``region`` would cut, alone under the plain single-turn prompt."""
-        _, decision = self._zoom(image, full, region)
-        crop_budget = self.processor.crop_budget or self.processor.coarse_budget
-        return self.processor.single_pass([decision.image], [full], budget=crop_budget)
-
-    def _zoom(self, image, full, region) -> tuple[ErgoContext, ZoomDecision]:
-        """The context stage 1 would get (coarse view and stage-2 question, untokenised) and the crop inference
-        cuts for a reply naming ``region``."""
-        context, _ = self.processor.make_context([image], [full], fallback="resize")
-        return context, zoom_on(self.processor, context, region)[1]
+    def _reply1(self, views: "RowViews", region: list[int]) -> str:
+        return stage1_reply(region, views.original_size, views.coarse_view.size, self.processor.grounding)
 
     def _with_reply(self, prompt, text: str):
         """One turn: ``prompt``'s input, then ``text`` and the end-of-turn token, which alone are labelled."""
@@ -188,11 +180,45 @@ class ErgoSFTCollator:
         return self.processor.tokenizer.encode(text, add_special_tokens=False)
 
 
+@dataclass(frozen=True)
+class RowViews:
+    """What the examples of one (image, region) pair are built from: the coarse view stage 1 sees, the original's
+    size (the frame of stage 1's reply) and the crop inference cuts for a reply naming the region."""
+
+    coarse_view: Image.Image
+    original_size: tuple[int, int]
+    decision: ZoomDecision
+
+
+def row_views(processor: ErgoProcessor, image, region: list[int], cache: dict | None = None) -> RowViews:
+    """The ``RowViews`` of ``image`` (a path or a PIL image) and ``region`` (original pixels), kept in ``cache`` by
+    (path, region, the processor's budgets) when ``image`` is a path: decoding a 1344x1344 original and resizing it
+    were half of building a supervised batch, and a row gives several examples in each phase
+    (docs/synthetic-proof.md). A region that gives no crop raises."""
+    key = None
+    if cache is not None and isinstance(image, str):
+        key = (image, tuple(region), processor.coarse_budget, processor.crop_budget, processor.factor)
+        if key in cache:
+            return cache[key]
+    original = load_image(image, name="training image")
+    context, (view,) = processor.make_context([original], [""], fallback="resize")
+    views = RowViews(view, original.size, zoom_on(processor, context, region)[1])
+    if key is not None:
+        cache[key] = views
+    return views
+
+
+def stage1_reply(region: list[int], original_size: tuple[int, int], coarse_size: tuple[int, int],
+                 grounding: str = "absolute") -> str:
+    """Stage 1's reply naming ``region`` (original pixels) on a coarse view, in the ``grounding`` convention."""
+    return STAGE1_REPLY.format(*coarse_box(region, original_size, coarse_size, grounding))
+
+
 def zoom_on(processor: ErgoProcessor, context: ErgoContext, region: list[int]) -> tuple[str, ZoomDecision]:
     """(stage-1 reply naming ``region`` (original pixels), the crop decision inference makes for it) for the
     context's one sample; a region that gives no crop raises."""
     sample = context.samples[0]
-    reply = STAGE1_REPLY.format(*coarse_box(region, sample.image.size, sample.coarse_size, sample.grounding))
+    reply = stage1_reply(region, sample.image.size, sample.coarse_size, sample.grounding)
     decision = processor.plan_zooms(context, [reply])[0]
     if decision.fallback is not None:
         raise ValueError(f"region {region} gives no crop ({decision.fallback})")
@@ -221,10 +247,12 @@ def answer_and_shown(row: dict) -> tuple[str, str]:
     return answer, answer
 
 
-def build_sft_trainer(model, processor: ErgoProcessor, dataset: Dataset, args: ErgoSFTConfig) -> SFTTrainer:
-    """TRL's SFTTrainer over ``dataset`` (training schema, with regions) expanded into the examples above."""
+def build_sft_trainer(model, processor: ErgoProcessor, dataset: Dataset, args: ErgoSFTConfig,
+                      views: dict | None = None) -> SFTTrainer:
+    """TRL's SFTTrainer over ``dataset`` (training schema, with regions) expanded into the examples above; ``views``:
+    ``ErgoSFTCollator``'s cache of each row's coarse view and crop."""
     args.apply_to(processor)  # the examples are built with the processor's budgets and stage-2 template
-    collator = ErgoSFTCollator(processor, args.multiple_choice_postfix)
+    collator = ErgoSFTCollator(processor, args.multiple_choice_postfix, views)
     rows = sft_rows(dataset, args.shares, processor.coarse_budget, processor.crop_budget, processor.factor)
     args.apply_to_model(model)
     return ErgoSFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor)

@@ -273,22 +273,25 @@ def train_steps(out: Path, recipe: Recipe) -> Trained:
     trained = Trained(out, "context" in recipe.variants)
     data, init, vision, sft = out / "data", out / "init", out / "vision", out / "sft"
     original = data / "original-train.jsonl"
+    views = {}  # each row's coarse view and crop, built once for the warm-ups and phases (training.sft.row_views)
     _step(out, "data", trained.grpo_rows, lambda: write_data(data, recipe))
     _step(out, "init", init / "config.json", lambda: build_init(init, recipe.seed, recipe.family))
     _step(out, "vision", vision / "config.json",
-          lambda: vision_warm_up(init, data / "warmup-train.jsonl", vision, recipe, recipe.vision_warmup_steps))
-    _step(out, "sft", sft / "config.json", lambda: supervised_phase(vision, original, sft, recipe, recipe.formatting))
+          lambda: vision_warm_up(init, data / "warmup-train.jsonl", vision, recipe, recipe.vision_warmup_steps,
+                                 views=views))
+    _step(out, "sft", sft / "config.json", lambda: supervised_phase(vision, original, sft, recipe, recipe.formatting, views))
     _step(out, "reading", trained.reading / "config.json",
-          lambda: supervised_phase(sft, original, trained.reading, recipe, recipe.reading))
+          lambda: supervised_phase(sft, original, trained.reading, recipe, recipe.reading, views))
     _step(out, "answering", trained.answering / "config.json",
-          lambda: supervised_phase(trained.reading, original, trained.answering, recipe, recipe.answering))
+          lambda: supervised_phase(trained.reading, original, trained.answering, recipe, recipe.answering, views))
     if trained.both:
         vision_both = out / "vision-both"
         _step(out, "vision-both", vision_both / "config.json",
               lambda: vision_warm_up(trained.answering, data / "warmup-both-train.jsonl", vision_both, recipe,
-                                     recipe.both_warmup_steps, recipe.both_warmup_learning_rate))
+                                     recipe.both_warmup_steps, recipe.both_warmup_learning_rate, views))
         _step(out, "both", trained.both / "config.json",
-              lambda: supervised_phase(vision_both, trained.grpo_rows, trained.both, recipe, recipe.both_variants))
+              lambda: supervised_phase(vision_both, trained.grpo_rows, trained.both, recipe, recipe.both_variants,
+                                               views))
     _step(out, trained.grpo.name, trained.grpo / "ergo" / "config.json",
           lambda: grpo_main(grpo_arguments(trained.grpo_start, trained.reward_model, trained.grpo_rows, trained.grpo,
                                            recipe)))
@@ -360,20 +363,23 @@ def build_init(folder: Path, seed: int, family: str = QWEN2_5_VL.model_type) -> 
 
 
 def vision_warm_up(init: Path, train_file: Path, folder: Path, recipe: Recipe, steps: int,
-                   learning_rate: float = 1e-3) -> Path:
-    """The vision tower of the model in ``init`` taught to read and to point (``training.vision_warmup``)."""
+                   learning_rate: float = 1e-3, views: dict | None = None) -> Path:
+    """The vision tower of the model in ``init`` taught to read and to point (``training.vision_warmup``); ``views``:
+    the rows' coarse views and crops kept across steps (``training.sft.row_views``)."""
     processor = ErgoProcessor.from_pretrained(init, coarse_budget=recipe.budget)
     model = ergo_class(init).from_pretrained(init, dtype=torch.float32)
     dataset = load_training_data(str(train_file))
     history = warm_up_vision(model, processor, dataset, steps=steps, batch_size=recipe.vision_warmup_batch,
-                             learning_rate=learning_rate, seed=recipe.seed)
+                             learning_rate=learning_rate, seed=recipe.seed, views=views)
     save_hub_folder(model, processor, folder, base_model="synthetic-init")
     (folder / "warmup.json").write_text(json.dumps(asdict(history)) + "\n")
     return folder
 
 
-def supervised_phase(start: Path, train_file: Path, folder: Path, recipe: Recipe, phase: SupervisedPhase) -> Path:
-    """One supervised phase (``training.sft``, TRL's SFTTrainer) from the model in ``start``."""
+def supervised_phase(start: Path, train_file: Path, folder: Path, recipe: Recipe, phase: SupervisedPhase,
+                     views: dict | None = None) -> Path:
+    """One supervised phase (``training.sft``, TRL's SFTTrainer) from the model in ``start``; ``views``: as
+    ``vision_warm_up``'s."""
     processor = ErgoProcessor.from_pretrained(start, coarse_budget=recipe.budget)
     model = ergo_class(start).from_pretrained(start, dtype=torch.float32)
     dataset = load_training_data(str(train_file))
@@ -388,7 +394,7 @@ def supervised_phase(start: Path, train_file: Path, folder: Path, recipe: Recipe
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=recipe.seed,
         dataloader_num_workers=0, max_length=None,
     )
-    trainer = build_sft_trainer(model, processor, dataset, args)
+    trainer = build_sft_trainer(model, processor, dataset, args, views)
     trainer.train()
     save_hub_folder(trainer.model, processor, folder, base_model="synthetic-init")
     return folder

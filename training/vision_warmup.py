@@ -8,7 +8,7 @@ only the vision tower (patch embedding, blocks, merger), on the sum of two objec
 them. A probe that only needs "find the token by its content, copy what it carries" is what the language model can
 later learn quickly on a frozen tower (the readouts that failed: docs/synthetic-proof-history.md).
 
-* reading, on the crop stage 2 gets for the true region (``training.sft.zoom_on``: ``plan_zooms`` on a reply naming
+* reading, on the crop stage 2 gets for the true region (``training.sft.row_views``: ``plan_zooms`` on a reply naming
   it, so the crop is cut and sized as inference cuts it): the probe's answer is the row's answer, and its attention
   goes to the token holding the centre of ``gt_bbox`` (where the label is). Besides, every token's own value must
   give the answer as far as the tower can carry it (every token when a block attends over the whole image, as
@@ -37,10 +37,9 @@ from datasets import Dataset
 from PIL import Image
 
 from processing_ergo.geometry_ergo import IMAGE_FACTOR
-from processing_ergo.images_ergo import load_image
-from processing_ergo.processing_ergo import ErgoProcessor, size_up_to
+from processing_ergo.processing_ergo import ErgoProcessor, parallel_map, size_up_to
 
-from .sft import zoom_on
+from .sft import row_views
 
 logger = logging.getLogger(__name__)
 
@@ -82,19 +81,22 @@ class _Task:
 
 
 def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int = 300, batch_size: int = 32,
-                   learning_rate: float = 1e-3, grid: int = 4, seed: int = 0) -> WarmUpHistory:
-    """Trains ``model.model.visual`` in place on both objectives (``batch_size`` images of each per step)."""
+                   learning_rate: float = 1e-3, grid: int = 4, seed: int = 0,
+                   views: dict | None = None) -> WarmUpHistory:
+    """Trains ``model.model.visual`` in place on both objectives (``batch_size`` images of each per step); ``views``:
+    a cache of each row's coarse view and crop (``training.sft.row_views``), shared with the supervised phases."""
     if "gt_bbox" not in dataset.column_names or any(box is None for box in dataset["gt_bbox"]):
         raise ValueError("the vision warm-up needs a gt_bbox on every row")
     region_column = "region" if "region" in dataset.column_names else "gt_bbox"
     answers = sorted(set(dataset["answer"]))
     reading, pointing = _Task(), _Task()
     reach, factor = _reach(model.config.vision_config), processor.factor
-    for row in dataset:
-        image = load_image(row["image"], name="training image")
-        context, (view,) = processor.make_context([image], [row["question"]], fallback="resize")
-        _, decision = zoom_on(processor, context, row[region_column] or row["gt_bbox"])
-        crop, crop_box = decision.image, decision.region
+    rows = list(dataset)
+    built = parallel_map(lambda row: row_views(processor, row["image"], row[region_column] or row["gt_bbox"], views),
+                         rows)
+    for row, row_view in zip(rows, built):
+        view, size = row_view.coarse_view, row_view.original_size
+        crop, crop_box = row_view.decision.image, row_view.decision.region
         reading.images.append(crop)
         reading.answers.append(answers.index(row["answer"]))
         reading.attention.append(centre_token(row["gt_bbox"], crop_box, crop.size, factor))
@@ -102,8 +104,8 @@ def warm_up_vision(model, processor: ErgoProcessor, dataset: Dataset, steps: int
                                                     reading.answers[-1], none=len(answers), factor=factor))
         pointed = row.get("landmark") or row["gt_bbox"]
         pointing.images.append(view)
-        pointing.answers.append(centre_cell(pointed, image.size, grid))
-        pointing.attention.append(overlapped_tokens(pointed, image.size, view.size, factor))
+        pointing.answers.append(centre_cell(pointed, size, grid))
+        pointing.attention.append(overlapped_tokens(pointed, size, view.size, factor))
         pointing.token_classes.append(token_cells(view.size, grid, factor))
 
     vision = model.model.visual
@@ -217,9 +219,10 @@ def overlapped_tokens(box: list[int], size: tuple[int, int], view_size: tuple[in
 
 def _token_features(model, processor: ErgoProcessor, images: list[Image.Image]) -> tuple[torch.Tensor, ...]:
     """The merger's output tokens of each image (images aligned to the factor keep their size, as in
-    ``ErgoProcessor``)."""
-    largest = max(image.width * image.height for image in images)
-    pixels = processor.image_processor(images=images, return_tensors="pt", size=size_up_to(largest))
+    ``ErgoProcessor``); the image processor runs per image on a thread pool, as ``ErgoProcessor`` runs it."""
+    size = size_up_to(max(image.width * image.height for image in images))
+    parts = parallel_map(lambda image: processor.image_processor(images=[image], return_tensors="pt", size=size), images)
+    pixels = {key: torch.cat([part[key] for part in parts]) for key in ("pixel_values", "image_grid_thw")}
     grid = pixels["image_grid_thw"].to(model.device)
     features = model.model.visual(pixels["pixel_values"].to(model.device), grid_thw=grid)
     features = getattr(features, "pooler_output", features)
