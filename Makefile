@@ -39,8 +39,8 @@ test: setup vllm-env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # Rebuild the demo model from nothing (data, warm-ups, SFT, GRPO, evaluation) and ship it: both task variants, the
-# shipped model's recipe; about 71 minutes on 2 CPU cores (training 66, evaluation 4.6, from step times measured on
-# 2026-12-03; the 45-minute target is not met: docs/synthetic-proof.md).
+# shipped model's recipe; 52 minutes on 2 CPU cores (training 48.6, evaluation 3.8, one run from nothing on 2026-12-04
+# that rebuilt the shipped weights byte for byte; the 45-minute target is not met: docs/synthetic-proof.md).
 demo-model: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m training.synthetic_recipe runs/synthetic --ship
 

@@ -30,7 +30,7 @@ def hub_folder(out_dir: str | Path, model_dir: str | Path = DEMO_MODEL) -> Path:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no demo model in {model_dir}: rebuild it with `python -m training.synthetic_recipe "
-                                f"runs/synthetic --ship` (about 71 minutes on 2 CPU cores)")
+                                f"runs/synthetic --ship` (about 52 minutes on 2 CPU cores)")
     folder = Path(out_dir) / "model"
     if not (folder / "config.json").is_file():
         shutil.copytree(model_dir, folder, dirs_exist_ok=True)

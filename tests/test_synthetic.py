@@ -324,8 +324,8 @@ def recorded_steps(monkeypatch, tmp_path):
     calls = []
 
     def record(name, folder_argument):
-        def step(*args):
-            calls.append((name, *args))
+        def step(*args, **settings):
+            calls.append((name, *args, *([settings] if settings else [])))
             folder = Path(args[folder_argument])
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "config.json").write_text("")
@@ -373,6 +373,9 @@ def test_recipe_steps_learn_the_original_variant_first_then_both(recorded_steps,
         expected += [("warm-up", "answering", "data/warmup-both-train.jsonl", "vision-both"),
                      ("phase", "vision-both", "data/mixed-train.jsonl", "both")]
     assert steps == expected
+    # One cache of the rows' coarse views and crops for every warm-up and phase (training.sft.row_views).
+    views = [args[-1]["views"] for name, *args in calls if name in ("warm-up", "phase")]
+    assert views[0] == {} and all(cache is views[0] for cache in views)
     grpo = next(args for name, *args in calls if name == "grpo")
     policy, reward, rows, written = (grpo[grpo.index(flag) + 1] for flag in
                                      ("--model_name_or_path", "--reward_model", "--dataset", "--output_dir"))

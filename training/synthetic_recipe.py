@@ -1,6 +1,6 @@
 """The synthetic demo model end to end on a CPU: data, supervised warm-up, GRPO with TCE, evaluation.
 
-    python -m training.synthetic_recipe runs/synthetic           # both variants: about 71 minutes on 2 CPU cores
+    python -m training.synthetic_recipe runs/synthetic           # both variants: about 52 minutes on 2 CPU cores
     python -m training.synthetic_recipe runs/synthetic --ship    # then copy the trained model to ergo_vqa/demo_model
                                                           # (without its remote code: ergo_vqa.demo adds it)
     python -m training.synthetic_recipe runs/synthetic --ablation  # then GRPO's reward ablation from the same start
@@ -279,19 +279,20 @@ def train_steps(out: Path, recipe: Recipe) -> Trained:
     _step(out, "vision", vision / "config.json",
           lambda: vision_warm_up(init, data / "warmup-train.jsonl", vision, recipe, recipe.vision_warmup_steps,
                                  views=views))
-    _step(out, "sft", sft / "config.json", lambda: supervised_phase(vision, original, sft, recipe, recipe.formatting, views))
+    _step(out, "sft", sft / "config.json",
+          lambda: supervised_phase(vision, original, sft, recipe, recipe.formatting, views=views))
     _step(out, "reading", trained.reading / "config.json",
-          lambda: supervised_phase(sft, original, trained.reading, recipe, recipe.reading, views))
+          lambda: supervised_phase(sft, original, trained.reading, recipe, recipe.reading, views=views))
     _step(out, "answering", trained.answering / "config.json",
-          lambda: supervised_phase(trained.reading, original, trained.answering, recipe, recipe.answering, views))
+          lambda: supervised_phase(trained.reading, original, trained.answering, recipe, recipe.answering, views=views))
     if trained.both:
         vision_both = out / "vision-both"
         _step(out, "vision-both", vision_both / "config.json",
               lambda: vision_warm_up(trained.answering, data / "warmup-both-train.jsonl", vision_both, recipe,
-                                     recipe.both_warmup_steps, recipe.both_warmup_learning_rate, views))
+                                     recipe.both_warmup_steps, recipe.both_warmup_learning_rate, views=views))
         _step(out, "both", trained.both / "config.json",
               lambda: supervised_phase(vision_both, trained.grpo_rows, trained.both, recipe, recipe.both_variants,
-                                               views))
+                                               views=views))
     _step(out, trained.grpo.name, trained.grpo / "ergo" / "config.json",
           lambda: grpo_main(grpo_arguments(trained.grpo_start, trained.reward_model, trained.grpo_rows, trained.grpo,
                                            recipe)))
