@@ -300,14 +300,18 @@ class ErgoProcessor(Qwen2_5_VLProcessor):
         )
 
     def _process_images(self, images, **kwargs):
-        """The image processor per image on a thread pool (PIL resampling and numpy normalisation release the GIL),
-        so a batch's images are processed side by side; the result is the same as one call over the batch."""
+        """The processor's image step over ``images_side_by_side`` when it takes a list of PIL images to tensors."""
         flat = isinstance(images, (list, tuple)) and all(isinstance(image, Image.Image) for image in images)
         if not (flat and len(images) > 1 and kwargs.get("return_tensors") == "pt"):
             return super()._process_images(images, **kwargs)
-        parts = parallel_map(lambda image: self.image_processor([image], **kwargs), images)
-        processed = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        processed = self.images_side_by_side(images, **kwargs)
         return processed, [self.replace_image_token(processed, image_idx=index) for index in range(len(images))]
+
+    def images_side_by_side(self, images: list[Image.Image], **kwargs) -> dict[str, torch.Tensor]:
+        """The image processor per image on a thread pool (PIL resampling and numpy normalisation release the GIL),
+        its tensors concatenated: the same as one call over the batch (``kwargs`` must ask for ``pt`` tensors)."""
+        parts = parallel_map(lambda image: self.image_processor([image], **kwargs), images)
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
     def single_pass(self, images: list, questions: list[str], budget: int | None = None) -> BatchFeature:
         """One plain Qwen2.5-VL user turn per (image, question), without ERGO's prompts, left-padded: the whole image

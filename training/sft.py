@@ -128,7 +128,8 @@ class ErgoSFTCollator:
         region = row["gt_bbox" if row["kind"] == "evidence" else "zoom_region"]
         views = row_views(self.processor, row["image"], region, self.views)
         if row["kind"] == "stage1":
-            return self._with_reply(self.processor.stage1_inputs([stem], [views.coarse_view]), self._reply1(views, region))
+            prompt = self.processor.stage1_inputs([stem], [views.coarse_view])
+            return self._with_reply(prompt, self._reply1(views, region))
         if row["kind"] == "ergo":
             return self._two_stage(views, stem, full, region, letter, shown)
         if row["kind"] == "stage2":
@@ -136,7 +137,7 @@ class ErgoSFTCollator:
         crop_budget = self.processor.crop_budget or self.processor.coarse_budget  # "crop" and "evidence"
         return self._with_reply(self.processor.single_pass([views.decision.image], [full], budget=crop_budget), letter)
 
-    def _two_stage(self, views: "RowViews", stem, full, region, letter, shown):
+    def _two_stage(self, views: RowViews, stem, full, region, letter, shown):
         """The conversation ``generate`` builds: stage 1's input, the reply naming ``region``, the turn bringing the
         crop, stage 2's reply."""
         processor = self.processor
@@ -156,7 +157,7 @@ class ErgoSFTCollator:
         grid = torch.cat([stage1["image_grid_thw"], sequence.image_grid_thw])
         return ids, labels, (types, pixels, grid)
 
-    def _stage2_alone(self, views: "RowViews", full, letter, shown):
+    def _stage2_alone(self, views: RowViews, full, letter, shown):
         """Stage 2's turn without stage 1's: ERGO's system prompt, then the crop and the stage-2 prompt as in
         ``_two_stage``, answered the same way. The crop sits as far from the reply as in the conversation."""
         system = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}]
@@ -166,7 +167,7 @@ class ErgoSFTCollator:
                                 images_kwargs={"size": views.decision.processor_size})
         return self._with_reply(prompt, STAGE2_REPLY.format(shown, letter))
 
-    def _reply1(self, views: "RowViews", region: list[int]) -> str:
+    def _reply1(self, views: RowViews, region: list[int]) -> str:
         return stage1_reply(region, views.original_size, views.coarse_view.size, self.processor.grounding)
 
     def _with_reply(self, prompt, text: str):

@@ -292,7 +292,7 @@ def train_steps(out: Path, recipe: Recipe) -> Trained:
                                      recipe.both_warmup_steps, recipe.both_warmup_learning_rate, views=views))
         _step(out, "both", trained.both / "config.json",
               lambda: supervised_phase(vision_both, trained.grpo_rows, trained.both, recipe, recipe.both_variants,
-                                               views=views))
+                                       views=views))
     _step(out, trained.grpo.name, trained.grpo / "ergo" / "config.json",
           lambda: grpo_main(grpo_arguments(trained.grpo_start, trained.reward_model, trained.grpo_rows, trained.grpo,
                                            recipe)))

@@ -219,10 +219,9 @@ def overlapped_tokens(box: list[int], size: tuple[int, int], view_size: tuple[in
 
 def _token_features(model, processor: ErgoProcessor, images: list[Image.Image]) -> tuple[torch.Tensor, ...]:
     """The merger's output tokens of each image (images aligned to the factor keep their size, as in
-    ``ErgoProcessor``); the image processor runs per image on a thread pool, as ``ErgoProcessor`` runs it."""
-    size = size_up_to(max(image.width * image.height for image in images))
-    parts = parallel_map(lambda image: processor.image_processor(images=[image], return_tensors="pt", size=size), images)
-    pixels = {key: torch.cat([part[key] for part in parts]) for key in ("pixel_values", "image_grid_thw")}
+    ``ErgoProcessor``), the images processed side by side (``ErgoProcessor.images_side_by_side``)."""
+    largest = max(image.width * image.height for image in images)
+    pixels = processor.images_side_by_side(images, return_tensors="pt", size=size_up_to(largest))
     grid = pixels["image_grid_thw"].to(model.device)
     features = model.model.visual(pixels["pixel_values"].to(model.device), grid_thw=grid)
     features = getattr(features, "pooler_output", features)
